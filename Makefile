@@ -1,0 +1,37 @@
+# Two commands set a fresh machine up:  `make run`  and  `make test`.
+# Both create .venv from requirements.lock (PyPI only) on first use.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: run test lint lock bench clean
+
+$(VENV)/.synced: requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.lock
+	touch $@
+
+## Run the pipeline end to end on the embedded demo (SQLite warehouse, local Orb and Kable sandboxes).
+run: $(VENV)/.synced
+	$(PY) -m usage_billing.demo $(ARGS)
+
+## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis.
+test: $(VENV)/.synced
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.synced
+	$(VENV)/bin/ruff check dags plugins include tests scripts
+
+## Recompile the lock after editing requirements.txt.
+lock: $(VENV)/.synced
+	$(VENV)/bin/uv pip compile requirements.txt --python-version 3.11 -o requirements.lock
+
+bench: $(VENV)/.synced
+	$(PY) scripts/benchmark.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

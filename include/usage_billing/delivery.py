@@ -1,0 +1,363 @@
+"""The one delivery core every destination shares: extract -> map -> ledger filter -> send -> mark.
+
+For one partition of one window (an event table, optionally one hash bucket of it) and one
+destination, :func:`deliver_partition`:
+
+1. reads the window's rows in bounded chunks, one row per ``id`` (:mod:`usage_billing.warehouse`);
+2. maps each chunk with the destination's pure mapping; rows that cannot make an event are
+   recorded as rejected with their reason;
+3. claims the chunk's idempotency keys in the ledger: keys already delivered, or in flight in
+   another run, are dropped here, before any batch is built;
+4. sends the claimed events in batches of at most ``batch_size``, ``concurrency`` requests at a time,
+   through a :class:`Sender` (the destination's hook: auth, pacing, retries);
+5. marks each event delivered once the destination confirmed it, or rejected with the
+   destination's message. A batch the destination refuses as a whole without naming the bad events
+   is bisected until they are isolated, so good events in it are still delivered.
+
+What is retried (inside the Sender): 429, 5xx, timeouts, dropped connections, with capped
+exponential backoff and jitter, honouring ``Retry-After``. What is terminal: a 4xx for one event
+(rejected, replayable), or a 401/403/404 (the whole task fails: a configuration problem). When the
+retries run out, the confirmed part is marked, the rest is released, and :class:`DeliveryFailed`
+fails the task so Airflow's next try sends the rest. Nothing is marked delivered that the
+destination did not confirm.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from sqlalchemy.engine import Engine
+
+from usage_billing.destinations import Destination
+from usage_billing.destinations.base import Mapped, Rejection
+from usage_billing.ledger import Ledger, RunRef
+from usage_billing.warehouse import COPIES, Partition, Window, read_events, table_columns
+
+log = logging.getLogger(__name__)
+
+# Ledger writes are coalesced up to this many keys; a crash can leave at most this many
+# confirmed-but-unmarked events, which are re-sent (and de-duplicated) after the claim expires.
+MARK_EVERY = 5_000
+
+
+class BatchRejected(Exception):
+    """The destination refused the whole request (4xx) without saying which events are bad."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class TransientDeliveryError(Exception):
+    """Retries ran out on a retryable failure: the batch's outcome is unknown or negative."""
+
+
+class FatalDeliveryError(Exception):
+    """A failure no retry or bisection can fix (bad credentials, wrong URL)."""
+
+
+class DeliveryFailed(Exception):
+    """Raised after marking what was confirmed, so the task fails and its next try sends the rest."""
+
+
+@dataclass
+class BatchOutcome:
+    """What the destination said about one request's events."""
+
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    requests: int = 1
+    bisections: int = 0
+
+    def merge(self, other: BatchOutcome) -> BatchOutcome:
+        return BatchOutcome(self.accepted + other.accepted, {**self.rejected, **other.rejected},
+                            self.retries + other.retries, self.requests + other.requests,
+                            self.bisections + other.bisections)
+
+
+class Sender(Protocol):
+    """Transport for one destination (implemented by the destination's Airflow hook)."""
+
+    def send(self, events: list[dict], keys: list[str]) -> BatchOutcome:
+        """POST one batch; retry transient failures; raise BatchRejected / TransientDeliveryError /
+        FatalDeliveryError as documented above."""
+
+
+@dataclass
+class DeliveryReport:
+    """Counts for one task: what it extracted, skipped, sent and rejected, and why."""
+
+    destination: str
+    partition: str
+    window: str
+    rows_read: int = 0
+    duplicates_dropped: int = 0
+    unique_events: int = 0
+    mapping_rejected: int = 0
+    already_delivered: int = 0
+    in_flight_elsewhere: int = 0
+    sent: int = 0
+    accepted: int = 0
+    destination_rejected: int = 0
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+    bisections: int = 0
+    seconds: float = 0.0
+    reasons: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    lateness_seconds: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def rejected(self) -> int:
+        return self.mapping_rejected + self.destination_rejected
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k not in ("reasons", "lateness_seconds")}
+        data["top_reasons"] = self.reasons.most_common(5)
+        data["lateness"] = lateness_summary(self.lateness_seconds)
+        return data
+
+    def render(self) -> str:
+        """The summary block a data engineer reads in the task log."""
+        rate = self.sent / self.seconds if self.seconds else 0.0
+        lines = [
+            f"usage_billing summary: destination={self.destination} partition={self.partition}",
+            f"  window            {self.window}",
+            f"  extracted         {self.rows_read} rows read, {self.duplicates_dropped} duplicate rows dropped, "
+            f"{self.unique_events} unique events",
+            f"  skipped           {self.already_delivered} already delivered, "
+            f"{self.in_flight_elsewhere} in flight in another run",
+            f"  sent              {self.sent} events in {self.batches} batches ({self.requests} requests, "
+            f"{self.retries} retries, {self.bisections} bisections)",
+            f"  accepted          {self.accepted}",
+            f"  rejected          {self.rejected} ({self.mapping_rejected} by the mapping, "
+            f"{self.destination_rejected} by {self.destination})",
+        ]
+        for reason, count in self.reasons.most_common(5):
+            lines.append(f"    {count:>8} x {reason}")
+        late = lateness_summary(self.lateness_seconds)
+        if late:
+            lines.append(f"  lateness          loaded after event time: median {late['median']}, "
+                         f"p99 {late['p99']}, max {late['max']}")
+        lines.append(f"  duration          {self.seconds:.1f} s, {rate:.0f} events/s sent")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def lateness_summary(seconds: Sequence[float]) -> dict[str, str]:
+    if not len(seconds):
+        return {}
+    values = np.asarray(seconds, dtype=float)
+    def fmt(x: float) -> str:
+        return f"{x / 3600:.1f}h" if x >= 3600 else f"{x / 60:.1f}m" if x >= 60 else f"{x:.0f}s"
+    return {"median": fmt(float(np.median(values))), "p99": fmt(float(np.percentile(values, 99))),
+            "max": fmt(float(values.max()))}
+
+
+def _generic(reason: str) -> str:
+    head, sep, tail = reason.partition(": ")
+    return tail if sep and " row id=" in head else reason
+
+
+def _dedupe_keys(mapped: Mapped) -> list[Rejection]:
+    """Keep the first event per idempotency key; a second row with the same key is rejected.
+
+    Orb refuses a whole batch holding one key twice with different bodies, and the ledger is keyed
+    on it, so a key collision (a custom idempotency_key_field that is not unique) must stop here.
+    """
+    seen: dict[str, int] = {}
+    drop: list[int] = []
+    for position, key in enumerate(mapped.keys):
+        if key in seen:
+            drop.append(position)
+        else:
+            seen[key] = position
+    rejections = []
+    for position in reversed(drop):
+        key = mapped.keys[position]
+        first = mapped.message_ids[seen[key]]
+        rejections.append(Rejection(
+            key=f"{key}#dup:{mapped.message_ids[position]}", message_id=mapped.message_ids[position],
+            table=mapped.tables[position], event_timestamp=mapped.timestamps[position],
+            reason=f"{mapped.tables[position]} row id={mapped.message_ids[position]}: idempotency key {key!r} "
+                   f"is also the key of row id={first}; keys must be unique"))
+        for column in (mapped.keys, mapped.payloads, mapped.message_ids, mapped.tables, mapped.timestamps):
+            del column[position]
+    return rejections
+
+
+def send_resolving(sender: Sender, events: list[dict], keys: list[str]) -> BatchOutcome:
+    """Send a batch; if the destination refuses it whole, bisect until the bad events are isolated."""
+    try:
+        return sender.send(events, keys)
+    except BatchRejected as error:
+        if len(events) == 1:
+            return BatchOutcome(rejected={keys[0]: error.message})
+        middle = len(events) // 2
+        left = send_resolving(sender, events[:middle], keys[:middle])
+        right = send_resolving(sender, events[middle:], keys[middle:])
+        outcome = left.merge(right)
+        outcome.bisections += 1
+        return outcome
+
+
+@dataclass
+class _Pending:
+    keys: list[str]
+    future: Future
+
+
+def deliver_partition(
+    *,
+    engine: Engine,
+    schema: str,
+    partition: Partition,
+    window: Window,
+    loaded_at_column: str,
+    chunk_size: int,
+    destination: Destination,
+    sender: Sender,
+    ledger: Ledger,
+    run: RunRef,
+    concurrency: int,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    backfill_id: str | None = None,
+) -> DeliveryReport:
+    """Deliver one partition of one window to one destination; see the module docstring."""
+    started = time.monotonic()
+    report = DeliveryReport(destination=destination.name, partition=str(partition), window=str(window))
+    try:
+        with engine.connect() as conn:
+            columns = table_columns(conn, schema, partition.table)
+            if columns is None:
+                report.notes.append(f"event table {schema}.{partition.table} does not exist yet "
+                                    f"(source.events lists it); nothing to read")
+                return report
+            if loaded_at_column not in columns:
+                raise ValueError(f"source.loaded_at_column: column {loaded_at_column!r} does not exist "
+                                 f"in {schema}.{partition.table}")
+            wanted = destination.required_columns(columns) + [loaded_at_column]
+            for missing in destination.missing_fields(columns):
+                report.notes.append(f"{missing} is not a column of {schema}.{partition.table}")
+            chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size)
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool:
+                for chunk in chunks:
+                    _deliver_chunk(chunk, loaded_at_column, destination, sender, ledger, run, pool,
+                                   concurrency, report, now, backfill_id)
+    finally:
+        report.seconds = time.monotonic() - started
+    return report
+
+
+def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Destination, sender: Sender,
+                   ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
+                   report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None) -> None:
+    report.rows_read += int(chunk[COPIES].sum())
+    report.duplicates_dropped += int((chunk[COPIES] - 1).sum())
+    report.unique_events += len(chunk)
+    late = (chunk[loaded_at_column] - chunk["timestamp"]).dt.total_seconds().dropna()
+    if len(late):
+        report.lateness_seconds.extend(late.sample(min(len(late), 2_000), random_state=0).tolist())
+
+    mapped = destination.map_events(chunk, now())
+    rejections = mapped.rejected + _dedupe_keys(mapped)
+    if rejections:
+        ledger.mark_rejected(destination.name, run, rejections, now())
+        report.mapping_rejected += len(rejections)
+        report.reasons.update(_generic(r.reason) for r in rejections)
+
+    claim = ledger.claim(destination.name, run, mapped.keys, mapped.message_ids, mapped.tables,
+                         mapped.timestamps, now())
+    report.already_delivered += claim.already_delivered
+    report.in_flight_elsewhere += claim.in_flight_elsewhere
+    todo = [i for i, key in enumerate(mapped.keys) if key in claim.claimed]
+    if todo:
+        _send_claimed([mapped.payloads[i] for i in todo], [mapped.keys[i] for i in todo], destination,
+                      sender, ledger, run, pool, concurrency, report, now, backfill_id)
+
+
+def _batches(events: list[dict], keys: list[str], size: int) -> Iterator[tuple[list[dict], list[str]]]:
+    for start in range(0, len(events), size):
+        yield events[start:start + size], keys[start:start + size]
+
+
+def _send_claimed(events: list[dict], keys: list[str], destination: Destination, sender: Sender,
+                  ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
+                  report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None) -> None:
+    to_mark: list[str] = []
+    unconfirmed: list[str] = []
+    failure: BaseException | None = None
+    in_flight: list[_Pending] = []
+    batches = _batches(events, keys, destination.batch_size)
+
+    def collect(done: _Pending) -> None:
+        nonlocal failure
+        try:
+            outcome = done.future.result()
+        except (TransientDeliveryError, FatalDeliveryError) as error:
+            unconfirmed.extend(done.keys)
+            failure = failure or error
+            return
+        except Exception as error:  # an unexpected bug must not lose the confirmed part of the chunk
+            unconfirmed.extend(done.keys)
+            failure = failure or error
+            return
+        report.requests += outcome.requests
+        report.retries += outcome.retries
+        report.bisections += outcome.bisections
+        report.accepted += len(outcome.accepted)
+        to_mark.extend(outcome.accepted)
+        if outcome.rejected:
+            by_key = {k: i for i, k in enumerate(done.keys)}
+            rejections = [Rejection(key=k, message_id=k, table="", reason=f"{destination.name} rejected "
+                                    f"event {k}: {message}") for k, message in outcome.rejected.items()
+                          if k in by_key]
+            ledger.mark_rejected(destination.name, run, rejections, now())
+            report.destination_rejected += len(rejections)
+            report.reasons.update(f"{destination.name}: {message}" for message in outcome.rejected.values())
+        if len(to_mark) >= MARK_EVERY:
+            ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
+            to_mark.clear()
+
+    try:
+        for batch_events, batch_keys in batches:
+            if failure is not None:
+                unconfirmed.extend(batch_keys)
+                continue
+            # Bounded in-flight work keeps memory flat and lets a failure stop new sends quickly.
+            while len(in_flight) >= concurrency:
+                finished, _ = wait([p.future for p in in_flight], return_when=FIRST_COMPLETED)
+                for pending in [p for p in in_flight if p.future in finished]:
+                    in_flight.remove(pending)
+                    collect(pending)
+            if failure is not None:
+                unconfirmed.extend(batch_keys)
+                continue
+            report.batches += 1
+            report.sent += len(batch_events)
+            in_flight.append(_Pending(batch_keys, pool.submit(send_resolving, sender, batch_events, batch_keys)))
+        for pending in in_flight:
+            wait([pending.future])
+            collect(pending)
+        in_flight.clear()
+    finally:
+        ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
+        if unconfirmed:
+            ledger.release(destination.name, run, unconfirmed)
+    if failure is not None:
+        report.notes.append(f"{len(unconfirmed)} events not confirmed: {failure}")
+        raise DeliveryFailed(f"{destination.name}: {len(unconfirmed)} events of partition {report.partition} "
+                             f"were not confirmed ({failure}); {report.accepted} were delivered and marked. "
+                             f"The next try re-sends the rest with the same idempotency keys.") from failure

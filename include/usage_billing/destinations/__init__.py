@@ -1,0 +1,67 @@
+"""Destinations: each is a pure mapping module plus these few facts the delivery core needs.
+
+Adding a destination means a new mapping module here, a hook in ``plugins/``, and an entry in
+:func:`get_destination`; the extraction, ledger, batching, retries and logging are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+
+from usage_billing.destinations import kable, orb
+from usage_billing.destinations.base import Mapped, Rejection
+from usage_billing.settings import KableSettings, OrbSettings, Settings
+from usage_billing.warehouse import column_for, property_column
+
+__all__ = ["Destination", "Mapped", "Rejection", "get_destination", "NAMES"]
+
+NAMES = ("orb", "kable")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One destination as the delivery core sees it."""
+
+    name: str
+    settings: OrbSettings | KableSettings
+    map_events: Callable[[pd.DataFrame, datetime], Mapped]
+    required_columns: Callable[[list[str]], list[str]]
+    mapped_fields: tuple[tuple[str, str, str], ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    def missing_fields(self, columns: list[str]) -> list[str]:
+        """Settings whose column is absent from a table (normal for sparse properties; logged)."""
+        return [f"{setting} {field!r} (column {column})" for setting, field, column in self.mapped_fields
+                if column not in columns]
+
+
+def get_destination(name: str, settings: Settings) -> Destination:
+    """The destination ``name`` configured in ``settings``."""
+    config = settings.destination(name)
+    if name == "orb":
+        assert isinstance(config, OrbSettings)
+        fields = (("external_customer_id_field", config.external_customer_id_field,
+                   column_for(config.external_customer_id_field)),
+                  *(("properties_mapping", s, property_column(s)) for s in config.properties_mapping))
+        return Destination(
+            name=name, settings=config,
+            map_events=lambda frame, now: orb.map_events(frame, config, now),
+            required_columns=lambda columns: orb.required_columns(config, columns),
+            mapped_fields=tuple(fields))
+    if name == "kable":
+        assert isinstance(config, KableSettings)
+        fields = (("client_id_field", config.client_id_field, column_for(config.client_id_field)),
+                  *(("properties_mappings", s, property_column(s)) for s in config.properties_mappings))
+        return Destination(
+            name=name, settings=config,
+            map_events=lambda frame, now: kable.map_events(frame, config, now),
+            required_columns=lambda columns: kable.required_columns(config, columns),
+            mapped_fields=tuple(fields))
+    raise ValueError(f"unknown destination {name!r}; known: {', '.join(NAMES)}")

@@ -1,0 +1,218 @@
+"""What every destination mapping shares: the result type and value rules, in pure pandas.
+
+A destination mapping is a pure function ``DataFrame -> Mapped``: one payload per deliverable row,
+one :class:`Rejection` (with a reason a person can act on) per row that cannot make a valid event.
+No Airflow import, no I/O: the tests feed it DataFrames and read the payloads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+
+from usage_billing.warehouse import TABLE
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_SURROGATES = r"[\ud800-\udfff]"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An event that was not sent, and why. ``key`` is its ledger key (the idempotency key)."""
+
+    key: str
+    message_id: str
+    table: str
+    reason: str
+    event_timestamp: datetime | None = None
+
+
+@dataclass
+class Mapped:
+    """The outcome of mapping one chunk: deliverable events and per-row rejections.
+
+    ``keys[i]`` is the ledger / idempotency key of ``payloads[i]``; ``message_ids``, ``tables`` and
+    ``timestamps`` describe the source row so the ledger can point back at it for a replay.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    payloads: list[dict] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    timestamps: list[datetime] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+
+class RowProblems:
+    """Collects the first problem found for each row, in the order the rules are applied."""
+
+    def __init__(self, index: pd.Index):
+        self.reason = pd.Series(pd.NA, index=index, dtype="object")
+
+    def flag(self, mask: pd.Series | np.ndarray, reason: str | Callable[[pd.Index], pd.Series]) -> None:
+        """Record ``reason`` for rows in ``mask`` that have no earlier problem."""
+        mask = pd.Series(np.asarray(mask, dtype=bool), index=self.reason.index) & self.reason.isna()
+        if mask.any():
+            self.reason[mask] = reason(self.reason.index[mask]) if callable(reason) else reason
+
+    @property
+    def ok(self) -> pd.Series:
+        return self.reason.isna()
+
+
+def blank(series: pd.Series) -> pd.Series:
+    """True where a value is null or an empty / whitespace-only string."""
+    text = series.astype("string")
+    return (text.isna() | (text.str.strip() == "")).fillna(True).astype(bool)
+
+
+def as_text(series: pd.Series) -> list[str | None]:
+    """Values as Python strings (numbers become their decimal text), nulls as None."""
+    if pd.api.types.is_float_dtype(series.dtype):
+        # 42.0 from a float column is the customer "42", not "42.0".
+        series = series.map(lambda v: v if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
+    text = series.astype("string").str.strip()
+    return [None if value is pd.NA else value for value in text.tolist()]
+
+
+def iso_utc(series: pd.Series) -> list[str | None]:
+    """UTC timestamps as RFC 3339 strings with milliseconds and ``Z`` (Segment's own format)."""
+    stamps = pd.to_datetime(series, utc=True, errors="coerce")
+    text = stamps.dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str.slice(0, 23) + "Z"
+    return [None if value is pd.NA else value for value in text.astype("string").tolist()]
+
+
+def python_timestamps(series: pd.Series) -> list[datetime | None]:
+    stamps = pd.to_datetime(series, utc=True, errors="coerce")
+    return [None if pd.isna(value) else value.to_pydatetime() for value in stamps]
+
+
+def _scalar(value: object) -> object:
+    """A JSON-ready Python scalar; raises ValueError with a short reason for anything else."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        value = int(value)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"number {value} is not finite")
+        return _scalar(int(value)) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            raise ValueError(f"number {value} is not finite")
+        return value
+    if isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        stamp = pd.Timestamp(value)
+        stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        return stamp.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+    if isinstance(value, dict | list | tuple):
+        raise ValueError(f"nested {type(value).__name__} values are not allowed")
+    raise ValueError(f"unsupported value type {type(value).__name__}")
+
+
+def scalar_column(
+    series: pd.Series, name: str, problems: RowProblems, max_length: int | None, allow_nested: bool = False
+) -> list[object]:
+    """Convert a property column to JSON-ready Python values, flagging rows whose value is invalid.
+
+    Nulls become None (the caller omits them). NaN counts as null: after a warehouse read pandas
+    cannot tell a NULL from a NaN. Infinite numbers, integers beyond 64 bits, nested values (unless
+    ``allow_nested``), strings longer than ``max_length`` and strings that are not valid UTF-8 are
+    flagged with a reason naming the property.
+    """
+    dtype = series.dtype
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
+        return [None if v is pd.NA else v for v in series.astype("object").tolist()]
+    if pd.api.types.is_float_dtype(dtype):
+        values = series.astype("Float64")
+        infinite = np.isinf(values.fillna(0).to_numpy(dtype="float64"))
+        problems.flag(infinite, lambda idx: f"property {name}: number " + values[idx].astype(str) + " is not finite")
+        out = values.astype("object").tolist()
+        return [None if (v is pd.NA or v is None or (isinstance(v, float) and math.isnan(v))) else v for v in out]
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        return iso_utc(series)
+    if pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype):
+        text = series.astype("string")
+        _check_text(text, name, problems, max_length)
+        return [None if v is pd.NA else v for v in text.tolist()]
+
+    # Object columns (Decimal, JSON, mixed): check value by value.
+    values: list[object] = []
+    bad = np.zeros(len(series), dtype=bool)
+    reasons: list[str] = []
+    for position, value in enumerate(series.tolist()):
+        try:
+            values.append(value if allow_nested and isinstance(value, dict | list) else _scalar(value))
+            reasons.append("")
+        except ValueError as error:
+            bad[position] = True
+            reasons.append(f"property {name}: {error}")
+            values.append(None)
+    if bad.any():
+        problems.flag(bad, lambda idx: pd.Series(reasons, index=series.index)[idx])
+    _check_text(pd.Series([v if isinstance(v, str) else pd.NA for v in values], index=series.index,
+                          dtype="string"), name, problems, max_length)
+    return values
+
+
+def _check_text(text: pd.Series, name: str, problems: RowProblems, max_length: int | None) -> None:
+    if max_length is not None:
+        lengths = text.str.len()
+        too_long = (lengths > max_length).fillna(False)
+        problems.flag(too_long, lambda idx: f"property {name}: string of " + lengths[idx].astype(str)
+                      + f" characters exceeds max_string_length {max_length}")
+    invalid = text.str.contains(_SURROGATES, regex=True).fillna(False)
+    problems.flag(invalid, f"property {name}: text is not valid UTF-8")
+
+
+def check_timestamps(stamps: pd.Series, problems: RowProblems, now: datetime, future_tolerance: timedelta) -> None:
+    """Flag rows with no timestamp, or one further in the future than the destination accepts."""
+    problems.flag(stamps.isna(), "timestamp is null")
+    future = (stamps > pd.Timestamp(now + future_tolerance)).fillna(False)
+    problems.flag(future, lambda idx: "timestamp " + stamps[idx].astype(str)
+                  + f" is more than {future_tolerance} in the future")
+
+
+def finish(frame: pd.DataFrame, keys: list[str], build: Callable[[int], dict], problems: RowProblems,
+           id_column: str = "id") -> Mapped:
+    """Assemble payloads for rows without problems and rejections for the rest."""
+    mapped = Mapped()
+    ok = problems.ok.to_numpy()
+    message_ids = as_text(frame[id_column])
+    tables = frame[TABLE].tolist() if TABLE in frame else [""] * len(frame)
+    stamps = python_timestamps(frame["timestamp"])
+    reasons = problems.reason.tolist()
+    for position in range(len(frame)):
+        key = keys[position] or message_ids[position] or ""
+        if ok[position]:
+            mapped.keys.append(key)
+            mapped.payloads.append(build(position))
+            mapped.message_ids.append(message_ids[position])
+            mapped.tables.append(tables[position])
+            mapped.timestamps.append(stamps[position])
+        else:
+            mapped.rejected.append(Rejection(
+                key=key, message_id=message_ids[position] or "", table=tables[position],
+                reason=f"{tables[position]} row id={message_ids[position]}: {reasons[position]}",
+                event_timestamp=stamps[position],
+            ))
+    return mapped

@@ -1,0 +1,285 @@
+"""The ledger: one row per (destination, idempotency key), saying delivered, rejected or pending.
+
+It is what makes reruns, overlapping runs and backfills safe. The protocol is check -> send -> mark:
+
+1. **claim**: one statement per chunk inserts the chunk's keys as ``pending`` (or re-claims rows
+   that are ``rejected``, or ``pending`` under an expired claim or this run's own claim) and returns
+   the keys this run now owns. Keys already ``delivered``, or claimed by another live run, are not
+   returned, so they are never put in a batch. The filter runs in the database: only the chunk's
+   keys travel, never the set of everything delivered.
+2. **send** the claimed events.
+3. **mark** ``delivered`` only after the destination accepted them, ``rejected`` with the
+   destination's message when it refused them.
+
+A crash between 2 and 3 leaves ``pending`` rows under a claim that expires after ``claim_ttl``
+(or at once when the same run retries); the next attempt re-sends them with the same idempotency
+keys, which the destination de-duplicates. A ``delivered`` row is never downgraded.
+
+Supported ledger databases: PostgreSQL and SQLite (the embedded demo).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from usage_billing.destinations.base import Rejection
+from usage_billing.naming import check_identifier
+
+DELIVERED, REJECTED, PENDING = "delivered", "rejected", "pending"
+MAX_REASON = 2000
+
+
+def _columns() -> list[sa.Column]:
+    return [
+        sa.Column("destination", sa.String(32), primary_key=True),
+        sa.Column("idempotency_key", sa.String(255), primary_key=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("reason", sa.Text),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("message_id", sa.String(255)),
+        sa.Column("event_table", sa.String(128)),
+        sa.Column("event_timestamp", sa.DateTime(timezone=True)),
+        sa.Column("first_attempt_at", sa.DateTime(timezone=True)),
+        sa.Column("last_attempt_at", sa.DateTime(timezone=True)),
+        sa.Column("delivered_at", sa.DateTime(timezone=True)),
+        sa.Column("dag_id", sa.String(250)),
+        sa.Column("run_id", sa.String(250)),
+        sa.Column("claimed_by", sa.String(500)),
+        sa.Column("claim_expires_at", sa.DateTime(timezone=True)),
+        sa.Column("backfill_id", sa.String(100)),
+    ]
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Who is delivering: written on every ledger row the run touches."""
+
+    dag_id: str
+    run_id: str
+
+    @property
+    def owner(self) -> str:
+        return f"{self.dag_id}/{self.run_id}"
+
+
+@dataclass
+class ClaimResult:
+    claimed: set[str]
+    already_delivered: int
+    in_flight_elsewhere: int
+
+
+class Ledger:
+    """The delivered / rejected record in the ledger database (schema ``usage_billing``)."""
+
+    def __init__(self, engine: Engine, schema: str = "usage_billing", claim_ttl: timedelta = timedelta(minutes=30)):
+        self.engine = engine
+        self.schema = check_identifier(schema, "ledger.schema")
+        self.claim_ttl = claim_ttl
+        self.table = sa.Table("deliveries", sa.MetaData(schema=self.schema), *_columns(),
+                              sa.Index("ix_deliveries_status", "destination", "status"))
+        self._sqlite = engine.dialect.name == "sqlite"
+        if engine.dialect.name not in ("postgresql", "sqlite"):
+            raise ValueError(f"ledger.conn_id: the ledger needs PostgreSQL or SQLite, not {engine.dialect.name}")
+        self._name = f'"{self.schema}".deliveries'
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the schema and table if missing; safe when several tasks start at once."""
+        with self.engine.begin() as conn:
+            if not self._sqlite:
+                # Concurrent CREATE ... IF NOT EXISTS can still collide in PostgreSQL's catalog.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('usage_billing.ledger.ddl'))"))
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            self.table.metadata.create_all(conn, checkfirst=True)
+
+    # -- the protocol ----------------------------------------------------------------------------
+
+    def _t(self, value: datetime) -> datetime | str:
+        # SQLite stores timestamps as text: keep one sortable format for comparisons.
+        return value.isoformat(sep=" ") if self._sqlite else value
+
+    def claim(self, destination: str, run: RunRef, keys: Sequence[str], message_ids: Sequence[str],
+              tables: Sequence[str], timestamps: Sequence[datetime | None], now: datetime) -> ClaimResult:
+        """Claim the keys that are neither delivered nor claimed by another live run."""
+        if not keys:
+            return ClaimResult(set(), 0, 0)
+        params = {
+            "destination": destination, "dag_id": run.dag_id, "run_id": run.run_id, "owner": run.owner,
+            "now": self._t(now), "expires": self._t(now + self.claim_ttl),
+        }
+        upsert = f"""
+            ON CONFLICT (destination, idempotency_key) DO UPDATE SET
+                status = '{PENDING}', attempts = {self._name}.attempts + 1,
+                last_attempt_at = excluded.last_attempt_at, dag_id = excluded.dag_id, run_id = excluded.run_id,
+                claimed_by = excluded.claimed_by, claim_expires_at = excluded.claim_expires_at,
+                message_id = excluded.message_id, event_table = excluded.event_table,
+                event_timestamp = excluded.event_timestamp
+            WHERE {self._name}.status = '{REJECTED}'
+               OR ({self._name}.status = '{PENDING}'
+                   AND ({self._name}.claimed_by = excluded.claimed_by
+                        OR {self._name}.claim_expires_at IS NULL
+                        OR {self._name}.claim_expires_at < excluded.last_attempt_at))
+            RETURNING idempotency_key"""
+        columns = ("destination, idempotency_key, status, attempts, message_id, event_table, event_timestamp, "
+                   "first_attempt_at, last_attempt_at, dag_id, run_id, claimed_by, claim_expires_at")
+        stamps = [None if t is None else self._t(t) for t in timestamps]
+        if self._sqlite:
+            sql = f"""INSERT INTO {self._name} ({columns})
+                SELECT :destination, json_extract(value, '$[0]'), '{PENDING}', 1, json_extract(value, '$[1]'),
+                       json_extract(value, '$[2]'), json_extract(value, '$[3]'), :now, :now, :dag_id, :run_id,
+                       :owner, :expires
+                FROM json_each(:rows) WHERE true {upsert}"""
+            params["rows"] = json.dumps(list(zip(keys, message_ids, tables, stamps)))
+        else:
+            sql = f"""INSERT INTO {self._name} ({columns})
+                SELECT :destination, k, '{PENDING}', 1, m, t, ts, :now, :now, :dag_id, :run_id, :owner, :expires
+                FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
+                            CAST(:stamps AS timestamptz[])) AS u(k, m, t, ts)
+                {upsert}"""
+            params.update(keys=list(keys), ids=list(message_ids), tables=list(tables), stamps=stamps)
+        with self.engine.begin() as conn:
+            claimed = {row[0] for row in conn.execute(sa.text(sql), params)}
+            unclaimed = [k for k in keys if k not in claimed]
+            statuses = self._statuses(conn, destination, unclaimed) if unclaimed else Counter()
+        return ClaimResult(claimed, statuses.get(DELIVERED, 0), statuses.get(PENDING, 0) + statuses.get(REJECTED, 0))
+
+    def _in_keys(self, params: dict, keys: Sequence[str]) -> str:
+        if self._sqlite:
+            params["keys"] = json.dumps(list(keys))
+            return "idempotency_key IN (SELECT value FROM json_each(:keys))"
+        params["keys"] = list(keys)
+        return "idempotency_key = ANY(CAST(:keys AS text[]))"
+
+    def _statuses(self, conn: sa.Connection, destination: str, keys: Sequence[str]) -> Counter:
+        params: dict = {"destination": destination}
+        where = self._in_keys(params, keys)
+        rows = conn.execute(sa.text(f"SELECT status, count(*) FROM {self._name} "
+                                    f"WHERE destination = :destination AND {where} GROUP BY status"), params)
+        return Counter({status: count for status, count in rows})
+
+    def mark_delivered(self, destination: str, keys: Sequence[str], now: datetime,
+                       backfill_id: str | None = None) -> None:
+        """Record keys the destination accepted. Call only after the destination confirmed them."""
+        if not keys:
+            return
+        params: dict = {"destination": destination, "now": self._t(now), "backfill_id": backfill_id}
+        where = self._in_keys(params, keys)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(
+                f"UPDATE {self._name} SET status = '{DELIVERED}', reason = NULL, delivered_at = :now, "
+                f"claimed_by = NULL, claim_expires_at = NULL, backfill_id = :backfill_id "
+                f"WHERE destination = :destination AND {where}"), params)
+
+    def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime) -> None:
+        """Record rejected events with their reason; a delivered event is never downgraded."""
+        # One row per key: a key twice in one statement would make ON CONFLICT fail.
+        latest = {r.key: r for r in rejections}
+        rows = [(r.key, r.message_id, r.table, None if r.event_timestamp is None else self._t(r.event_timestamp),
+                 r.reason[:MAX_REASON]) for r in latest.values()]
+        if not rows:
+            return
+        params = {"destination": destination, "now": self._t(now), "dag_id": run.dag_id, "run_id": run.run_id}
+        upsert = f"""
+            ON CONFLICT (destination, idempotency_key) DO UPDATE SET
+                status = '{REJECTED}', reason = excluded.reason, attempts = {self._name}.attempts + 1,
+                last_attempt_at = excluded.last_attempt_at, dag_id = excluded.dag_id, run_id = excluded.run_id,
+                claimed_by = NULL, claim_expires_at = NULL,
+                message_id = COALESCE(NULLIF(excluded.message_id, ''), {self._name}.message_id),
+                event_table = COALESCE(NULLIF(excluded.event_table, ''), {self._name}.event_table),
+                event_timestamp = COALESCE(excluded.event_timestamp, {self._name}.event_timestamp)
+            WHERE {self._name}.status <> '{DELIVERED}'"""
+        columns = ("destination, idempotency_key, status, reason, attempts, message_id, event_table, "
+                   "event_timestamp, first_attempt_at, last_attempt_at, dag_id, run_id")
+        if self._sqlite:
+            sql = f"""INSERT INTO {self._name} ({columns})
+                SELECT :destination, json_extract(value, '$[0]'), '{REJECTED}', json_extract(value, '$[4]'), 1,
+                       json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'),
+                       :now, :now, :dag_id, :run_id
+                FROM json_each(:rows) WHERE true {upsert}"""
+            params["rows"] = json.dumps(rows)
+        else:
+            sql = f"""INSERT INTO {self._name} ({columns})
+                SELECT :destination, k, '{REJECTED}', r, 1, m, t, ts, :now, :now, :dag_id, :run_id
+                FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
+                            CAST(:stamps AS timestamptz[]), CAST(:reasons AS text[])) AS u(k, m, t, ts, r)
+                {upsert}"""
+            keys, ids, tables, stamps, reasons = (list(c) for c in zip(*rows))
+            params.update(keys=keys, ids=ids, tables=tables, stamps=stamps, reasons=reasons)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(sql), params)
+
+    def release(self, destination: str, run: RunRef, keys: Sequence[str]) -> None:
+        """Give up this run's claim on keys it could not deliver, so the next try sends them at once."""
+        if not keys:
+            return
+        params: dict = {"destination": destination, "owner": run.owner}
+        where = self._in_keys(params, keys)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(
+                f"UPDATE {self._name} SET claim_expires_at = NULL, claimed_by = NULL "
+                f"WHERE destination = :destination AND status = '{PENDING}' AND claimed_by = :owner AND {where}"),
+                params)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def counts(self, destination: str | None = None) -> dict[str, dict[str, int]]:
+        """``{destination: {status: count}}``."""
+        query = f"SELECT destination, status, count(*) FROM {self._name}"
+        params = {}
+        if destination:
+            query += " WHERE destination = :destination"
+            params["destination"] = destination
+        result: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for dest, status, count in conn.execute(sa.text(query + " GROUP BY destination, status"), params):
+                result.setdefault(dest, {})[status] = count
+        return result
+
+    def rejected_reasons(self, destination: str, limit: int = 20) -> list[tuple[str, int]]:
+        """Rejection reasons with their counts, most frequent first (row ids stripped for grouping)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                f"SELECT reason FROM {self._name} WHERE destination = :destination AND status = '{REJECTED}'"),
+                {"destination": destination})
+            counter = Counter(_generic_reason(reason) for (reason,) in rows)
+        return counter.most_common(limit)
+
+    def rejected(self, destination: str, reason_contains: str | None = None,
+                 limit: int | None = None) -> list[dict]:
+        """Rejected events (key, message id, table, timestamp, reason, attempts), oldest first."""
+        query = (f"SELECT idempotency_key, message_id, event_table, event_timestamp, reason, attempts, "
+                 f"last_attempt_at FROM {self._name} WHERE destination = :destination AND status = '{REJECTED}'")
+        params: dict = {"destination": destination}
+        if reason_contains:
+            query += " AND reason LIKE :pattern"
+            params["pattern"] = f"%{reason_contains}%"
+        query += " ORDER BY event_timestamp, idempotency_key"
+        if limit:
+            query += f" LIMIT {int(limit)}"
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(sa.text(query), params)]
+
+    def status_of(self, destination: str, keys: Sequence[str]) -> dict[str, str]:
+        params: dict = {"destination": destination}
+        where = self._in_keys(params, keys)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT idempotency_key, status FROM {self._name} "
+                                        f"WHERE destination = :destination AND {where}"), params)
+            return dict(rows.all())
+
+
+def _generic_reason(reason: str | None) -> str:
+    """'api_call row id=ajs-1: no external customer ID ...' -> 'no external customer ID ...'."""
+    if not reason:
+        return "(no reason)"
+    head, sep, tail = reason.partition(": ")
+    return tail if sep and " row id=" in head else reason

@@ -1,0 +1,64 @@
+"""Builds the hourly delivery DAG of one destination from the configuration file."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from airflow.sdk import DAG, CronDataIntervalTimetable, TriggerRule
+
+from billing_airflow.operators.deliver import (
+    DeliveryReportOperator,
+    PlanPartitionsOperator,
+    SegmentDeliveryOperator,
+)
+from usage_billing.settings import ConfigError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def build_delivery_dag(destination: str, doc_md: str | None = None) -> DAG | None:
+    """The ``segment_to_<destination>`` DAG: plan -> deliver (one mapped task per partition) -> report.
+
+    Reads only the local configuration file at parse time (no database or network access). Returns
+    None, with a warning, when the destination is not configured, so an Orb-only setup shows no
+    Kable DAG. An invalid configuration raises, which Airflow shows as an import error naming the
+    setting.
+    """
+    settings = load_settings()
+    if getattr(settings.destinations, destination) is None:
+        log.warning("destinations.%s is not configured: no segment_to_%s DAG", destination, destination)
+        return None
+    options = settings.airflow
+    try:
+        schedule = CronDataIntervalTimetable(options.schedule, timezone="UTC")
+    except Exception as error:  # croniter's messages do not name our setting
+        raise ConfigError(f"airflow.schedule: {options.schedule!r} is not a cron expression ({error})") from None
+
+    with DAG(
+        dag_id=f"segment_to_{destination}",
+        # A plain cron string is a zero-length trigger in Airflow 3; the window needs an interval.
+        schedule=schedule,
+        start_date=options.start_date,
+        catchup=False,
+        max_active_runs=1,
+        doc_md=doc_md,
+        tags=["usage-billing", "segment", destination],
+        default_args={
+            "retries": options.retries,
+            "retry_delay": options.retry_delay,
+            "retry_exponential_backoff": True,
+            "max_retry_delay": timedelta(minutes=30),
+        },
+    ) as dag:
+        plan = PlanPartitionsOperator(task_id="plan", destination=destination)
+        deliver = SegmentDeliveryOperator.partial(
+            task_id="deliver",
+            destination=destination,
+            max_active_tis_per_dag=options.max_active_tis_per_dag,
+            **({"pool": options.pool} if options.pool else {}),
+        ).expand(partition=plan.output)
+        report = DeliveryReportOperator(task_id="report", destination=destination, deliver_task_id="deliver",
+                                        plan_task_id="plan", trigger_rule=TriggerRule.ALL_DONE)
+        plan >> deliver >> report
+    return dag

@@ -1,0 +1,227 @@
+"""Transport shared by the billing API hooks, built on the Airflow HTTP provider's ``HttpHook``.
+
+The hook owns transport; the delivery core (``usage_billing.delivery``) owns what to send.
+Per task the hook opens keep-alive sessions from the connection once (one per sending thread, all
+sharing one connection pool) instead of ``HttpHook.run()`` per batch, which looks the connection up
+and reconnects every time. Every request is paced (requests per second and events per minute, shared
+across threads, and across workers when ``rate_limit_storage`` points at Redis) and retried with
+tenacity: capped exponential backoff with jitter on 429, 408, 409, 5xx, timeouts and dropped
+connections, honouring ``Retry-After``, for at most ``max_attempts`` tries and ``retry_budget`` of
+time, which spans several rate-limit windows.
+
+Secrets come from the Airflow connection (masked by Airflow in task logs) and never appear in a
+log line or an exception message raised here.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import requests
+import tenacity
+from airflow.providers.http.hooks.http import HttpHook
+from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
+
+from usage_billing.delivery import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
+from usage_billing.settings import DeliverySettings
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+FATAL_STATUS = frozenset({401, 403, 404, 405})
+
+
+class RetryableResponse(Exception):
+    """A response worth retrying (rate limit, server error)."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def describe(error: BaseException) -> str:
+    """A short, secret-free description of a transport failure."""
+    if isinstance(error, RetryableResponse):
+        return str(error)
+    if isinstance(error, requests.Timeout):
+        return "timed out waiting for the response"
+    if isinstance(error, requests.ConnectionError):
+        return "connection failed or was reset before a response arrived"
+    return type(error).__name__
+
+
+class Pacer:
+    """Blocks until a request of ``cost`` events fits both rate limits (moving windows)."""
+
+    def __init__(self, key: str, settings: DeliverySettings, storage_uri: str = "memory://"):
+        self.key = key
+        self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        self.requests = RateLimitItemPerSecond(max(1, int(settings.requests_per_second)))
+        self.events = RateLimitItemPerMinute(max(1, int(settings.events_per_minute)))
+        self.waited = 0.0
+
+    def acquire(self, cost: int) -> None:
+        for item, weight in ((self.requests, 1), (self.events, min(cost, self.events.amount))):
+            while not self.limiter.hit(item, self.key, cost=weight):
+                reset = self.limiter.get_window_stats(item, self.key, ).reset_time
+                pause = min(max(reset - time.time(), 0.005), 5.0)
+                self.waited += pause
+                time.sleep(pause)
+
+
+class BillingApiHook(HttpHook):
+    """Base for the Orb and Kable hooks: sessions, pacing, retries. Subclasses define the API."""
+
+    endpoint: str = ""
+    destination: str = ""
+
+    def __init__(self, http_conn_id: str, settings: DeliverySettings, *,
+                 rate_limit_storage: str = "memory://", sleep: Callable[[float], None] = time.sleep):
+        adapter = TCPKeepAliveAdapter(idle=120, count=20, interval=30,
+                                      pool_connections=1, pool_maxsize=max(10, settings.concurrency))
+        super().__init__(method="POST", http_conn_id=http_conn_id, adapter=adapter)
+        self.settings = settings
+        self._sleep = sleep
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions: list[requests.Session] = []
+        self.pacer = Pacer(f"{self.destination}:{http_conn_id}", settings, rate_limit_storage)
+
+    # -- subclass API ----------------------------------------------------------------------------
+
+    def auth_headers(self, login: str | None, password: str | None) -> dict[str, str]:
+        raise NotImplementedError
+
+    def payload(self, events: list[dict]) -> object:
+        return events
+
+    def query(self) -> dict[str, str]:
+        return {}
+
+    def accepted(self, response: requests.Response, events: list[dict], keys: list[str]) -> BatchOutcome:
+        """Read a 2xx response."""
+        return BatchOutcome(accepted=list(keys))
+
+    def refused(self, response: requests.Response, events: list[dict], keys: list[str]) -> BatchOutcome:
+        """Read a non-retryable 4xx: reject named events, or raise BatchRejected to bisect."""
+        raise BatchRejected(self.error_message(response), response.status_code)
+
+    def error_message(self, response: requests.Response) -> str:
+        try:
+            body = response.json()
+        except ValueError:
+            return f"HTTP {response.status_code}: {response.text[:300]}"
+        if isinstance(body, dict):
+            text = body.get("detail") or body.get("message") or body.get("title") or str(body)[:300]
+            return f"HTTP {response.status_code}: {text}"
+        return f"HTTP {response.status_code}: {str(body)[:300]}"
+
+    # -- transport -------------------------------------------------------------------------------
+
+    def session(self) -> requests.Session:
+        """This thread's keep-alive session, opened from the connection on first use."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            with self._lock:  # HttpHook.get_conn sets attributes on the hook
+                connection = self.get_connection(self.http_conn_id)
+                session = self.get_conn(headers={
+                    "Accept": "application/json", "Content-Type": "application/json",
+                    **self.auth_headers(connection.login, connection.password),
+                })
+                # Credentials travel only in our headers, never as HTTP basic auth.
+                session.auth = None
+                self._sessions.append(session)
+            self._local.session = session
+        return session
+
+    def close(self) -> None:
+        with self._lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> BillingApiHook:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        backoff = tenacity.wait_exponential_jitter(
+            initial=self.settings.backoff_initial, max=self.settings.backoff_max,
+            jitter=self.settings.backoff_initial)(state)
+        error = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(error, "retry_after", None)
+        return max(backoff, retry_after) if retry_after is not None else backoff
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait_for = state.next_action.sleep if state.next_action else 0
+        self.log.warning("%s: %s; retry %d/%d in %.1f s", self.destination, describe(error),
+                         state.attempt_number, self.settings.max_attempts - 1, wait_for)
+
+    def post(self, events: list[dict]) -> requests.Response:
+        """One POST of one batch, paced; returns the response or raises RetryableResponse."""
+        self.pacer.acquire(len(events))
+        session = self.session()
+        response = session.post(self.url_from_endpoint(self.endpoint), json=self.payload(events),
+                                params=self.query() or None, timeout=self.settings.timeout)
+        if response.status_code in RETRYABLE_STATUS:
+            raise RetryableResponse(response.status_code, self.error_message(response).split(": ", 1)[-1],
+                                    parse_retry_after(response.headers.get("Retry-After")))
+        return response
+
+    def send(self, events: list[dict], keys: list[str]) -> BatchOutcome:
+        """Send one batch with retries; see ``usage_billing.delivery.Sender``."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type((RetryableResponse, requests.ConnectionError, requests.Timeout)),
+            wait=self._wait,
+            stop=(tenacity.stop_after_attempt(self.settings.max_attempts)
+                  | tenacity.stop_after_delay(self.settings.retry_budget.total_seconds())),
+            sleep=self._sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            response = retrying(self.post, events)
+        except (RetryableResponse, requests.ConnectionError, requests.Timeout) as error:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise TransientDeliveryError(
+                f"{self.destination}: {describe(error)} (gave up after {attempts} attempts)") from None
+        retries = retrying.statistics.get("attempt_number", 1) - 1
+        if response.ok:
+            outcome = self.accepted(response, events, keys)
+        elif response.status_code in FATAL_STATUS:
+            raise FatalDeliveryError(f"{self.destination}: {self.error_message(response)} "
+                                     f"(check the connection {self.http_conn_id!r}: host and credentials)")
+        else:
+            outcome = self.refused(response, events, keys)
+        outcome.retries += retries
+        return outcome

@@ -1,0 +1,171 @@
+"""Operators that wire the delivery core to Airflow: context -> window, connections -> engines and hooks.
+
+Like the HTTP provider's ``HttpOperator``, these only gather arguments and wire the hook; the work
+is in ``usage_billing.delivery`` (pure core) and the destination hooks (transport).
+
+* :class:`PlanPartitionsOperator` validates the configuration, counts the window's rows per event
+  table and returns the partitions to deliver (a small list, the only data passed through XCom);
+* :class:`SegmentDeliveryOperator` delivers one partition to one destination and logs its summary;
+* :class:`DeliveryReportOperator` adds the partitions' summaries up and fails the run if any failed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from airflow.sdk import BaseHook, BaseOperator
+
+from billing_airflow.hooks.base import BillingApiHook
+from billing_airflow.hooks.kable import KableHook
+from billing_airflow.hooks.orb import OrbHook
+from usage_billing.delivery import deliver_partition
+from usage_billing.destinations import get_destination
+from usage_billing.ledger import Ledger, RunRef
+from usage_billing.settings import Settings, load_settings
+from usage_billing.warehouse import Partition, Window, count_window, create_engine, table_columns
+
+HOOKS: dict[str, type[BillingApiHook]] = {"orb": OrbHook, "kable": KableHook}
+
+
+def sqlalchemy_url(conn_id: str) -> sa.URL:
+    """A SQLAlchemy URL for an Airflow connection (PostgreSQL, Redshift-compatible, or SQLite).
+
+    SQLite connections name the database file in ``host`` (``{"conn_type": "sqlite", "host": "/path/wh.db"}``).
+    """
+    conn = BaseHook.get_connection(conn_id)
+    conn_type = (conn.conn_type or "").lower()
+    if conn_type in ("postgres", "postgresql"):
+        return sa.URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
+                             host=conn.host or None, port=conn.port or None, database=conn.schema or None)
+    if conn_type == "sqlite":
+        return sa.URL.create("sqlite", database=conn.host or conn.schema)
+    raise ValueError(f"connection {conn_id!r}: conn_type {conn.conn_type!r} is not supported "
+                     f"(use postgres, or sqlite for the embedded warehouse)")
+
+
+def window_from_context(context: Any, settings: Settings) -> Window:
+    start, end = context["data_interval_start"], context["data_interval_end"]
+    if start is None or end is None or start >= end:
+        raise ValueError(f"the run has an empty data interval ({start} .. {end}); schedule the DAG with "
+                         f"an interval timetable, not a plain cron trigger")
+    return Window(start=datetime.fromtimestamp(start.timestamp(), UTC),
+                  end=datetime.fromtimestamp(end.timestamp(), UTC), lookback=settings.source.lookback)
+
+
+class _ConfiguredOperator(BaseOperator):
+    def __init__(self, *, destination: str, config_path: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.destination = destination
+        self.config_path = config_path
+
+    def settings(self) -> Settings:
+        return load_settings(self.config_path)
+
+    def engines(self, settings: Settings) -> tuple[sa.Engine, sa.Engine]:
+        """Warehouse and ledger engines; one engine when both live in the same connection."""
+        schemas = [settings.source.schema_, settings.ledger.schema_]
+        warehouse = create_engine(sqlalchemy_url(settings.source.conn_id), schemas)
+        if settings.ledger.conn_id == settings.source.conn_id:
+            return warehouse, warehouse
+        return warehouse, create_engine(sqlalchemy_url(settings.ledger.conn_id), [settings.ledger.schema_])
+
+
+class PlanPartitionsOperator(_ConfiguredOperator):
+    """Validate the configuration and list the window's partitions (event table x hash bucket)."""
+
+    def execute(self, context: Any) -> list[dict]:
+        settings = self.settings()
+        get_destination(self.destination, settings)  # fail here, once, on a missing destination section
+        window = window_from_context(context, settings)
+        warehouse, ledger_engine = self.engines(settings)
+        Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl).create()
+        source = settings.source
+        partitions, lines = [], []
+        with warehouse.connect() as conn:
+            for table in source.events:
+                if table_columns(conn, source.schema_, table) is None:
+                    lines.append(f"  {source.schema_}.{table:<24} missing (no event of this type loaded yet)")
+                    continue
+                rows = count_window(conn, source.schema_, table, window, source.loaded_at_column)
+                lines.append(f"  {source.schema_}.{table:<24} {rows} rows")
+                buckets = settings.airflow.partitions_per_table
+                partitions += [Partition(table, bucket, buckets).to_dict() for bucket in range(buckets)]
+        warehouse.dispose()
+        ledger_engine.dispose()
+        self.log.info("plan: destination=%s window %s on %s\n%s\n  -> %d partitions",
+                      self.destination, window, source.loaded_at_column, "\n".join(lines), len(partitions))
+        return partitions
+
+
+class SegmentDeliveryOperator(_ConfiguredOperator):
+    """Deliver one partition of the run's window to one destination (Orb or Kable)."""
+
+    template_fields = ("partition",)
+
+    def __init__(self, *, partition: dict | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.partition = partition
+
+    def execute(self, context: Any) -> dict:
+        settings = self.settings()
+        destination = get_destination(self.destination, settings)
+        partition = Partition.from_dict(self.partition or {"table": settings.source.events[0]})
+        window = window_from_context(context, settings)
+        run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
+        warehouse, ledger_engine = self.engines(settings)
+        ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
+        hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
+                                       rate_limit_storage=settings.airflow.rate_limit_storage)
+        try:
+            with hook:
+                report = deliver_partition(
+                    engine=warehouse, schema=settings.source.schema_, partition=partition, window=window,
+                    loaded_at_column=settings.source.loaded_at_column, chunk_size=settings.source.chunk_size,
+                    destination=destination, sender=hook, ledger=ledger, run=run,
+                    concurrency=destination.settings.concurrency)
+        except Exception:
+            self.log.error("delivery failed: destination=%s partition=%s window %s", self.destination,
+                           partition, window)
+            raise
+        finally:
+            warehouse.dispose()
+            ledger_engine.dispose()
+        self.log.info("%s", report.render())
+        if report.lateness_seconds and max(report.lateness_seconds) > settings.source.lookback.total_seconds():
+            self.log.warning("some rows were loaded more than source.lookback (%s) after their event time; "
+                             "raise source.lookback or rely on the completeness sweep", settings.source.lookback)
+        return report.to_dict()
+
+
+class DeliveryReportOperator(_ConfiguredOperator):
+    """Add up the partitions' summaries; fail the run if a partition did not finish."""
+
+    def __init__(self, *, deliver_task_id: str, plan_task_id: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.deliver_task_id = deliver_task_id
+        self.plan_task_id = plan_task_id
+
+    def execute(self, context: Any) -> dict:
+        ti = context["ti"]
+        planned = ti.xcom_pull(task_ids=self.plan_task_id) or []
+        reports = [r for r in (ti.xcom_pull(task_ids=self.deliver_task_id) or []) if r]
+        total: Counter = Counter()
+        reasons: Counter = Counter()
+        keys = ("rows_read", "duplicates_dropped", "unique_events", "already_delivered", "in_flight_elsewhere",
+                "sent", "accepted", "mapping_rejected", "destination_rejected", "retries", "bisections")
+        lines = [f"{'partition':<28}" + "".join(f"{k.split('_')[0][:9]:>10}" for k in keys)]
+        for report in reports:
+            total.update({k: report.get(k, 0) for k in keys})
+            reasons.update({reason: count for reason, count in report.get("top_reasons", [])})
+            lines.append(f"{report['partition']:<28}" + "".join(f"{report.get(k, 0):>10}" for k in keys))
+        lines.append(f"{'TOTAL':<28}" + "".join(f"{total[k]:>10}" for k in keys))
+        self.log.info("run report: destination=%s, %d of %d partitions reported\n%s%s", self.destination,
+                      len(reports), len(planned), "\n".join(lines),
+                      "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5)))
+        if len(reports) < len(planned):
+            raise RuntimeError(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
+                               f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
+        return dict(total)
