@@ -1,0 +1,1201 @@
+"""Tests for the Orb and Kable sandboxes, exercised over real loopback HTTP with ``requests``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
+
+pytestmark = pytest.mark.timeout(60)
+
+ORB_KEY = "orb-test-key"
+ORB_AUTH = {"Authorization": f"Bearer {ORB_KEY}"}
+KABLE_ID = "kci_test"
+KABLE_SECRET = "sk_test.sandbox"
+KABLE_AUTH = {"KABLE-CLIENT-ID": KABLE_ID, "KABLE-CLIENT-SECRET": KABLE_SECRET}
+ORB_ERRORS = "https://docs.withorb.com/reference/error-responses"
+KABLE_CREATE = "/api/v1/events/create"
+
+
+def iso(dt: datetime) -> str:
+    """RFC 3339 / ISO 8601 UTC with a Z suffix."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def orb_event(key: str, **overrides: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "event_name": "api_call",
+        "idempotency_key": key,
+        "timestamp": iso(now() - timedelta(minutes=1)),
+        "properties": {"units": 3, "region": "eu", "trial": False, "ratio": 0.5},
+        "external_customer_id": "acct_1",
+    }
+    event.update(overrides)
+    return event
+
+
+def without(event: dict[str, Any], *fields: str) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k not in fields}
+
+
+def kable_event(txn: str | None, **overrides: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "clientId": "customer_1",
+        "timestamp": iso(now()),
+        "data": {"calls": 1, "endpoint": "/v1/things"},
+    }
+    if txn is not None:
+        event["transactionId"] = txn
+    event.update(overrides)
+    return event
+
+
+def ingest(
+    orb: OrbSandbox,
+    events: list[dict[str, Any]],
+    *,
+    session: requests.Session | None = None,
+    params: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> requests.Response:
+    poster = session or requests
+    return poster.post(
+        f"{orb.url}/v1/ingest",
+        json={"events": events},
+        headers=ORB_AUTH,
+        params=params,
+        timeout=timeout,
+    )
+
+
+def kable_post(kable: KableSandbox, body: Any, *, timeout: float = 5.0) -> requests.Response:
+    return requests.post(f"{kable.url}{KABLE_CREATE}", json=body, headers=KABLE_AUTH, timeout=timeout)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def orb() -> Iterator[OrbSandbox]:
+    with OrbSandbox(api_key=ORB_KEY) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def kable() -> Iterator[KableSandbox]:
+    with KableSandbox(client_id=KABLE_ID, api_key=KABLE_SECRET) as sandbox:
+        yield sandbox
+
+
+# ============================================================================ Orb: basics
+
+
+def test_orb_accepts_batch_and_logs_request(orb: OrbSandbox) -> None:
+    events = [orb_event(f"k{i}") for i in range(3)]
+    resp = ingest(orb, events)
+    assert resp.status_code == 200
+    assert resp.json() == {"validation_failed": []}
+    assert orb.accepted() == events
+    assert orb.accepted_keys() == {"k0", "k1", "k2"}
+    assert orb.url.startswith("http://127.0.0.1:")
+    [record] = orb.requests
+    assert (record.method, record.path, record.status, record.n_events, record.fault) == (
+        "POST",
+        "/v1/ingest",
+        200,
+        3,
+        None,
+    )
+    assert record.received_at.tzinfo is not None
+
+
+def test_orb_keep_alive_connection_is_reused_quickly(orb: OrbSandbox) -> None:
+    with requests.Session() as session:
+        started = time.perf_counter()
+        for i in range(20):
+            assert ingest(orb, [orb_event(f"k{i}")], session=session).status_code == 200
+        elapsed = time.perf_counter() - started
+    # With Nagle's algorithm on, each request would stall ~40 ms on delayed ACKs (~0.8 s here).
+    assert elapsed < 0.6
+    assert len(orb.accepted_keys()) == 20
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {ORB_KEY}"}, {"Authorization": "Bearer"}],
+    ids=["missing_header", "wrong_key", "basic_scheme", "empty_token"],
+)
+def test_orb_rejects_bad_auth(orb: OrbSandbox, headers: dict[str, str]) -> None:
+    resp = requests.post(f"{orb.url}/v1/ingest", json={"events": [orb_event("k")]}, headers=headers, timeout=5)
+    assert resp.status_code == 401
+    body = resp.json()
+    assert body["type"] == f"{ORB_ERRORS}#401-authentication-error"
+    assert body["status"] == 401 and body["title"] and body["detail"]
+    assert "wrong-key" not in resp.text and ORB_KEY not in resp.text
+    assert orb.accepted() == []
+
+
+def test_orb_bearer_scheme_is_case_insensitive(orb: OrbSandbox) -> None:
+    resp = requests.post(
+        f"{orb.url}/v1/ingest",
+        json={"events": [orb_event("k")]},
+        headers={"authorization": f"bearer {ORB_KEY}"},
+        timeout=5,
+    )
+    assert resp.status_code == 200
+
+
+# ============================================================================ Orb: validation
+
+
+@pytest.mark.parametrize(
+    ("make_event", "message"),
+    [
+        (lambda: without(orb_event("bad"), "event_name"), "Missing required field 'event_name'"),
+        (lambda: orb_event("bad", event_name=""), "event_name must be a non-empty string"),
+        (lambda: orb_event("bad", event_name=7), "event_name must be a non-empty string"),
+        (lambda: without(orb_event("bad"), "idempotency_key"), "Missing required field 'idempotency_key'"),
+        (lambda: orb_event(""), "idempotency_key must be a non-empty string"),
+        (lambda: without(orb_event("bad"), "timestamp"), "Missing required field 'timestamp'"),
+        (lambda: orb_event("bad", timestamp="yesterday"), "is not a valid ISO 8601 date-time"),
+        (lambda: orb_event("bad", timestamp="2026-02-30T00:00:00Z"), "is not a valid ISO 8601 date-time"),
+        (lambda: orb_event("bad", timestamp=1700000000), "timestamp must be an ISO 8601 date-time string"),
+        (lambda: orb_event("bad", timestamp=iso(now())[:-1]), "no timezone designator"),
+        (
+            # The same instant as a minute ago, written in UTC+2.
+            lambda: orb_event("bad", timestamp=(now() + timedelta(minutes=119)).strftime("%Y-%m-%dT%H:%M:%S+02:00")),
+            "must be in UTC",
+        ),
+        (lambda: orb_event("bad", timestamp=iso(now() + timedelta(minutes=6))), "at most 5 minutes in the future"),
+        (
+            lambda: orb_event("bad", timestamp=iso(now() - timedelta(hours=13))),
+            "based on account grace period. To ingest an event older than the account grace period, create a backfill",
+        ),
+        (lambda: without(orb_event("bad"), "properties"), "Missing required field 'properties'"),
+        (lambda: orb_event("bad", properties=["a"]), "properties must be an object"),
+        (lambda: orb_event("bad", properties={"n": None}), "Property 'n' is null"),
+        (lambda: orb_event("bad", properties={"n": {"x": 1}}), "nested dictionaries are disallowed"),
+        (lambda: orb_event("bad", properties={"n": [1, 2]}), "Property 'n' is an array"),
+        (lambda: orb_event("bad", properties={"n": 2**63}), "does not fit in a 64-bit signed integer"),
+        (
+            lambda: orb_event("bad", customer_id="cus_1"),
+            "Exactly one of customer_id and external_customer_id must be specified",
+        ),
+        (
+            lambda: without(orb_event("bad"), "external_customer_id"),
+            "Exactly one of customer_id and external_customer_id must be specified",
+        ),
+        (
+            lambda: orb_event("bad", external_customer_id=None, customer_id=None),
+            "Exactly one of customer_id and external_customer_id must be specified",
+        ),
+        (lambda: orb_event("bad", external_customer_id=""), "external_customer_id must be a non-empty string"),
+        (lambda: orb_event("bad", user_id="u1"), "Unexpected field 'user_id'"),
+    ],
+    ids=[
+        "missing_event_name",
+        "empty_event_name",
+        "non_string_event_name",
+        "missing_idempotency_key",
+        "empty_idempotency_key",
+        "missing_timestamp",
+        "unparseable_timestamp",
+        "impossible_date",
+        "numeric_timestamp",
+        "naive_timestamp",
+        "non_utc_offset",
+        "more_than_5_minutes_in_future",
+        "older_than_grace_period",
+        "missing_properties",
+        "properties_not_object",
+        "null_property_value",
+        "nested_object_property",
+        "array_property",
+        "integer_beyond_int64",
+        "both_customer_ids",
+        "no_customer_id",
+        "both_customer_ids_null",
+        "empty_external_customer_id",
+        "extra_event_field",
+    ],
+)
+def test_orb_rejects_invalid_event_whole_request(
+    orb: OrbSandbox, make_event: Callable[[], dict[str, Any]], message: str
+) -> None:
+    bad = make_event()
+    resp = ingest(orb, [orb_event("good"), bad])
+    assert resp.status_code == 400
+    body = resp.json()
+    assert body["type"] == f"{ORB_ERRORS}#400-request-validation-errors"
+    assert body["status"] == 400 and body["title"] == "Request validation errors"
+    [failure] = body["validation_errors"]
+    expected_key = bad.get("idempotency_key") if isinstance(bad.get("idempotency_key"), str) else ""
+    assert failure["idempotency_key"] == expected_key
+    assert any(message in err for err in failure["validation_errors"]), failure
+    # The spec: failed keys are not marked processed, and with a 400 nothing is ingested.
+    assert orb.accepted() == []
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        lambda: iso(now()),
+        lambda: now().replace(microsecond=0).isoformat(),  # +00:00
+        lambda: now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        lambda: iso(now() + timedelta(minutes=4)),
+        lambda: iso(now() - timedelta(hours=11, minutes=59)),
+    ],
+    ids=["z_suffix_micros", "plus_zero_offset", "whole_seconds", "four_minutes_ahead", "inside_grace_period"],
+)
+def test_orb_accepts_valid_timestamps(orb: OrbSandbox, timestamp: Callable[[], str]) -> None:
+    resp = ingest(orb, [orb_event("k", timestamp=timestamp())])
+    assert resp.status_code == 200, resp.text
+    assert orb.accepted_keys() == {"k"}
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [{}, {"s": "x", "i": -(2**63), "f": 1.5, "b": True}, {"max": 2**63 - 1}],
+    ids=["empty_properties", "all_scalar_types", "int64_max"],
+)
+def test_orb_accepts_valid_properties(orb: OrbSandbox, properties: dict[str, Any]) -> None:
+    assert ingest(orb, [orb_event("k", properties=properties)]).status_code == 200
+    assert orb.accepted()[0]["properties"] == properties
+
+
+def test_orb_accepts_customer_id_instead_of_external(orb: OrbSandbox) -> None:
+    event = orb_event("k", customer_id="cus_1", external_customer_id=None)
+    assert ingest(orb, [event]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "empty"),
+        (b'[{"event_name": "x"}]', "JSON object"),
+        (b'{"batch": []}', "JSON object"),
+        (b'{"events": [], "debug": true}', "Unexpected top-level field"),
+        (b'{"events": {"a": 1}}', "'events' must be an array"),
+        (b'{"events": [{"event_name": "x", "properties": {"v": NaN}}]}', "not valid JSON"),
+    ],
+    ids=[
+        "malformed_json",
+        "empty_body",
+        "array_body",
+        "missing_events",
+        "extra_top_level_field",
+        "events_not_array",
+        "nan_literal",
+    ],
+)
+def test_orb_rejects_malformed_request_body(orb: OrbSandbox, data: bytes, detail: str) -> None:
+    resp = requests.post(
+        f"{orb.url}/v1/ingest", data=data, headers={**ORB_AUTH, "Content-Type": "application/json"}, timeout=5
+    )
+    assert resp.status_code == 400
+    body = resp.json()
+    assert body["type"] == f"{ORB_ERRORS}#400-request-validation-errors"
+    assert detail in body["detail"]
+    assert body["validation_errors"] == []
+
+
+def test_orb_debug_query_parameter_is_ignored(orb: OrbSandbox) -> None:
+    resp = ingest(orb, [orb_event("k")], params={"debug": "true"})
+    assert resp.json() == {"validation_failed": []}
+
+
+@pytest.mark.parametrize(("count", "status"), [(500, 200), (501, 400)], ids=["exactly_500", "over_500"])
+def test_orb_500_event_cap(orb: OrbSandbox, count: int, status: int) -> None:
+    resp = ingest(orb, [orb_event(f"k{i}") for i in range(count)])
+    assert resp.status_code == status
+    if status == 400:
+        assert "500 events per request" in resp.json()["detail"]
+        assert orb.accepted() == []
+    else:
+        assert len(orb.accepted_keys()) == 500
+    assert orb.requests[-1].n_events == count
+
+
+def test_orb_deduplicates_on_idempotency_key(orb: OrbSandbox) -> None:
+    events = [orb_event(f"k{i}") for i in range(4)]
+    assert ingest(orb, events[:3]).status_code == 200
+    # A retried batch plus one new event: the known keys are silently dropped.
+    resp = ingest(orb, events)
+    assert resp.status_code == 200 and resp.json() == {"validation_failed": []}
+    assert [e["idempotency_key"] for e in orb.accepted()] == ["k0", "k1", "k2", "k3"]
+    assert orb.duplicates == 3
+    # Same key with a different body later is still a duplicate of the accepted one.
+    ingest(orb, [orb_event("k0", properties={"units": 99})])
+    assert orb.accepted()[0]["properties"]["units"] == 3
+    assert orb.duplicates == 4
+
+
+def test_orb_identical_duplicate_within_batch_is_deduplicated(orb: OrbSandbox) -> None:
+    event = orb_event("same")
+    resp = ingest(orb, [event, dict(event)])
+    assert resp.status_code == 200
+    assert len(orb.accepted()) == 1
+    assert orb.duplicates == 1
+
+
+def test_orb_conflicting_duplicate_within_batch_rejects_whole_batch(orb: OrbSandbox) -> None:
+    resp = ingest(orb, [orb_event("ok"), orb_event("dup"), orb_event("dup", properties={"units": 4})])
+    assert resp.status_code == 400
+    body = resp.json()
+    assert body["type"] == f"{ORB_ERRORS}#400-request-validation-errors"
+    assert "entire batch" in body["detail"]
+    assert body["validation_errors"][0]["idempotency_key"] == "dup"
+    assert orb.accepted() == []
+
+
+def test_orb_conflicting_duplicate_is_400_even_in_200_mode() -> None:
+    with OrbSandbox(api_key=ORB_KEY, validation_response="200") as orb:
+        resp = ingest(orb, [orb_event("dup"), orb_event("dup", event_name="other")])
+        assert resp.status_code == 400
+        assert orb.accepted() == []
+
+
+@pytest.mark.parametrize("mode", ["400", "200"], ids=["validation_response_400", "validation_response_200"])
+def test_orb_validation_response_modes(mode: str) -> None:
+    with OrbSandbox(api_key=ORB_KEY, validation_response=mode) as orb:
+        resp = ingest(orb, [orb_event("good"), orb_event("bad", properties={"n": None})])
+        expected_failure = {
+            "idempotency_key": "bad",
+            "validation_errors": ["Property 'n' is null; property values must be strings, numbers or booleans"],
+        }
+        if mode == "400":
+            assert resp.status_code == 400
+            assert resp.json()["validation_errors"] == [expected_failure]
+            assert orb.accepted_keys() == set()
+        else:
+            assert resp.status_code == 200
+            assert resp.json() == {"validation_failed": [expected_failure]}
+            assert orb.accepted_keys() == {"good"}
+
+
+def test_orb_rejects_unknown_validation_response() -> None:
+    with pytest.raises(ValueError):
+        OrbSandbox(validation_response="207")
+
+
+def test_orb_unknown_route_and_wrong_method(orb: OrbSandbox) -> None:
+    resp = requests.get(f"{orb.url}/v1/nope", headers=ORB_AUTH, timeout=5)
+    assert resp.status_code == 404
+    assert resp.json()["type"] == f"{ORB_ERRORS}#404-url-not-found"
+    assert requests.get(f"{orb.url}/v1/ingest", headers=ORB_AUTH, timeout=5).status_code == 405
+
+
+# ============================================================================ faults
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "status", "error_type", "headers"),
+    [
+        (Fault.TOO_MANY_REQUESTS, {"retry_after": 1.5}, 429, "#429-too-many-requests", {"Retry-After": "1.5"}),
+        (Fault.TOO_MANY_REQUESTS, {"retry_after": 2}, 429, "#429-too-many-requests", {"Retry-After": "2"}),
+        (Fault.TOO_MANY_REQUESTS, {}, 429, "#429-too-many-requests", {"Retry-After": None}),
+        (Fault.SERVER_ERROR, {}, 500, "#500-internal-server-error", {}),
+        (Fault.SERVER_ERROR, {"status": 502}, 502, "#500-internal-server-error", {}),
+        (Fault.SERVER_ERROR, {"status": 503}, 503, "#500-internal-server-error", {}),
+        (Fault.BAD_REQUEST, {}, 400, "#400-request-validation-errors", {}),
+    ],
+    ids=[
+        "429_retry_after_fraction",
+        "429_retry_after_int",
+        "429_no_retry_after",
+        "500",
+        "502",
+        "503",
+        "bad_request_no_attribution",
+    ],
+)
+def test_orb_http_error_faults(
+    orb: OrbSandbox,
+    kind: Fault,
+    kwargs: dict[str, Any],
+    status: int,
+    error_type: str,
+    headers: dict[str, str | None],
+) -> None:
+    orb.inject(kind, times=1, **kwargs)
+    resp = ingest(orb, [orb_event("k")])
+    assert resp.status_code == status
+    body = resp.json()
+    assert body["type"] == f"{ORB_ERRORS}{error_type}"
+    assert body["status"] == status
+    for name, value in headers.items():
+        assert resp.headers.get(name) == value
+    if kind is Fault.BAD_REQUEST:
+        assert body["validation_errors"] == []
+    assert orb.accepted() == []
+    assert orb.requests[-1].fault == kind.value and orb.requests[-1].status == status
+    # The fault was used up: the retry goes through.
+    assert ingest(orb, [orb_event("k")]).status_code == 200
+    assert orb.accepted_keys() == {"k"}
+
+
+def test_orb_faults_apply_in_fifo_order_with_times(orb: OrbSandbox) -> None:
+    orb.inject(Fault.TOO_MANY_REQUESTS, times=2, retry_after=1)
+    orb.inject(Fault.SERVER_ERROR, status=503)
+    assert orb.pending_faults == 3
+    statuses = [ingest(orb, [orb_event("k")]).status_code for _ in range(4)]
+    assert statuses == [429, 429, 503, 200]
+    assert [r.fault for r in orb.requests] == ["too_many_requests", "too_many_requests", "server_error", None]
+
+
+def test_orb_slow_fault_times_client_out_then_processes(orb: OrbSandbox) -> None:
+    orb.inject(Fault.SLOW, delay=1.0)
+    started = time.monotonic()
+    with pytest.raises(requests.Timeout):
+        ingest(orb, [orb_event("slow")], timeout=0.5)
+    assert time.monotonic() - started < 0.9
+    # The server still processes the request after the delay, as a slow real server would.
+    assert wait_until(lambda: orb.accepted_keys() == {"slow"})
+    assert orb.requests[-1].fault == "slow" and orb.requests[-1].status == 200
+
+
+def test_orb_slow_fault_answers_patient_client(orb: OrbSandbox) -> None:
+    orb.inject(Fault.SLOW, delay=0.2)
+    started = time.monotonic()
+    assert ingest(orb, [orb_event("k")]).status_code == 200
+    assert time.monotonic() - started >= 0.2
+
+
+def test_stop_interrupts_slow_request(orb: OrbSandbox) -> None:
+    orb.inject(Fault.SLOW, delay=30)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            ingest(orb, [orb_event("k")], timeout=10)
+        except requests.RequestException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert wait_until(lambda: orb.pending_faults == 0)
+    started = time.monotonic()
+    orb.stop()
+    thread.join(timeout=5)
+    assert time.monotonic() - started < 2
+    assert len(errors) == 1 and isinstance(errors[0], requests.ConnectionError)
+    assert orb.accepted() == []
+
+
+def test_fault_kind_accepts_value_or_name(orb: OrbSandbox) -> None:
+    orb.inject("server_error")
+    orb.inject("TOO_MANY_REQUESTS")
+    assert [ingest(orb, [orb_event("k")]).status_code for _ in range(2)] == [500, 429]
+
+
+def test_orb_reset_fault_raises_connection_error_and_accepts_nothing(orb: OrbSandbox) -> None:
+    orb.inject(Fault.RESET)
+    with pytest.raises(requests.ConnectionError):
+        ingest(orb, [orb_event("k")])
+    assert orb.accepted() == []
+    record = orb.requests[-1]
+    assert (record.fault, record.status, record.n_events) == ("reset", None, 1)
+    assert ingest(orb, [orb_event("k")]).status_code == 200
+    assert orb.accepted_keys() == {"k"}
+
+
+def test_orb_reset_fault_on_reused_keep_alive_connection(orb: OrbSandbox) -> None:
+    with requests.Session() as session:
+        assert ingest(orb, [orb_event("warm")], session=session).status_code == 200
+        orb.inject(Fault.RESET)
+        with pytest.raises(requests.ConnectionError):
+            ingest(orb, [orb_event("k")], session=session)
+        assert orb.accepted_keys() == {"warm"}
+        # The session recovers on a new connection.
+        assert ingest(orb, [orb_event("k")], session=session).status_code == 200
+    assert orb.accepted_keys() == {"warm", "k"}
+
+
+def test_orb_lost_response_raises_connection_error_but_accepts(orb: OrbSandbox) -> None:
+    orb.inject(Fault.LOST_RESPONSE)
+    events = [orb_event("a"), orb_event("b")]
+    with pytest.raises(requests.ConnectionError):
+        ingest(orb, events)
+    assert orb.accepted_keys() == {"a", "b"}
+    record = orb.requests[-1]
+    assert (record.fault, record.status, record.n_events) == ("lost_response", None, 2)
+    # The client's retry is answered normally and de-duplicated.
+    assert ingest(orb, events).status_code == 200
+    assert orb.duplicates == 2 and len(orb.accepted()) == 2
+
+
+def test_orb_faults_never_hit_control_or_backfill_endpoints(orb: OrbSandbox) -> None:
+    orb.inject(Fault.SERVER_ERROR, times=1)
+    assert requests.get(f"{orb.url}/_sandbox/health", timeout=5).status_code == 200
+    assert requests.get(f"{orb.url}/v1/events/backfills", headers=ORB_AUTH, timeout=5).status_code == 200
+    assert orb.pending_faults == 1
+    assert ingest(orb, [orb_event("k")]).status_code == 500
+
+
+def test_clear_faults_and_reset(orb: OrbSandbox) -> None:
+    orb.inject(Fault.SERVER_ERROR, times=5)
+    orb.set_random_faults(rate=1.0, kinds=[Fault.TOO_MANY_REQUESTS])
+    orb.clear_faults()
+    assert ingest(orb, [orb_event("k")]).status_code == 200
+    orb.inject(Fault.SERVER_ERROR)
+    orb.reset()
+    assert orb.accepted() == [] and orb.requests == [] and orb.duplicates == 0
+    assert ingest(orb, [orb_event("k")]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [
+        ("nonsense", {}),
+        (Fault.SERVER_ERROR, {"status": 404}),
+        (Fault.TOO_MANY_REQUESTS, {"status": 500}),
+        (Fault.SLOW, {"delay": -1}),
+        (Fault.RESET, {"times": 0}),
+    ],
+    ids=["unknown_kind", "non_5xx_status", "status_on_429", "negative_delay", "zero_times"],
+)
+def test_inject_rejects_bad_arguments(orb: OrbSandbox, kind: Any, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        orb.inject(kind, **kwargs)
+
+
+def _status_sequence(orb: OrbSandbox, n: int) -> list[str]:
+    out = []
+    with requests.Session() as session:
+        for i in range(n):
+            try:
+                out.append(str(ingest(orb, [orb_event(f"k{i}")], session=session).status_code))
+            except requests.ConnectionError:
+                out.append("conn")
+    return out
+
+
+def test_random_faults_are_reproducible_with_seed() -> None:
+    kinds = [Fault.TOO_MANY_REQUESTS, Fault.SERVER_ERROR, Fault.RESET, Fault.LOST_RESPONSE]
+    runs = []
+    for seed in (7, 7, 8):
+        with OrbSandbox(api_key=ORB_KEY) as orb:
+            orb.set_random_faults(rate=0.5, kinds=kinds, seed=seed)
+            runs.append(_status_sequence(orb, 30))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert "200" in runs[0] and len(set(runs[0])) >= 3
+
+
+def test_random_faults_rate_zero_turns_off(orb: OrbSandbox) -> None:
+    orb.set_random_faults(rate=1.0, kinds=[Fault.SERVER_ERROR], seed=1)
+    assert _status_sequence(orb, 3)[0] in {"500", "502", "503"}
+    orb.set_random_faults(rate=0)
+    assert _status_sequence(orb, 5) == ["200"] * 5
+
+
+def test_latency_is_applied_concurrently() -> None:
+    with OrbSandbox(api_key=ORB_KEY, latency=0.3) as orb:
+        n = 3
+        barrier = threading.Barrier(n)
+        durations: list[float] = []
+        statuses: list[int] = []
+
+        def worker(i: int) -> None:
+            barrier.wait()
+            t0 = time.monotonic()
+            statuses.append(ingest(orb, [orb_event(f"k{i}")]).status_code)
+            durations.append(time.monotonic() - t0)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = time.monotonic() - started
+    assert statuses == [200] * n
+    assert min(durations) >= 0.29
+    # Serialised latency would take >= 0.9 s; concurrent sleeps take ~0.3 s.
+    assert total < 0.75
+
+
+# ============================================================================ persistence
+
+
+def test_state_file_survives_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "orb.jsonl"
+    events = [orb_event(f"k{i}") for i in range(3)]
+    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+        assert ingest(orb, events).status_code == 200
+    assert len(state.read_text().splitlines()) == 3
+    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+        assert orb.accepted() == events
+        assert ingest(orb, events).status_code == 200
+        assert orb.duplicates == 3
+        assert orb.accepted() == events
+    assert len(state.read_text().splitlines()) == 3
+
+
+def test_state_file_tolerates_torn_last_line(tmp_path: Path) -> None:
+    state = tmp_path / "kable.jsonl"
+    state.write_text(json.dumps(kable_event("t1")) + "\n" + '{"clientId": "c", "timest')
+    with KableSandbox(state_file=state) as kable:
+        assert kable.accepted_keys() == {"t1"}
+
+
+def test_reset_truncates_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "orb.jsonl"
+    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+        ingest(orb, [orb_event("k")])
+        orb.reset()
+    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+        assert orb.accepted() == []
+
+
+def test_restart_same_instance_keeps_state(tmp_path: Path) -> None:
+    orb = OrbSandbox(api_key=ORB_KEY, state_file=tmp_path / "orb.jsonl")
+    orb.start()
+    ingest(orb, [orb_event("k")])
+    orb.stop()
+    orb.stop()  # idempotent
+    orb.start()
+    try:
+        assert orb.accepted_keys() == {"k"}
+        assert ingest(orb, [orb_event("k")]).status_code == 200
+        assert orb.duplicates == 1
+    finally:
+        orb.stop()
+
+
+# ============================================================================ backfills
+
+
+def create_backfill(orb: OrbSandbox, **body: Any) -> requests.Response:
+    return requests.post(f"{orb.url}/v1/events/backfills", json=body, headers=ORB_AUTH, timeout=5)
+
+
+def backfill_action(orb: OrbSandbox, backfill_id: str, action: str) -> requests.Response:
+    return requests.post(f"{orb.url}/v1/events/backfills/{backfill_id}/{action}", headers=ORB_AUTH, timeout=5)
+
+
+def window(start_days_ago: float, end_days_ago: float) -> dict[str, str]:
+    base = now().replace(minute=0, second=0, microsecond=0)
+    return {
+        "timeframe_start": iso(base - timedelta(days=start_days_ago)),
+        "timeframe_end": iso(base - timedelta(days=end_days_ago)),
+    }
+
+
+def test_backfill_create_ingest_close(orb: OrbSandbox) -> None:
+    resp = create_backfill(orb, **window(4, 2), replace_existing_events=False)
+    assert resp.status_code == 200
+    backfill = resp.json()
+    assert backfill["status"] == "pending"
+    assert backfill["events_ingested"] == 0 and backfill["reverted_at"] is None
+    assert backfill["customer_id"] is None and backfill["replace_existing_events"] is False
+    assert set(backfill) >= {"id", "created_at", "timeframe_start", "timeframe_end", "close_time", "deprecation_filter"}
+
+    old = orb_event("old", timestamp=iso(now() - timedelta(days=3)))
+    refused = ingest(orb, [old])
+    assert refused.status_code == 400
+    assert "create a backfill" in refused.json()["validation_errors"][0]["validation_errors"][0]
+
+    resp = ingest(orb, [old, dict(old)], params={"backfill_id": backfill["id"]})
+    assert resp.status_code == 200 and resp.json() == {"validation_failed": []}
+    assert orb.accepted() == []  # held until close
+    fetched = requests.get(f"{orb.url}/v1/events/backfills/{backfill['id']}", headers=ORB_AUTH, timeout=5)
+    assert fetched.json()["events_ingested"] == 1
+
+    closed = backfill_action(orb, backfill["id"], "close")
+    assert closed.status_code == 200 and closed.json()["status"] == "reflected"
+    assert orb.accepted() == [old]
+    assert orb.backfills()[0]["status"] == "reflected"
+    # A retried close is harmless; a closed backfill accepts no more events.
+    assert backfill_action(orb, backfill["id"], "close").status_code == 200
+    late = ingest(
+        orb, [orb_event("late", timestamp=iso(now() - timedelta(days=3)))], params={"backfill_id": backfill["id"]}
+    )
+    assert late.status_code == 400
+    assert late.json()["type"] == f"{ORB_ERRORS}#400-constraint-violation"
+
+
+def test_backfill_rejects_event_outside_timeframe(orb: OrbSandbox) -> None:
+    backfill = create_backfill(orb, **window(4, 2)).json()
+    outside = orb_event("x", timestamp=iso(now() - timedelta(days=5)))
+    resp = ingest(orb, [outside], params={"backfill_id": backfill["id"]})
+    assert resp.status_code == 400
+    assert "outside the backfill's timeframe" in resp.json()["validation_errors"][0]["validation_errors"][0]
+
+
+def test_backfill_rejects_event_of_other_customer(orb: OrbSandbox) -> None:
+    backfill = create_backfill(orb, **window(4, 2), external_customer_id="acct_1").json()
+    assert backfill["external_customer_id"] == "acct_1"
+    ts = iso(now() - timedelta(days=3))
+    resp = ingest(
+        orb, [orb_event("x", timestamp=ts, external_customer_id="acct_2")], params={"backfill_id": backfill["id"]}
+    )
+    assert resp.status_code == 400
+    assert ingest(orb, [orb_event("y", timestamp=ts)], params={"backfill_id": backfill["id"]}).status_code == 200
+
+
+def test_backfill_unknown_id_is_404(orb: OrbSandbox) -> None:
+    resp = ingest(orb, [orb_event("k")], params={"backfill_id": "bf_missing"})
+    assert resp.status_code == 404
+    assert resp.json()["type"] == f"{ORB_ERRORS}#404-resource-not-found"
+    assert requests.get(f"{orb.url}/v1/events/backfills/bf_missing", headers=ORB_AUTH, timeout=5).status_code == 404
+    assert backfill_action(orb, "bf_missing", "close").status_code == 404
+
+
+def test_backfill_replace_existing_events_then_revert() -> None:
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10)) as orb:
+        ts = iso(now() - timedelta(days=3))
+        live = [
+            orb_event("a-old", timestamp=ts, external_customer_id="acct_a"),
+            orb_event("b-old", timestamp=ts, external_customer_id="acct_b"),
+            orb_event("a-recent", external_customer_id="acct_a"),
+        ]
+        assert ingest(orb, live).status_code == 200
+        backfill = create_backfill(orb, **window(4, 2), external_customer_id="acct_a").json()
+        assert backfill["replace_existing_events"] is True  # the schema default
+        fixed = orb_event("a-new", timestamp=ts, external_customer_id="acct_a")
+        assert ingest(orb, [fixed], params={"backfill_id": backfill["id"]}).status_code == 200
+
+        backfill_action(orb, backfill["id"], "close")
+        # Only acct_a's events inside the timeframe were replaced.
+        assert orb.accepted_keys() == {"b-old", "a-recent", "a-new"}
+
+        reverted = backfill_action(orb, backfill["id"], "revert").json()
+        assert reverted["status"] == "reverted" and reverted["reverted_at"] is not None
+        assert orb.accepted_keys() == {"a-old", "b-old", "a-recent"}
+
+
+def test_backfill_replacement_persists_across_restart(tmp_path: Path) -> None:
+    state = tmp_path / "orb.jsonl"
+    ts = iso(now() - timedelta(days=3))
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10), state_file=state) as orb:
+        ingest(orb, [orb_event("old", timestamp=ts)])
+        backfill = create_backfill(orb, **window(4, 2)).json()
+        ingest(orb, [orb_event("new", timestamp=ts)], params={"backfill_id": backfill["id"]})
+        backfill_action(orb, backfill["id"], "close")
+        assert orb.accepted_keys() == {"new"}
+    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+        assert orb.accepted_keys() == {"new"}
+
+
+def test_backfill_revert_before_close_discards_events(orb: OrbSandbox) -> None:
+    backfill = create_backfill(orb, **window(4, 2)).json()
+    ingest(orb, [orb_event("x", timestamp=iso(now() - timedelta(days=3)))], params={"backfill_id": backfill["id"]})
+    resp = backfill_action(orb, backfill["id"], "revert")
+    assert resp.json()["status"] == "reverted"
+    assert backfill_action(orb, backfill["id"], "revert").status_code == 200  # idempotent
+    assert backfill_action(orb, backfill["id"], "close").status_code == 400
+    assert orb.accepted() == []
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "status"),
+    [
+        ({}, {}, 400),
+        ({"external_customer_id": "a"}, {"external_customer_id": "a"}, 400),
+        ({"external_customer_id": "a"}, {}, 400),
+        ({}, {"customer_id": "cus_a"}, 400),
+        ({"external_customer_id": "a"}, {"external_customer_id": "b"}, 200),
+    ],
+    ids=[
+        "account_wide_twice",
+        "same_customer",
+        "customer_then_account_wide",
+        "account_wide_then_customer",
+        "different_customers",
+    ],
+)
+def test_backfill_overlap_rules(orb: OrbSandbox, first: dict[str, str], second: dict[str, str], status: int) -> None:
+    assert create_backfill(orb, **window(6, 3), **first).status_code == 200
+    resp = create_backfill(orb, **window(4, 2), **second)
+    assert resp.status_code == status
+    if status == 400:
+        assert resp.json()["type"] == f"{ORB_ERRORS}#400-constraint-violation"
+        assert "overlaps" in resp.json()["detail"]
+
+
+def test_backfill_overlap_allowed_once_first_is_closed_or_adjacent(orb: OrbSandbox) -> None:
+    first = create_backfill(orb, **window(6, 3)).json()
+    assert create_backfill(orb, **window(3, 1)).status_code == 200  # end is exclusive: adjacent is fine
+    backfill_action(orb, first["id"], "close")
+    assert create_backfill(orb, **window(5, 4)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("span", "status"),
+    [(timedelta(days=31), 200), (timedelta(days=31, seconds=1), 400), (timedelta(0), 400), (timedelta(days=-1), 400)],
+    ids=["exactly_31_days", "over_31_days", "empty_timeframe", "end_before_start"],
+)
+def test_backfill_duration_rules(orb: OrbSandbox, span: timedelta, status: int) -> None:
+    start = now() - timedelta(days=40)
+    resp = create_backfill(orb, timeframe_start=iso(start), timeframe_end=iso(start + span))
+    assert resp.status_code == status
+    if status == 400:
+        assert resp.json()["type"] == f"{ORB_ERRORS}#400-constraint-violation"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"timeframe_start": "2024-01-01T00:00:00Z"},
+        {**window(3, 2), "unknown": 1},
+        {**window(3, 2), "replace_existing_events": "yes"},
+        {**window(3, 2), "customer_id": "c", "external_customer_id": "e"},
+    ],
+    ids=["missing_timeframe_end", "extra_field", "non_boolean_replace", "both_customer_ids"],
+)
+def test_backfill_schema_validation(orb: OrbSandbox, body: dict[str, Any]) -> None:
+    resp = create_backfill(orb, **body)
+    assert resp.status_code == 400
+    assert resp.json()["type"] == f"{ORB_ERRORS}#400-request-validation-errors"
+
+
+def test_backfill_list_is_newest_first_and_paginated(orb: OrbSandbox) -> None:
+    ids = [create_backfill(orb, **window(10 - 2 * i, 9 - 2 * i)).json()["id"] for i in range(3)]
+    url = f"{orb.url}/v1/events/backfills"
+    page = requests.get(url, params={"limit": 2}, headers=ORB_AUTH, timeout=5).json()
+    assert [b["id"] for b in page["data"]] == ids[::-1][:2]
+    assert page["pagination_metadata"]["has_more"] is True
+    cursor = page["pagination_metadata"]["next_cursor"]
+    rest = requests.get(url, params={"limit": 2, "cursor": cursor}, headers=ORB_AUTH, timeout=5).json()
+    assert [b["id"] for b in rest["data"]] == [ids[0]]
+    assert rest["pagination_metadata"] == {"has_more": False, "next_cursor": None}
+    assert [b["id"] for b in orb.backfills()] == ids
+    assert requests.get(url, headers={}, timeout=5).status_code == 401
+
+
+def test_backfill_auto_closes_at_close_time(orb: OrbSandbox) -> None:
+    close_at = now() + timedelta(seconds=0.5)
+    backfill = create_backfill(orb, **window(4, 2), close_time=iso(close_at)).json()
+    ingest(orb, [orb_event("x", timestamp=iso(now() - timedelta(days=3)))], params={"backfill_id": backfill["id"]})
+    assert orb.accepted() == []
+    assert wait_until(lambda: orb.accepted_keys() == {"x"})
+    assert orb.backfills()[0]["status"] == "reflected"
+
+
+# ============================================================================ Kable
+
+
+def test_kable_accepts_array_and_dedups_on_transaction_id(kable: KableSandbox) -> None:
+    events = [kable_event("t1"), kable_event("t2")]
+    resp = kable_post(kable, events)
+    assert resp.status_code == 200
+    assert resp.json() == {"message": "Events successfully recorded"}
+    assert kable_post(kable, [*events, kable_event("t3")]).status_code == 200
+    assert [e["transactionId"] for e in kable.accepted()] == ["t1", "t2", "t3"]
+    assert kable.accepted_keys() == {"t1", "t2", "t3"}
+    assert kable.duplicates == 2
+    assert kable.url.startswith("http://127.0.0.1:")
+
+
+def test_kable_events_without_transaction_id_are_always_recorded(kable: KableSandbox) -> None:
+    event = kable_event(None)
+    kable_post(kable, [event])
+    kable_post(kable, [event])
+    assert len(kable.accepted()) == 2 and kable.accepted_keys() == set() and kable.duplicates == 0
+
+
+def test_kable_accepts_single_object_body(kable: KableSandbox) -> None:
+    event = kable_event("solo", kableClientId=KABLE_ID, library={"name": "x", "version": "1"})
+    resp = kable_post(kable, event)
+    assert resp.status_code == 200
+    assert kable.accepted() == [event]
+    assert kable.requests[-1].n_events == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"KABLE-CLIENT-ID": KABLE_ID},
+        {"KABLE-CLIENT-SECRET": KABLE_SECRET},
+        {"KABLE-CLIENT-ID": "kci_other", "KABLE-CLIENT-SECRET": KABLE_SECRET},
+        {"KABLE-CLIENT-ID": KABLE_ID, "KABLE-CLIENT-SECRET": "sk_live.wrong"},
+        {"Authorization": f"Bearer {KABLE_SECRET}"},
+    ],
+    ids=["no_headers", "missing_secret", "missing_client_id", "wrong_client_id", "wrong_secret", "bearer_instead"],
+)
+def test_kable_rejects_bad_auth(kable: KableSandbox, headers: dict[str, str]) -> None:
+    resp = requests.post(f"{kable.url}{KABLE_CREATE}", json=[kable_event("t")], headers=headers, timeout=5)
+    assert resp.status_code == 401
+    assert resp.json() == {"message": "Unauthorized"}
+    assert resp.headers.get("X-REQUEST-ID")
+    assert kable.accepted() == []
+
+
+def test_kable_auth_header_names_are_case_insensitive(kable: KableSandbox) -> None:
+    headers = {"kable-client-id": KABLE_ID, "Kable-Client-Secret": KABLE_SECRET}
+    resp = requests.post(f"{kable.url}{KABLE_CREATE}", json=[kable_event("t")], headers=headers, timeout=5)
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        (lambda: without(kable_event("t"), "clientId"), "clientId is required"),
+        (lambda: kable_event("t", clientId=""), "clientId must be a non-empty string"),
+        (lambda: kable_event("t", clientId=42), "clientId must be a non-empty string"),
+        (lambda: without(kable_event("t"), "timestamp"), "timestamp is required"),
+        (lambda: kable_event("t", timestamp="09/01/2022"), "RFC 3339"),
+        (lambda: kable_event("t", timestamp="2022-01-09T09:32:01"), "RFC 3339"),
+        (lambda: kable_event("t", timestamp="2022-13-09T09:32:01Z"), "not a valid date-time"),
+        (lambda: kable_event("t", transactionId=123), "transactionId must be a non-empty string"),
+        (lambda: kable_event("t", data=[1, 2]), "data must be a JSON object"),
+        (lambda: "not an event", "event must be a JSON object"),
+    ],
+    ids=[
+        "missing_client_id",
+        "empty_client_id",
+        "numeric_client_id",
+        "missing_timestamp",
+        "non_rfc3339_timestamp",
+        "timestamp_without_offset",
+        "impossible_month",
+        "numeric_transaction_id",
+        "data_not_object",
+        "event_not_object",
+    ],
+)
+def test_kable_invalid_event_rejects_whole_request_naming_index(
+    kable: KableSandbox, bad: Callable[[], Any], problem: str
+) -> None:
+    resp = kable_post(kable, [kable_event("ok1"), kable_event("ok2"), bad()])
+    assert resp.status_code == 400
+    message = resp.json()["message"]
+    assert message.startswith("invalid input, object invalid: event[2]: ")
+    assert problem in message
+    assert kable.accepted() == []
+
+
+def test_kable_accepts_rfc3339_offsets(kable: KableSandbox) -> None:
+    events = [
+        kable_event("a", timestamp="2022-01-09T09:32:01Z"),
+        kable_event("b", timestamp="2022-01-09T09:32:01.123+02:00"),
+    ]
+    assert kable_post(kable, events).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [(b"{oops", "not valid JSON"), (b'"just a string"', "event object or an array")],
+    ids=["malformed_json", "scalar_body"],
+)
+def test_kable_rejects_malformed_body(kable: KableSandbox, data: bytes, fragment: str) -> None:
+    resp = requests.post(f"{kable.url}{KABLE_CREATE}", data=data, headers=KABLE_AUTH, timeout=5)
+    assert resp.status_code == 400
+    assert fragment in resp.json()["message"]
+
+
+@pytest.mark.parametrize(("count", "status"), [(500, 200), (501, 400)], ids=["exactly_500", "over_500"])
+def test_kable_500_event_cap(kable: KableSandbox, count: int, status: int) -> None:
+    resp = kable_post(kable, [kable_event(f"t{i}") for i in range(count)])
+    assert resp.status_code == status
+    assert len(kable.accepted()) == (count if status == 200 else 0)
+
+
+def test_kable_request_id_on_every_response(kable: KableSandbox) -> None:
+    responses = [
+        kable_post(kable, [kable_event("t")]),  # 200
+        kable_post(kable, [{"timestamp": iso(now())}]),  # 400
+        requests.post(f"{kable.url}{KABLE_CREATE}", json=[], timeout=5),  # 401
+        requests.get(f"{kable.url}/api/v1/unknown", headers=KABLE_AUTH, timeout=5),  # 404
+    ]
+    kable.inject(Fault.TOO_MANY_REQUESTS)
+    kable.inject(Fault.SERVER_ERROR, status=503)
+    responses += [kable_post(kable, [kable_event("t")]), kable_post(kable, [kable_event("t")])]
+    responses.append(requests.get(f"{kable.url}/_sandbox/health", timeout=5))
+    assert [r.status_code for r in responses] == [200, 400, 401, 404, 429, 503, 200]
+    ids = [r.headers.get("X-REQUEST-ID") for r in responses]
+    assert all(ids) and len(set(ids)) == len(ids)
+    # The log (API requests only, not control endpoints) carries the same ids.
+    assert [r.request_id for r in kable.requests] == ids[:-1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "status", "message"),
+    [
+        (Fault.TOO_MANY_REQUESTS, {"retry_after": 3}, 429, "Too Many Requests"),
+        (Fault.SERVER_ERROR, {"status": 502}, 502, "Something went wrong"),
+        (Fault.BAD_REQUEST, {}, 400, "invalid input, object invalid"),
+    ],
+    ids=["429", "502", "bad_request"],
+)
+def test_kable_http_error_faults(
+    kable: KableSandbox, kind: Fault, kwargs: dict[str, Any], status: int, message: str
+) -> None:
+    kable.inject(kind, **kwargs)
+    resp = kable_post(kable, [kable_event("t")])
+    assert resp.status_code == status and resp.json() == {"message": message}
+    if kind is Fault.TOO_MANY_REQUESTS:
+        assert resp.headers["Retry-After"] == "3"
+    assert kable.accepted() == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "accepted"), [(Fault.RESET, set()), (Fault.LOST_RESPONSE, {"t"})], ids=["reset", "lost_response"]
+)
+def test_kable_connection_faults(kable: KableSandbox, kind: Fault, accepted: set[str]) -> None:
+    kable.inject(kind)
+    with pytest.raises(requests.ConnectionError):
+        kable_post(kable, [kable_event("t")])
+    assert kable.accepted_keys() == accepted
+    assert kable.requests[-1].fault == kind.value
+
+
+# ============================================================================ control endpoints
+
+
+def test_control_endpoints(orb: OrbSandbox) -> None:
+    base = f"{orb.url}/_sandbox"
+    assert requests.get(f"{base}/health", timeout=5).json()["ok"] is True
+
+    resp = requests.post(
+        f"{base}/faults", json={"kind": "too_many_requests", "times": 2, "retry_after": 1.5}, timeout=5
+    )
+    assert resp.status_code == 200
+    first = ingest(orb, [orb_event("k")])
+    assert first.status_code == 429 and first.headers["Retry-After"] == "1.5"
+    assert requests.delete(f"{base}/faults", timeout=5).status_code == 200
+    assert ingest(orb, [orb_event("k")]).status_code == 200
+
+    requests.post(f"{base}/faults", json={"kind": "server_error", "status": 503}, timeout=5)
+    assert ingest(orb, [orb_event("k2")]).status_code == 503
+    requests.post(f"{base}/faults", json={"kind": "slow", "delay": 0.1}, timeout=5)
+    assert ingest(orb, [orb_event("k2")]).status_code == 200
+
+    events = requests.get(f"{base}/events", timeout=5).json()
+    assert [e["idempotency_key"] for e in events["accepted"]] == ["k", "k2"]
+    assert events["duplicates"] == 0 and events["requests"] == 4
+    assert events["backfills"] == []
+
+    assert requests.post(f"{base}/reset", timeout=5).status_code == 200
+    assert requests.get(f"{base}/events", timeout=5).json() == {
+        "accepted": [],
+        "duplicates": 0,
+        "requests": 0,
+        "backfills": [],
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kind": "meteor_strike"},
+        {"times": 2},
+        ["too_many_requests"],
+        {"kind": "server_error", "status": 418},
+        {"kind": "reset", "colour": "red"},
+    ],
+    ids=["unknown_kind", "missing_kind", "not_an_object", "bad_status", "unknown_field"],
+)
+def test_control_fault_endpoint_validates(kable: KableSandbox, body: Any) -> None:
+    resp = requests.post(f"{kable.url}/_sandbox/faults", json=body, timeout=5)
+    assert resp.status_code == 400
+    assert resp.json()["ok"] is False
+    assert kable.pending_faults == 0
+
+
+def test_control_random_faults_endpoint(kable: KableSandbox) -> None:
+    resp = requests.post(
+        f"{kable.url}/_sandbox/random_faults", json={"rate": 1.0, "kinds": ["too_many_requests"], "seed": 3}, timeout=5
+    )
+    assert resp.status_code == 200
+    assert kable_post(kable, [kable_event("t")]).status_code == 429
+    requests.delete(f"{kable.url}/_sandbox/faults", timeout=5)
+    assert kable_post(kable, [kable_event("t")]).status_code == 200
+
+
+def test_control_requests_endpoint_lists_log(kable: KableSandbox) -> None:
+    kable_post(kable, [kable_event("t")])
+    [record] = requests.get(f"{kable.url}/_sandbox/requests", timeout=5).json()["requests"]
+    assert record["path"] == KABLE_CREATE and record["status"] == 200 and record["n_events"] == 1
+
+
+# ============================================================================ CLI
+
+
+def test_cli_runs_both_sandboxes_until_sigterm(tmp_path: Path) -> None:
+    include = Path(__file__).resolve().parents[2] / "include"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(include), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "usage_billing.sandbox",
+        "--orb-port",
+        "0",
+        "--kable-port",
+        "0",
+        "--orb-api-key",
+        "K",
+        "--kable-client-id",
+        "C",
+        "--kable-api-key",
+        "S",
+        "--latency",
+        "0.01",
+        "--state-dir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        line_holder: list[str] = []
+        reader = threading.Thread(target=lambda: line_holder.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=15)
+        assert line_holder and line_holder[0], proc.stderr.read() if proc.poll() is not None else "no output"
+        info = json.loads(line_holder[0])
+        assert info["pid"] == proc.pid
+        assert info["orb_url"].startswith("http://127.0.0.1:") and info["kable_url"].startswith("http://127.0.0.1:")
+
+        assert requests.get(f"{info['orb_url']}/_sandbox/health", timeout=5).status_code == 200
+        resp = requests.post(
+            f"{info['orb_url']}/v1/ingest",
+            json={"events": [orb_event("k")]},
+            headers={"Authorization": "Bearer K"},
+            timeout=5,
+        )
+        assert resp.status_code == 200
+        resp = requests.post(
+            f"{info['kable_url']}{KABLE_CREATE}",
+            json=[kable_event("t")],
+            headers={"KABLE-CLIENT-ID": "C", "KABLE-CLIENT-SECRET": "S"},
+            timeout=5,
+        )
+        assert resp.status_code == 200
+        accepted = requests.get(f"{info['kable_url']}/_sandbox/events", timeout=5).json()["accepted"]
+        assert [e["transactionId"] for e in accepted] == ["t"]
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert (tmp_path / "orb-events.jsonl").read_text().count("\n") == 1
+    assert (tmp_path / "kable-events.jsonl").read_text().count("\n") == 1
