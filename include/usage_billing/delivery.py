@@ -248,9 +248,9 @@ def deliver_partition(
             if loaded_at_column not in columns:
                 raise ValueError(f"source.loaded_at_column: column {loaded_at_column!r} does not exist "
                                  f"in {schema}.{partition.table}")
-            wanted = destination.required_columns(columns) + [loaded_at_column]
+            wanted = [*destination.required_columns(columns), loaded_at_column]
             for missing in destination.missing_fields(columns):
-                report.notes.append(f"{missing} is not a column of {schema}.{partition.table}")
+                report.notes.append(f"{missing} is not a column of {schema}.{partition.table}: treated as absent")
             chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size)
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool:
                 for chunk in chunks:
@@ -272,7 +272,7 @@ def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Dest
         report.lateness_seconds.extend(late.sample(min(len(late), 2_000), random_state=0).tolist())
 
     mapped = destination.map_events(chunk, now())
-    rejections = mapped.rejected + _dedupe_keys(mapped)
+    rejections = [*mapped.rejected, *_dedupe_keys(mapped)]
     if rejections:
         ledger.mark_rejected(destination.name, run, rejections, now())
         report.mapping_rejected += len(rejections)

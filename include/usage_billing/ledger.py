@@ -138,7 +138,7 @@ class Ledger:
                        json_extract(value, '$[2]'), json_extract(value, '$[3]'), :now, :now, :dag_id, :run_id,
                        :owner, :expires
                 FROM json_each(:rows) WHERE true {upsert}"""
-            params["rows"] = json.dumps(list(zip(keys, message_ids, tables, stamps)))
+            params["rows"] = json.dumps(list(zip(keys, message_ids, tables, stamps, strict=True)))
         else:
             sql = f"""INSERT INTO {self._name} ({columns})
                 SELECT :destination, k, '{PENDING}', 1, m, t, ts, :now, :now, :dag_id, :run_id, :owner, :expires
@@ -212,7 +212,7 @@ class Ledger:
                 FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
                             CAST(:stamps AS timestamptz[]), CAST(:reasons AS text[])) AS u(k, m, t, ts, r)
                 {upsert}"""
-            keys, ids, tables, stamps, reasons = (list(c) for c in zip(*rows))
+            keys, ids, tables, stamps, reasons = (list(c) for c in zip(*rows, strict=True))
             params.update(keys=keys, ids=ids, tables=tables, stamps=stamps, reasons=reasons)
         with self.engine.begin() as conn:
             conn.execute(sa.text(sql), params)

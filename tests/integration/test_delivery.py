@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from usage_billing.delivery import DeliveryFailed
 from tests.integration.conftest import make_world
+from usage_billing.delivery import DeliveryFailed
 from usage_billing.sandbox import Fault
 
 

@@ -118,7 +118,7 @@ def test_bad_settings_are_named(path, value, message):
 def test_malformed_yaml_names_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("source: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         load_settings(path)
 
 

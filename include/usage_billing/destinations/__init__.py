@@ -17,7 +17,7 @@ from usage_billing.destinations.base import Mapped, Rejection
 from usage_billing.settings import KableSettings, OrbSettings, Settings
 from usage_billing.warehouse import column_for, property_column
 
-__all__ = ["Destination", "Mapped", "Rejection", "get_destination", "NAMES"]
+__all__ = ["NAMES", "Destination", "Mapped", "Rejection", "get_destination"]
 
 NAMES = ("orb", "kable")
 

@@ -32,7 +32,7 @@ from usage_billing.destinations.base import (
     scalar_column,
 )
 from usage_billing.settings import KableSettings
-from usage_billing.warehouse import column_for, property_column, is_property_column
+from usage_billing.warehouse import column_for, is_property_column, property_column
 
 NAME = "kable"
 # Kable documents no per-request limit; its Node and Python SDKs cap batches at 500.
@@ -84,14 +84,14 @@ def map_events(frame: pd.DataFrame, settings: KableSettings, now: datetime) -> M
     keys = as_text(frame["id"])
     clients = as_text(client)
     stamps = iso_utc(frame["timestamp"])
-    rows = list(zip(*columns)) if columns else [()] * len(frame)
+    rows = list(zip(*columns, strict=True)) if columns else [()] * len(frame)
 
     def build(i: int) -> dict:
         return {
             "clientId": clients[i],
             "timestamp": stamps[i],
             "transactionId": keys[i],
-            "data": {name: value for name, value in zip(names, rows[i]) if value is not None},
+            "data": {name: value for name, value in zip(names, rows[i], strict=True) if value is not None},
         }
 
     return finish(frame, keys, build, problems)

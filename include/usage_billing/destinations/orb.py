@@ -86,7 +86,7 @@ def map_events(frame: pd.DataFrame, settings: OrbSettings, now: datetime) -> Map
     customers = as_text(customer)
     event_names = as_text(event_name)
     stamps = iso_utc(frame["timestamp"])
-    rows = list(zip(*columns)) if columns else [()] * len(frame)
+    rows = list(zip(*columns, strict=True)) if columns else [()] * len(frame)
 
     def build(i: int) -> dict:
         return {
@@ -94,7 +94,7 @@ def map_events(frame: pd.DataFrame, settings: OrbSettings, now: datetime) -> Map
             "idempotency_key": keys[i],
             "external_customer_id": customers[i],
             "timestamp": stamps[i],
-            "properties": {name: value for name, value in zip(names, rows[i]) if value is not None},
+            "properties": {name: value for name, value in zip(names, rows[i], strict=True) if value is not None},
         }
 
     return finish(frame, keys, build, problems)

@@ -69,7 +69,7 @@ class OrbHook(BillingApiHook):
         if not failures:
             raise BatchRejected(self.error_message(response), response.status_code)
         # Orb named the bad events; the others were not ingested and are re-sent with their keys.
-        rest = [(e, k) for e, k in zip(events, keys) if k not in failures]
+        rest = [(e, k) for e, k in zip(events, keys, strict=True) if k not in failures]
         outcome = BatchOutcome(rejected=failures)
         if rest:
             outcome = outcome.merge(self.send([e for e, _ in rest], [k for _, k in rest]))
