@@ -123,6 +123,20 @@ class DeliveryReport:
     def rejected(self) -> int:
         return self.mapping_rejected + self.destination_rejected
 
+    @classmethod
+    def combine(cls, reports: Sequence[DeliveryReport], destination: str, partition: str,
+                window: str) -> DeliveryReport:
+        """One report adding up several (the batches of a replay)."""
+        total = cls(destination=destination, partition=partition, window=window)
+        for report in reports:
+            for name, value in report.__dict__.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    setattr(total, name, getattr(total, name) + value)
+            total.reasons.update(report.reasons)
+            total.notes.extend(report.notes)
+            total.lateness_seconds.extend(report.lateness_seconds)
+        return total
+
     def to_dict(self) -> dict:
         data = {k: v for k, v in self.__dict__.items() if k not in ("reasons", "lateness_seconds")}
         data["top_reasons"] = self.reasons.most_common(5)
@@ -224,7 +238,7 @@ def deliver_partition(
     engine: Engine,
     schema: str,
     partition: Partition,
-    window: Window,
+    window: Window | None,
     loaded_at_column: str,
     chunk_size: int,
     destination: Destination,
@@ -234,10 +248,16 @@ def deliver_partition(
     concurrency: int,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     backfill_id: str | None = None,
+    ids: Sequence[str] | None = None,
 ) -> DeliveryReport:
-    """Deliver one partition of one window to one destination; see the module docstring."""
+    """Deliver one partition of one window to one destination; see the module docstring.
+
+    With ``ids`` instead of a window, the rows with those Segment message ids are (re)delivered
+    whatever their load time: the replay of rejected events.
+    """
     started = time.monotonic()
-    report = DeliveryReport(destination=destination.name, partition=str(partition), window=str(window))
+    label = str(window) if ids is None else f"replay of {len(ids)} rejected events"
+    report = DeliveryReport(destination=destination.name, partition=str(partition), window=label)
     try:
         with engine.connect() as conn:
             columns = table_columns(conn, schema, partition.table)
@@ -251,14 +271,35 @@ def deliver_partition(
             wanted = [*destination.required_columns(columns), loaded_at_column]
             for missing in destination.missing_fields(columns):
                 report.notes.append(f"{missing} is not a column of {schema}.{partition.table}: treated as absent")
-            chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size)
+            chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids)
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool:
                 for chunk in chunks:
                     _deliver_chunk(chunk, loaded_at_column, destination, sender, ledger, run, pool,
                                    concurrency, report, now, backfill_id)
     finally:
         report.seconds = time.monotonic() - started
+    if ids is not None and report.unique_events < len(set(ids)):
+        report.notes.append(f"{len(set(ids)) - report.unique_events} rejected events are no longer in "
+                            f"{schema}.{partition.table}")
     return report
+
+
+def replay_rejected(*, ledger: Ledger, destination: Destination, table: str, reason_contains: str | None = None,
+                    batch: int = 10_000, **deliver_arguments) -> DeliveryReport:
+    """Re-send the rejected events of one event table, read again from the warehouse and mapped
+    with the current settings, under their original idempotency keys.
+
+    Use it after fixing the mapping or the data; events still invalid are rejected again with the
+    current reason. ``reason_contains`` narrows the replay to one kind of rejection.
+    """
+    rows = [r for r in ledger.rejected(destination.name, reason_contains) if r["event_table"] == table]
+    message_ids = list(dict.fromkeys(r["message_id"] for r in rows if r["message_id"]))
+    reports = [deliver_partition(partition=Partition(table), window=None, destination=destination, ledger=ledger,
+                                 ids=message_ids[start:start + batch], **deliver_arguments)
+               for start in range(0, len(message_ids), batch)]
+    return DeliveryReport.combine(reports, destination.name, table,
+                                  f"replay of {len(message_ids)} rejected events"
+                                  + (f" whose reason contains {reason_contains!r}" if reason_contains else ""))
 
 
 def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Destination, sender: Sender,

@@ -268,6 +268,17 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(sa.text(query), params)]
 
+    def rejected_tables(self, destination: str, reason_contains: str | None = None) -> list[str]:
+        """Event tables that hold rejected events of a destination."""
+        query = (f"SELECT DISTINCT event_table FROM {self._name} WHERE destination = :destination "
+                 f"AND status = '{REJECTED}' AND event_table IS NOT NULL AND event_table <> ''")
+        params: dict = {"destination": destination}
+        if reason_contains:
+            query += " AND reason LIKE :pattern"
+            params["pattern"] = f"%{reason_contains}%"
+        with self.engine.connect() as conn:
+            return sorted(row[0] for row in conn.execute(sa.text(query), params))
+
     def status_of(self, destination: str, keys: Sequence[str]) -> dict[str, str]:
         params: dict = {"destination": destination}
         where = self._in_keys(params, keys)

@@ -179,16 +179,18 @@ def read_events(
     conn: Connection,
     schema: str,
     partition: Partition,
-    window: Window,
+    window: Window | None,
     loaded_at_column: str,
     columns: Sequence[str],
     chunk_size: int,
+    ids: Sequence[str] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield the window's rows of one event table in chunks, one row per ``id``.
 
     Duplicate rows (same ``id``, loaded twice) are collapsed to the most recently loaded copy;
     the ``_copies`` column says how many copies the window held, so duplicates can be counted.
-    Timestamp columns come back as UTC-aware pandas timestamps on every dialect.
+    Timestamp columns come back as UTC-aware pandas timestamps on every dialect. With ``ids``
+    (a replay of rejected events) those rows are read whatever their load time.
     """
     table = sa.Table(partition.table, sa.MetaData(), schema=schema, autoload_with=conn)
     loaded_at = table.c[loaded_at_column]
@@ -199,8 +201,12 @@ def read_events(
             sa.func.count().over(partition_by=table.c.id).label(COPIES),
             sa.func.row_number().over(partition_by=table.c.id, order_by=loaded_at.desc()).label("_rank"),
         )
-        .where(loaded_at >= window.scan_start, loaded_at < window.end)
     )
+    if ids is not None:
+        ranked = ranked.where(table.c.id.in_(list(ids)))
+    else:
+        assert window is not None
+        ranked = ranked.where(loaded_at >= window.scan_start, loaded_at < window.end)
     if partition.buckets > 1:
         ranked = ranked.where(_bucket_expression(conn, table.c.id, partition.buckets) == partition.bucket)
     ranked = ranked.subquery("ranked")

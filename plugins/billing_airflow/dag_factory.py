@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from airflow.sdk import DAG, CronDataIntervalTimetable, TriggerRule
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule
 
 from billing_airflow.operators.deliver import (
+    MODES,
     DeliveryReportOperator,
     PlanPartitionsOperator,
     SegmentDeliveryOperator,
@@ -44,6 +45,13 @@ def build_delivery_dag(destination: str, doc_md: str | None = None) -> DAG | Non
         max_active_runs=1,
         doc_md=doc_md,
         tags=["usage-billing", "segment", destination],
+        params={
+            "mode": Param("deliver", enum=list(MODES), description=(
+                "deliver: the run's window (default). replay_rejected: re-send the events the ledger "
+                "holds as rejected, mapped with the current settings, with their original idempotency keys.")),
+            "reason_contains": Param("", type="string", description=(
+                "replay_rejected only: replay just the rejections whose reason contains this text.")),
+        },
         default_args={
             "retries": options.retries,
             "retry_delay": options.retry_delay,

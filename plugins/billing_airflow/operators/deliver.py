@@ -21,7 +21,7 @@ from airflow.sdk import BaseHook, BaseOperator
 from billing_airflow.hooks.base import BillingApiHook
 from billing_airflow.hooks.kable import KableHook
 from billing_airflow.hooks.orb import OrbHook
-from usage_billing.delivery import deliver_partition
+from usage_billing.delivery import deliver_partition, replay_rejected
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import Settings, load_settings
@@ -55,6 +55,19 @@ def window_from_context(context: Any, settings: Settings) -> Window:
                   end=datetime.fromtimestamp(end.timestamp(), UTC), lookback=settings.source.lookback)
 
 
+DELIVER, REPLAY_REJECTED = "deliver", "replay_rejected"
+MODES = (DELIVER, REPLAY_REJECTED)
+
+
+def run_mode(context: Any) -> tuple[str, str | None]:
+    """The run's ``mode`` and ``reason_contains`` params (defaults when absent)."""
+    params = context.get("params") or {}
+    mode = params.get("mode") or DELIVER
+    if mode not in MODES:
+        raise ValueError(f"param mode: {mode!r} is not one of {', '.join(MODES)}")
+    return mode, (params.get("reason_contains") or None)
+
+
 class _ConfiguredOperator(BaseOperator):
     def __init__(self, *, destination: str, config_path: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -79,10 +92,19 @@ class PlanPartitionsOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> list[dict]:
         settings = self.settings()
         get_destination(self.destination, settings)  # fail here, once, on a missing destination section
+        mode, reason_contains = run_mode(context)
         window = window_from_context(context, settings)
         warehouse, ledger_engine = self.engines(settings)
-        Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl).create()
+        ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
+        ledger.create()
         source = settings.source
+        if mode == REPLAY_REJECTED:
+            tables = ledger.rejected_tables(self.destination, reason_contains)
+            self.log.info("plan: replay of rejected %s events%s in tables %s", self.destination,
+                          f" whose reason contains {reason_contains!r}" if reason_contains else "", tables)
+            warehouse.dispose()
+            ledger_engine.dispose()
+            return [Partition(table).to_dict() for table in tables]
         partitions, lines = [], []
         with warehouse.connect() as conn:
             for table in source.events:
@@ -119,13 +141,17 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
         hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
                                        rate_limit_storage=settings.airflow.rate_limit_storage)
+        mode, reason_contains = run_mode(context)
+        common = dict(engine=warehouse, schema=settings.source.schema_,
+                      loaded_at_column=settings.source.loaded_at_column, chunk_size=settings.source.chunk_size,
+                      destination=destination, sender=hook, ledger=ledger, run=run,
+                      concurrency=destination.settings.concurrency)
         try:
             with hook:
-                report = deliver_partition(
-                    engine=warehouse, schema=settings.source.schema_, partition=partition, window=window,
-                    loaded_at_column=settings.source.loaded_at_column, chunk_size=settings.source.chunk_size,
-                    destination=destination, sender=hook, ledger=ledger, run=run,
-                    concurrency=destination.settings.concurrency)
+                if mode == REPLAY_REJECTED:
+                    report = replay_rejected(table=partition.table, reason_contains=reason_contains, **common)
+                else:
+                    report = deliver_partition(partition=partition, window=window, **common)
         except Exception:
             self.log.error("delivery failed: destination=%s partition=%s window %s", self.destination,
                            partition, window)
