@@ -24,6 +24,7 @@ destination did not confirm.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -118,6 +119,17 @@ class DeliveryReport:
     reasons: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     lateness_seconds: list[float] = field(default_factory=list, repr=False)
+    stages: Counter = field(default_factory=Counter)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``stages[stage]`` (extract, transform, ledger_filter,
+        deliver, ledger_write)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[stage] += time.perf_counter() - started
 
     @property
     def rejected(self) -> int:
@@ -133,12 +145,14 @@ class DeliveryReport:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     setattr(total, name, getattr(total, name) + value)
             total.reasons.update(report.reasons)
+            total.stages.update(report.stages)
             total.notes.extend(report.notes)
             total.lateness_seconds.extend(report.lateness_seconds)
         return total
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("reasons", "lateness_seconds")}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("reasons", "lateness_seconds", "stages")}
+        data["stages"] = {stage: round(seconds, 3) for stage, seconds in self.stages.items()}
         data["top_reasons"] = self.reasons.most_common(5)
         data["lateness"] = lateness_summary(self.lateness_seconds)
         return data
@@ -166,6 +180,9 @@ class DeliveryReport:
             lines.append(f"  lateness          loaded after event time: median {late['median']}, "
                          f"p99 {late['p99']}, max {late['max']}")
         lines.append(f"  duration          {self.seconds:.1f} s, {rate:.0f} events/s sent")
+        if self.stages:
+            lines.append("  stages            " + ", ".join(f"{stage} {seconds:.1f}s"
+                                                          for stage, seconds in self.stages.items()))
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -271,9 +288,13 @@ def deliver_partition(
             wanted = [*destination.required_columns(columns), loaded_at_column]
             for missing in destination.missing_fields(columns):
                 report.notes.append(f"{missing} is not a column of {schema}.{partition.table}: treated as absent")
-            chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids)
+            chunks = iter(read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids))
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool:
-                for chunk in chunks:
+                while True:
+                    with report.timed("extract"):
+                        chunk = next(chunks, None)
+                    if chunk is None:
+                        break
                     _deliver_chunk(chunk, loaded_at_column, destination, sender, ledger, run, pool,
                                    concurrency, report, now, backfill_id)
     finally:
@@ -312,21 +333,30 @@ def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Dest
     if len(late):
         report.lateness_seconds.extend(late.sample(min(len(late), 2_000), random_state=0).tolist())
 
-    mapped = destination.map_events(chunk, now())
-    rejections = [*mapped.rejected, *_dedupe_keys(mapped)]
+    with report.timed("transform"):
+        mapped = destination.map_events(chunk, now())
+        rejections = [*mapped.rejected, *_dedupe_keys(mapped)]
     if rejections:
-        ledger.mark_rejected(destination.name, run, rejections, now())
+        with report.timed("ledger_write"):
+            ledger.mark_rejected(destination.name, run, rejections, now())
         report.mapping_rejected += len(rejections)
         report.reasons.update(_generic(r.reason) for r in rejections)
 
-    claim = ledger.claim(destination.name, run, mapped.keys, mapped.message_ids, mapped.tables,
-                         mapped.timestamps, now())
+    with report.timed("ledger_filter"):
+        claim = ledger.claim(destination.name, run, mapped.keys, mapped.message_ids, mapped.tables,
+                             mapped.timestamps, now())
     report.already_delivered += claim.already_delivered
     report.in_flight_elsewhere += claim.in_flight_elsewhere
     todo = [i for i, key in enumerate(mapped.keys) if key in claim.claimed]
     if todo:
-        _send_claimed([mapped.payloads[i] for i in todo], [mapped.keys[i] for i in todo], destination,
-                      sender, ledger, run, pool, concurrency, report, now, backfill_id)
+        writes_before, started = report.stages["ledger_write"], time.perf_counter()
+        try:
+            _send_claimed([mapped.payloads[i] for i in todo], [mapped.keys[i] for i in todo], destination,
+                          sender, ledger, run, pool, concurrency, report, now, backfill_id)
+        finally:
+            # Ledger writes happen between sends; count them once, under ledger_write.
+            report.stages["deliver"] += (time.perf_counter() - started
+                                         - (report.stages["ledger_write"] - writes_before))
 
 
 def _batches(events: list[dict], keys: list[str], size: int) -> Iterator[tuple[list[dict], list[str]]]:
@@ -365,11 +395,13 @@ def _send_claimed(events: list[dict], keys: list[str], destination: Destination,
             rejections = [Rejection(key=k, message_id=k, table="", reason=f"{destination.name} rejected "
                                     f"event {k}: {message}") for k, message in outcome.rejected.items()
                           if k in by_key]
-            ledger.mark_rejected(destination.name, run, rejections, now())
+            with report.timed("ledger_write"):
+                ledger.mark_rejected(destination.name, run, rejections, now())
             report.destination_rejected += len(rejections)
             report.reasons.update(f"{destination.name}: {message}" for message in outcome.rejected.values())
         if len(to_mark) >= MARK_EVERY:
-            ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
+            with report.timed("ledger_write"):
+                ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
             to_mark.clear()
 
     try:
@@ -394,7 +426,8 @@ def _send_claimed(events: list[dict], keys: list[str], destination: Destination,
             collect(pending)
         in_flight.clear()
     finally:
-        ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
+        with report.timed("ledger_write"):
+            ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
         if unconfirmed:
             ledger.release(destination.name, run, unconfirmed)
     if failure is not None:
