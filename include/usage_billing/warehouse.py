@@ -100,6 +100,15 @@ class Window:
     def scan_start(self) -> datetime:
         return self.start - self.lookback
 
+    def to_dict(self) -> dict:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat(),
+                "lookback": self.lookback.total_seconds()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Window:
+        return cls(datetime.fromisoformat(data["start"]), datetime.fromisoformat(data["end"]),
+                   timedelta(seconds=data.get("lookback", 0)))
+
     def __str__(self) -> str:
         text = f"[{self.start:%Y-%m-%d %H:%M}, {self.end:%Y-%m-%d %H:%M}) UTC"
         if self.lookback:
@@ -212,13 +221,46 @@ def read_events(
     ranked = ranked.subquery("ranked")
     statement = sa.select(*[ranked.c[c.name] for c in wanted], ranked.c[COPIES]).where(ranked.c["_rank"] == 1)
 
-    datetime_columns = [c.name for c in wanted if isinstance(c.type, sa.DateTime | sa.Date)]
-    streaming = conn.execution_options(stream_results=True, max_row_buffer=chunk_size)
-    for chunk in pd.read_sql(statement, streaming, chunksize=chunk_size, dtype_backend="numpy_nullable"):
-        for name in datetime_columns:
-            chunk[name] = pd.to_datetime(chunk[name], utc=True, errors="coerce")
+    names = [c.name for c in wanted] + [COPIES]
+    converters = [_converter(c.type) for c in wanted] + [_converter(sa.Integer())]
+    result = conn.execution_options(stream_results=True, max_row_buffer=chunk_size).execute(statement)
+    while rows := result.fetchmany(chunk_size):
+        values = list(zip(*rows, strict=True))
+        chunk = pd.DataFrame({name: _convert(convert, list(column)) for name, convert, column
+                              in zip(names, converters, values, strict=True)})
         chunk[TABLE] = partition.table
         yield chunk
+
+
+def _convert(convert, values: list) -> object:
+    # A value that does not fit the declared type (SQLite does not enforce types) keeps the column
+    # as objects, so the mapping rejects that row instead of the read failing for the whole chunk.
+    try:
+        return convert(values)
+    except (TypeError, ValueError, OverflowError):
+        return pd.Series(values, dtype="object")
+
+
+def _converter(sql_type: sa.types.TypeEngine):
+    """How a column's Python values become a pandas column without losing meaning.
+
+    Integers become nullable ``Int64`` (a NULL must not turn 3 into 3.0), floats ``Float64``,
+    booleans ``boolean``, text ``string``, timestamps UTC-aware. Everything else (NUMERIC as Decimal,
+    JSON as dict or list) stays as Python objects, so the mapping can judge each value: pandas'
+    own dtype inference would silently round big numbers or turn a JSON object into its text.
+    """
+    if isinstance(sql_type, sa.DateTime | sa.Date):
+        return lambda values: pd.to_datetime(pd.Series(values, dtype="object"), utc=True, errors="coerce",
+                                             format="mixed")
+    if isinstance(sql_type, sa.Boolean):
+        return lambda values: pd.array(values, dtype="boolean")
+    if isinstance(sql_type, sa.Integer):
+        return lambda values: pd.array(values, dtype="Int64")
+    if isinstance(sql_type, sa.Float):
+        return lambda values: pd.array([None if v is None else float(v) for v in values], dtype="Float64")
+    if isinstance(sql_type, sa.String | sa.Text | sa.Enum):
+        return lambda values: pd.array(values, dtype="string")
+    return lambda values: pd.Series(values, dtype="object")
 
 
 def count_window(conn: Connection, schema: str, table: str, window: Window, loaded_at_column: str) -> int:
