@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.engine import Engine
 
+from usage_billing.backfills import backfill_session, group_by_day, timeframe_for
 from usage_billing.destinations import Destination
 from usage_billing.destinations.base import Mapped, Rejection
 from usage_billing.ledger import Ledger, RunRef
@@ -90,9 +91,9 @@ class BatchOutcome:
 class Sender(Protocol):
     """Transport for one destination (implemented by the destination's Airflow hook)."""
 
-    def send(self, events: list[dict], keys: list[str]) -> BatchOutcome:
-        """POST one batch; retry transient failures; raise BatchRejected / TransientDeliveryError /
-        FatalDeliveryError as documented above."""
+    def send(self, events: list[dict], keys: list[str], backfill_id: str | None = None) -> BatchOutcome:
+        """POST one batch (inside a backfill when ``backfill_id`` is given); retry transient
+        failures; raise BatchRejected / TransientDeliveryError / FatalDeliveryError as documented."""
 
 
 @dataclass
@@ -111,6 +112,9 @@ class DeliveryReport:
     sent: int = 0
     accepted: int = 0
     destination_rejected: int = 0
+    sent_in_backfills: int = 0
+    backfills: int = 0
+    old_events: int = 0
     batches: int = 0
     requests: int = 0
     retries: int = 0
@@ -169,7 +173,9 @@ class DeliveryReport:
             f"{self.in_flight_elsewhere} in flight in another run",
             f"  sent              {self.sent} events in {self.batches} batches ({self.requests} requests, "
             f"{self.retries} retries, {self.bisections} bisections)",
-            f"  accepted          {self.accepted}",
+            f"  accepted          {self.accepted}"
+            + (f" ({self.sent_in_backfills} sent inside {self.backfills} Orb backfills: older than the grace period)"
+               if self.backfills else ""),
             f"  rejected          {self.rejected} ({self.mapping_rejected} by the mapping, "
             f"{self.destination_rejected} by {self.destination})",
         ]
@@ -229,16 +235,17 @@ def _dedupe_keys(mapped: Mapped) -> list[Rejection]:
     return rejections
 
 
-def send_resolving(sender: Sender, events: list[dict], keys: list[str]) -> BatchOutcome:
+def send_resolving(sender: Sender, events: list[dict], keys: list[str],
+                   backfill_id: str | None = None) -> BatchOutcome:
     """Send a batch; if the destination refuses it whole, bisect until the bad events are isolated."""
     try:
-        return sender.send(events, keys)
+        return sender.send(events, keys, backfill_id) if backfill_id else sender.send(events, keys)
     except BatchRejected as error:
         if len(events) == 1:
             return BatchOutcome(rejected={keys[0]: error.message})
         middle = len(events) // 2
-        left = send_resolving(sender, events[:middle], keys[:middle])
-        right = send_resolving(sender, events[middle:], keys[middle:])
+        left = send_resolving(sender, events[:middle], keys[:middle], backfill_id)
+        right = send_resolving(sender, events[middle:], keys[middle:], backfill_id)
         outcome = left.merge(right)
         outcome.bisections += 1
         return outcome
@@ -264,13 +271,16 @@ def deliver_partition(
     run: RunRef,
     concurrency: int,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
-    backfill_id: str | None = None,
+    replace_backfill_id: str | None = None,
     ids: Sequence[str] | None = None,
+    retry_rejected: bool = True,
 ) -> DeliveryReport:
     """Deliver one partition of one window to one destination; see the module docstring.
 
     With ``ids`` instead of a window, the rows with those Segment message ids are (re)delivered
-    whatever their load time: the replay of rejected events.
+    whatever their load time: the replay of rejected events. With ``replace_backfill_id`` every
+    event read is re-sent into that (replacing) Orb backfill, delivered or not: replace mode.
+    ``retry_rejected=False`` leaves rejected events alone (the completeness sweep).
     """
     started = time.monotonic()
     label = str(window) if ids is None else f"replay of {len(ids)} rejected events"
@@ -296,7 +306,7 @@ def deliver_partition(
                     if chunk is None:
                         break
                     _deliver_chunk(chunk, loaded_at_column, destination, sender, ledger, run, pool,
-                                   concurrency, report, now, backfill_id)
+                                   concurrency, report, now, replace_backfill_id, retry_rejected)
     finally:
         report.seconds = time.monotonic() - started
     if ids is not None and report.unique_events < len(set(ids)):
@@ -325,13 +335,16 @@ def replay_rejected(*, ledger: Ledger, destination: Destination, table: str, rea
 
 def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Destination, sender: Sender,
                    ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
-                   report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None) -> None:
+                   report: DeliveryReport, now: Callable[[], datetime], replace_backfill_id: str | None,
+                   retry_rejected: bool = True) -> None:
     report.rows_read += int(chunk[COPIES].sum())
     report.duplicates_dropped += int((chunk[COPIES] - 1).sum())
     report.unique_events += len(chunk)
     late = (chunk[loaded_at_column] - chunk["timestamp"]).dt.total_seconds().dropna()
     if len(late):
         report.lateness_seconds.extend(late.sample(min(len(late), 2_000), random_state=0).tolist())
+    if destination.old_event_warning is not None:
+        report.old_events += int((chunk["timestamp"] < pd.Timestamp(now() - destination.old_event_warning)).sum())
 
     with report.timed("transform"):
         mapped = destination.map_events(chunk, now())
@@ -342,17 +355,52 @@ def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Dest
         report.mapping_rejected += len(rejections)
         report.reasons.update(_generic(r.reason) for r in rejections)
 
+    send = _Sending(mapped, destination, sender, ledger, run, pool, concurrency, report, now)
+    if replace_backfill_id:
+        # Replace mode re-sends every event of the window into one replacing backfill; the ledger
+        # keeps the earlier delivery of each event in delivery_history.
+        send(list(range(len(mapped.keys))), replace_backfill_id, "replace")
+        return
+
     with report.timed("ledger_filter"):
         claim = ledger.claim(destination.name, run, mapped.keys, mapped.message_ids, mapped.tables,
-                             mapped.timestamps, now())
+                             mapped.timestamps, now(), retry_rejected=retry_rejected)
     report.already_delivered += claim.already_delivered
     report.in_flight_elsewhere += claim.in_flight_elsewhere
     todo = [i for i, key in enumerate(mapped.keys) if key in claim.claimed]
-    if todo:
+    cutoff = destination.backfill_cutoff(now())
+    if cutoff is None or not hasattr(sender, "open_backfill"):
+        send(todo)
+        return
+    send([i for i in todo if mapped.timestamps[i] is None or mapped.timestamps[i] >= cutoff])
+    for day, positions in group_by_day(mapped.timestamps, [i for i in todo if mapped.timestamps[i] is not None
+                                                           and mapped.timestamps[i] < cutoff]).items():
+        start, end = timeframe_for(day, max(mapped.timestamps[i] for i in positions))
+        with backfill_session(ledger, sender, destination.name, run, start, end, replace=False) as backfill:
+            send(positions, backfill["id"], "backfill")
+            report.sent_in_backfills += len(positions)
+            report.backfills += 1
+            ledger.record_backfill(destination.name, backfill, run, events_sent=len(positions))
+
+
+class _Sending:
+    """Sends chosen events of a mapped chunk, timing the deliver stage apart from ledger writes."""
+
+    def __init__(self, mapped: Mapped, destination: Destination, sender: Sender, ledger: Ledger, run: RunRef,
+                 pool: ThreadPoolExecutor, concurrency: int, report: DeliveryReport,
+                 now: Callable[[], datetime]):
+        self.mapped, self.destination, self.sender, self.ledger, self.run = mapped, destination, sender, ledger, run
+        self.pool, self.concurrency, self.report, self.now = pool, concurrency, report, now
+
+    def __call__(self, positions: list[int], backfill_id: str | None = None, mode: str = "ingest") -> None:
+        if not positions:
+            return
+        report = self.report
         writes_before, started = report.stages["ledger_write"], time.perf_counter()
         try:
-            _send_claimed([mapped.payloads[i] for i in todo], [mapped.keys[i] for i in todo], destination,
-                          sender, ledger, run, pool, concurrency, report, now, backfill_id)
+            _send_claimed([self.mapped.payloads[i] for i in positions], [self.mapped.keys[i] for i in positions],
+                          self.destination, self.sender, self.ledger, self.run, self.pool, self.concurrency,
+                          report, self.now, backfill_id, mode)
         finally:
             # Ledger writes happen between sends; count them once, under ledger_write.
             report.stages["deliver"] += (time.perf_counter() - started
@@ -366,7 +414,8 @@ def _batches(events: list[dict], keys: list[str], size: int) -> Iterator[tuple[l
 
 def _send_claimed(events: list[dict], keys: list[str], destination: Destination, sender: Sender,
                   ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
-                  report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None) -> None:
+                  report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None,
+                  mode: str) -> None:
     to_mark: list[str] = []
     unconfirmed: list[str] = []
     failure: BaseException | None = None
@@ -401,7 +450,7 @@ def _send_claimed(events: list[dict], keys: list[str], destination: Destination,
             report.reasons.update(f"{destination.name}: {message}" for message in outcome.rejected.values())
         if len(to_mark) >= MARK_EVERY:
             with report.timed("ledger_write"):
-                ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
+                ledger.mark_delivered(destination.name, to_mark, now(), backfill_id, mode, run)
             to_mark.clear()
 
     try:
@@ -420,15 +469,16 @@ def _send_claimed(events: list[dict], keys: list[str], destination: Destination,
                 continue
             report.batches += 1
             report.sent += len(batch_events)
-            in_flight.append(_Pending(batch_keys, pool.submit(send_resolving, sender, batch_events, batch_keys)))
+            in_flight.append(_Pending(batch_keys, pool.submit(send_resolving, sender, batch_events, batch_keys,
+                                                              backfill_id)))
         for pending in in_flight:
             wait([pending.future])
             collect(pending)
         in_flight.clear()
     finally:
         with report.timed("ledger_write"):
-            ledger.mark_delivered(destination.name, to_mark, now(), backfill_id)
-        if unconfirmed:
+            ledger.mark_delivered(destination.name, to_mark, now(), backfill_id, mode, run)
+        if unconfirmed and mode != "replace":
             ledger.release(destination.name, run, unconfirmed)
     if failure is not None:
         report.notes.append(f"{len(unconfirmed)} events not confirmed: {failure}")

@@ -20,11 +20,14 @@ Supported ledger databases: PostgreSQL and SQLite (the embedded demo).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -54,6 +57,41 @@ def _columns() -> list[sa.Column]:
         sa.Column("claimed_by", sa.String(500)),
         sa.Column("claim_expires_at", sa.DateTime(timezone=True)),
         sa.Column("backfill_id", sa.String(100)),
+        sa.Column("mode", sa.String(16)),
+    ]
+
+
+def _history_columns() -> list[sa.Column]:
+    """Earlier deliveries of an event, kept when replace mode delivers it again."""
+    return [
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("destination", sa.String(32), nullable=False),
+        sa.Column("idempotency_key", sa.String(255), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("reason", sa.Text),
+        sa.Column("delivered_at", sa.DateTime(timezone=True)),
+        sa.Column("backfill_id", sa.String(100)),
+        sa.Column("mode", sa.String(16)),
+        sa.Column("run_id", sa.String(250)),
+        sa.Column("superseded_at", sa.DateTime(timezone=True)),
+        sa.Column("superseded_by_run", sa.String(250)),
+    ]
+
+
+def _backfill_columns() -> list[sa.Column]:
+    """Orb backfills this pipeline created or used, and what became of them."""
+    return [
+        sa.Column("destination", sa.String(32), primary_key=True),
+        sa.Column("backfill_id", sa.String(100), primary_key=True),
+        sa.Column("timeframe_start", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("timeframe_end", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("replace_existing_events", sa.Boolean, nullable=False),
+        sa.Column("status", sa.String(32), nullable=False),
+        sa.Column("events_sent", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("created_at", sa.DateTime(timezone=True)),
+        sa.Column("closed_at", sa.DateTime(timezone=True)),
+        sa.Column("dag_id", sa.String(250)),
+        sa.Column("run_id", sa.String(250)),
     ]
 
 
@@ -83,8 +121,12 @@ class Ledger:
         self.engine = engine
         self.schema = check_identifier(schema, "ledger.schema")
         self.claim_ttl = claim_ttl
-        self.table = sa.Table("deliveries", sa.MetaData(schema=self.schema), *_columns(),
+        metadata = sa.MetaData(schema=self.schema)
+        self.table = sa.Table("deliveries", metadata, *_columns(),
                               sa.Index("ix_deliveries_status", "destination", "status"))
+        self.history = sa.Table("delivery_history", metadata, *_history_columns(),
+                                sa.Index("ix_delivery_history_key", "destination", "idempotency_key"))
+        self.backfills = sa.Table("backfills", metadata, *_backfill_columns())
         self._sqlite = engine.dialect.name == "sqlite"
         if engine.dialect.name not in ("postgresql", "sqlite"):
             raise ValueError(f"ledger.conn_id: the ledger needs PostgreSQL or SQLite, not {engine.dialect.name}")
@@ -101,6 +143,55 @@ class Ledger:
                 conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             self.table.metadata.create_all(conn, checkfirst=True)
 
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A lock shared by every task using this ledger (PostgreSQL advisory lock, or a file lock
+        next to the SQLite database), held across HTTP calls; used to serialise Orb backfills."""
+        if self._sqlite:
+            path = Path(self.engine.url.database or "ledger.db").with_suffix(f".{_safe(name)}.lock")
+            with open(path, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:name))"), {"name": name})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:name))"), {"name": name})
+                conn.commit()
+
+    def record_backfill(self, destination: str, backfill: dict, run: RunRef, events_sent: int = 0) -> None:
+        """Insert or update the record of an Orb backfill (its id, timeframe and status)."""
+        values = {
+            "destination": destination, "backfill_id": backfill["id"],
+            "timeframe_start": _parse_time(backfill["timeframe_start"]),
+            "timeframe_end": _parse_time(backfill["timeframe_end"]),
+            "replace_existing_events": bool(backfill.get("replace_existing_events")),
+            "status": backfill.get("status") or "pending",
+            "created_at": _parse_time(backfill.get("created_at")),
+            "closed_at": _parse_time(backfill.get("close_time")) if backfill.get("status") == "reflected" else None,
+            "dag_id": run.dag_id, "run_id": run.run_id,
+        }
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                self.backfills.update()
+                .where(self.backfills.c.destination == destination, self.backfills.c.backfill_id == backfill["id"])
+                .values(status=values["status"], closed_at=values["closed_at"],
+                        events_sent=self.backfills.c.events_sent + events_sent)).rowcount
+            if not updated:
+                conn.execute(self.backfills.insert().values(**values, events_sent=events_sent))
+
+    def backfill_records(self, destination: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.backfills).where(self.backfills.c.destination == destination)
+                                .order_by(self.backfills.c.timeframe_start))
+            return [dict(row._mapping) for row in rows]
+
     # -- the protocol ----------------------------------------------------------------------------
 
     def _t(self, value: datetime) -> datetime | str:
@@ -108,10 +199,15 @@ class Ledger:
         return value.isoformat(sep=" ") if self._sqlite else value
 
     def claim(self, destination: str, run: RunRef, keys: Sequence[str], message_ids: Sequence[str],
-              tables: Sequence[str], timestamps: Sequence[datetime | None], now: datetime) -> ClaimResult:
-        """Claim the keys that are neither delivered nor claimed by another live run."""
+              tables: Sequence[str], timestamps: Sequence[datetime | None], now: datetime, *,
+              retry_rejected: bool = True) -> ClaimResult:
+        """Claim the keys that are neither delivered nor claimed by another live run.
+
+        ``retry_rejected=False`` leaves rejected events alone (the completeness sweep).
+        """
         if not keys:
             return ClaimResult(set(), 0, 0)
+        takeover = [f"{self._name}.status = '{REJECTED}'"] if retry_rejected else []
         params = {
             "destination": destination, "dag_id": run.dag_id, "run_id": run.run_id, "owner": run.owner,
             "now": self._t(now), "expires": self._t(now + self.claim_ttl),
@@ -123,8 +219,7 @@ class Ledger:
                 claimed_by = excluded.claimed_by, claim_expires_at = excluded.claim_expires_at,
                 message_id = excluded.message_id, event_table = excluded.event_table,
                 event_timestamp = excluded.event_timestamp
-            WHERE {self._name}.status = '{REJECTED}'
-               OR ({self._name}.status = '{PENDING}'
+            WHERE {" OR ".join(takeover) + " OR " if takeover else ""}({self._name}.status = '{PENDING}'
                    AND ({self._name}.claimed_by = excluded.claimed_by
                         OR {self._name}.claim_expires_at IS NULL
                         OR {self._name}.claim_expires_at < excluded.last_attempt_at))
@@ -152,6 +247,38 @@ class Ledger:
             statuses = self._statuses(conn, destination, unclaimed) if unclaimed else Counter()
         return ClaimResult(claimed, statuses.get(DELIVERED, 0), statuses.get(PENDING, 0) + statuses.get(REJECTED, 0))
 
+    def _archive(self, destination: str, keys: Sequence[str], run: RunRef, now: datetime) -> None:
+        """Copy the current delivery of these keys into delivery_history before they are re-sent."""
+        params: dict = {"destination": destination, "now": self._t(now), "run_id": run.run_id}
+        where = self._in_keys(params, keys)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(
+                f'INSERT INTO "{self.schema}".delivery_history (destination, idempotency_key, status, reason, '
+                f"delivered_at, backfill_id, mode, run_id, superseded_at, superseded_by_run) "
+                f"SELECT destination, idempotency_key, status, reason, delivered_at, backfill_id, mode, run_id, "
+                f":now, :run_id FROM {self._name} WHERE destination = :destination AND status = '{DELIVERED}' "
+                f"AND {where}"), params)
+
+    def _ensure_rows(self, destination: str, keys: Sequence[str], run: RunRef, now: datetime) -> None:
+        """Replace mode sends without claiming; make sure every key has a row to mark."""
+        params: dict = {"destination": destination, "now": self._t(now), "dag_id": run.dag_id, "run_id": run.run_id}
+        source = ("SELECT value AS k FROM json_each(:keys)" if self._sqlite
+                  else "SELECT unnest(CAST(:keys AS text[])) AS k")
+        params["keys"] = json.dumps(list(keys)) if self._sqlite else list(keys)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(
+                f"INSERT INTO {self._name} (destination, idempotency_key, status, attempts, message_id, "
+                f"first_attempt_at, last_attempt_at, dag_id, run_id) "
+                f"SELECT :destination, k, '{PENDING}', 1, k, :now, :now, :dag_id, :run_id FROM ({source}) AS u "
+                f"WHERE true ON CONFLICT (destination, idempotency_key) DO NOTHING"), params)
+
+    def history_of(self, destination: str, key: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.history).where(
+                self.history.c.destination == destination, self.history.c.idempotency_key == key)
+                .order_by(self.history.c.id))
+            return [dict(row._mapping) for row in rows]
+
     def _in_keys(self, params: dict, keys: Sequence[str]) -> str:
         if self._sqlite:
             params["keys"] = json.dumps(list(keys))
@@ -167,16 +294,23 @@ class Ledger:
         return Counter({status: count for status, count in rows})
 
     def mark_delivered(self, destination: str, keys: Sequence[str], now: datetime,
-                       backfill_id: str | None = None) -> None:
-        """Record keys the destination accepted. Call only after the destination confirmed them."""
+                       backfill_id: str | None = None, mode: str = "ingest", run: RunRef | None = None) -> None:
+        """Record keys the destination accepted. Call only after the destination confirmed them.
+
+        ``mode`` says how: ``ingest`` (live), ``backfill`` (inside an Orb backfill, for events past
+        the grace period) or ``replace`` (a replace-mode backfill: the earlier delivery of each key
+        is first copied into ``delivery_history``)."""
         if not keys:
             return
-        params: dict = {"destination": destination, "now": self._t(now), "backfill_id": backfill_id}
+        if mode == "replace":
+            self._archive(destination, keys, run or RunRef("", ""), now)
+            self._ensure_rows(destination, keys, run or RunRef("", ""), now)
+        params: dict = {"destination": destination, "now": self._t(now), "backfill_id": backfill_id, "mode": mode}
         where = self._in_keys(params, keys)
         with self.engine.begin() as conn:
             conn.execute(sa.text(
                 f"UPDATE {self._name} SET status = '{DELIVERED}', reason = NULL, delivered_at = :now, "
-                f"claimed_by = NULL, claim_expires_at = NULL, backfill_id = :backfill_id "
+                f"claimed_by = NULL, claim_expires_at = NULL, backfill_id = :backfill_id, mode = :mode "
                 f"WHERE destination = :destination AND {where}"), params)
 
     def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime) -> None:
@@ -286,6 +420,16 @@ class Ledger:
             rows = conn.execute(sa.text(f"SELECT idempotency_key, status FROM {self._name} "
                                         f"WHERE destination = :destination AND {where}"), params)
             return dict(rows.all())
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)[:80]
+
+
+def _parse_time(value: object) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
 def _generic_reason(reason: str | None) -> str:

@@ -146,7 +146,17 @@ class OrbSettings(DeliverySettings):
     idempotency_key_field: str = "messageId"
     # Strict types: Segment's Orb destination says every key and value of this map is a string.
     properties_mapping: dict[str, str]
+    # Orb's account grace period: older events are delivered inside Orb backfills. The margin sends
+    # events close to the boundary through a backfill too, since retries may delay them.
     grace_period: timedelta = timedelta(hours=12)
+    grace_margin: timedelta = timedelta(hours=1)
+
+    @model_validator(mode="after")
+    def _margin_below_grace(self) -> OrbSettings:
+        if self.grace_margin >= self.grace_period:
+            raise ValueError(f"grace_margin ({self.grace_margin}) must be shorter than grace_period "
+                             f"({self.grace_period})")
+        return self
 
     @field_validator("properties_mapping", mode="before")
     @classmethod
@@ -155,7 +165,7 @@ class OrbSettings(DeliverySettings):
             raise ValueError(f"expected a mapping like {{amount: amount}}, got {value!r}")
         return _check_mapping(value, "properties_mapping")
 
-    @field_validator("grace_period", mode="before")
+    @field_validator("grace_period", "grace_margin", mode="before")
     @classmethod
     def _grace(cls, value: Any) -> timedelta:
         return parse_duration(value)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pandas as pd
 
@@ -31,6 +31,14 @@ class Destination:
     map_events: Callable[[pd.DataFrame, datetime], Mapped]
     required_columns: Callable[[list[str]], list[str]]
     mapped_fields: tuple[tuple[str, str, str], ...]
+    # Events older than this go through an Orb backfill (None: the destination has no grace period).
+    grace: timedelta | None = None
+    # Events older than this are counted and warned about (Kable may have invoiced their period).
+    old_event_warning: timedelta | None = None
+
+    def backfill_cutoff(self, now: datetime) -> datetime | None:
+        """Events with a timestamp before this go through a backfill; None: never."""
+        return None if self.grace is None else now - self.grace
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +62,9 @@ def get_destination(name: str, settings: Settings) -> Destination:
             name=name, settings=config,
             map_events=lambda frame, now: orb.map_events(frame, config, now),
             required_columns=lambda columns: orb.required_columns(config, columns),
-            mapped_fields=tuple(fields))
+            mapped_fields=tuple(fields),
+            # The margin covers the time between mapping an event and Orb receiving it (retries).
+            grace=config.grace_period - config.grace_margin)
     if name == "kable":
         assert isinstance(config, KableSettings)
         fields = (("client_id_field", config.client_id_field, column_for(config.client_id_field)),
@@ -63,5 +73,6 @@ def get_destination(name: str, settings: Settings) -> Destination:
             name=name, settings=config,
             map_events=lambda frame, now: kable.map_events(frame, config, now),
             required_columns=lambda columns: kable.required_columns(config, columns),
-            mapped_fields=tuple(fields))
+            mapped_fields=tuple(fields),
+            old_event_warning=config.late_event_warning)
     raise ValueError(f"unknown destination {name!r}; known: {', '.join(NAMES)}")

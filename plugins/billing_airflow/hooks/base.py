@@ -121,14 +121,15 @@ class BillingApiHook(HttpHook):
     def payload(self, events: list[dict]) -> object:
         return events
 
-    def query(self) -> dict[str, str]:
+    def query(self, backfill_id: str | None = None) -> dict[str, str]:
         return {}
 
     def accepted(self, response: requests.Response, events: list[dict], keys: list[str]) -> BatchOutcome:
         """Read a 2xx response."""
         return BatchOutcome(accepted=list(keys))
 
-    def refused(self, response: requests.Response, events: list[dict], keys: list[str]) -> BatchOutcome:
+    def refused(self, response: requests.Response, events: list[dict], keys: list[str],
+                backfill_id: str | None = None) -> BatchOutcome:
         """Read a non-retryable 4xx: reject named events, or raise BatchRejected to bisect."""
         raise BatchRejected(self.error_message(response), response.status_code)
 
@@ -187,20 +188,23 @@ class BillingApiHook(HttpHook):
         self.log.warning("%s: %s; retry %d/%d in %.1f s", self.destination, describe(error),
                          state.attempt_number, self.settings.max_attempts - 1, wait_for)
 
-    def post(self, events: list[dict]) -> requests.Response:
+    def post(self, events: list[dict], backfill_id: str | None = None) -> requests.Response:
         """One POST of one batch, paced; returns the response or raises RetryableResponse."""
         self.pacer.acquire(len(events))
-        session = self.session()
-        response = session.post(self.url_from_endpoint(self.endpoint), json=self.payload(events),
-                                params=self.query() or None, timeout=self.settings.timeout)
+        return self.request("POST", self.endpoint, json=self.payload(events),
+                            params=self.query(backfill_id) or None)
+
+    def request(self, method: str, endpoint: str, **kwargs: object) -> requests.Response:
+        """One request on this thread's session; raises RetryableResponse on a retryable status."""
+        response = self.session().request(method, self.url_from_endpoint(endpoint), timeout=self.settings.timeout,
+                                          **kwargs)
         if response.status_code in RETRYABLE_STATUS:
             raise RetryableResponse(response.status_code, self.error_message(response).split(": ", 1)[-1],
                                     parse_retry_after(response.headers.get("Retry-After")))
         return response
 
-    def send(self, events: list[dict], keys: list[str]) -> BatchOutcome:
-        """Send one batch with retries; see ``usage_billing.delivery.Sender``."""
-        retrying = tenacity.Retrying(
+    def _retrying(self) -> tenacity.Retrying:
+        return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type((RetryableResponse, requests.ConnectionError, requests.Timeout)),
             wait=self._wait,
             stop=(tenacity.stop_after_attempt(self.settings.max_attempts)
@@ -209,8 +213,27 @@ class BillingApiHook(HttpHook):
             before_sleep=self._before_sleep,
             reraise=True,
         )
+
+    def call_json(self, method: str, endpoint: str, **kwargs: object) -> tuple[int, object]:
+        """A JSON API call (not an event batch) with the same retries; 401/403/404 are fatal."""
+        retrying = self._retrying()
         try:
-            response = retrying(self.post, events)
+            response = retrying(self.request, method, endpoint, **kwargs)
+        except (RetryableResponse, requests.ConnectionError, requests.Timeout) as error:
+            raise TransientDeliveryError(f"{self.destination}: {method} {endpoint}: {describe(error)}") from None
+        if response.status_code in FATAL_STATUS:
+            raise FatalDeliveryError(f"{self.destination}: {method} {endpoint}: {self.error_message(response)}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"detail": response.text[:300]}
+        return response.status_code, body
+
+    def send(self, events: list[dict], keys: list[str], backfill_id: str | None = None) -> BatchOutcome:
+        """Send one batch with retries; see ``usage_billing.delivery.Sender``."""
+        retrying = self._retrying()
+        try:
+            response = retrying(self.post, events, backfill_id)
         except (RetryableResponse, requests.ConnectionError, requests.Timeout) as error:
             attempts = retrying.statistics.get("attempt_number", 1)
             raise TransientDeliveryError(
@@ -222,6 +245,6 @@ class BillingApiHook(HttpHook):
             raise FatalDeliveryError(f"{self.destination}: {self.error_message(response)} "
                                      f"(check the connection {self.http_conn_id!r}: host and credentials)")
         else:
-            outcome = self.refused(response, events, keys)
+            outcome = self.refused(response, events, keys, backfill_id)
         outcome.retries += retries
         return outcome

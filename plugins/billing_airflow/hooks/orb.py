@@ -14,10 +14,12 @@ API key, sent as ``Authorization: Bearer``. Contract (Orb's OpenAPI ``/ingest``)
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import requests
 
 from billing_airflow.hooks.base import BillingApiHook
-from usage_billing.delivery import BatchOutcome, BatchRejected
+from usage_billing.delivery import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
 
 
 class OrbHook(BillingApiHook):
@@ -29,8 +31,6 @@ class OrbHook(BillingApiHook):
     endpoint = "v1/ingest"
     destination = "orb"
 
-    backfill_id: str | None = None
-
     def auth_headers(self, login: str | None, password: str | None) -> dict[str, str]:
         if not password:
             raise ValueError(f"connection {self.http_conn_id!r}: set the Orb API key as the password")
@@ -39,8 +39,8 @@ class OrbHook(BillingApiHook):
     def payload(self, events: list[dict]) -> object:
         return {"events": events}
 
-    def query(self) -> dict[str, str]:
-        return {"backfill_id": self.backfill_id} if self.backfill_id else {}
+    def query(self, backfill_id: str | None = None) -> dict[str, str]:
+        return {"backfill_id": backfill_id} if backfill_id else {}
 
     @staticmethod
     def _failures(items: object) -> dict[str, str]:
@@ -59,7 +59,8 @@ class OrbHook(BillingApiHook):
         return BatchOutcome(accepted=[k for k in keys if k not in failures],
                             rejected={k: v for k, v in failures.items() if k in set(keys)})
 
-    def refused(self, response: requests.Response, events: list[dict], keys: list[str]) -> BatchOutcome:
+    def refused(self, response: requests.Response, events: list[dict], keys: list[str],
+                backfill_id: str | None = None) -> BatchOutcome:
         try:
             body = response.json()
         except ValueError:
@@ -72,5 +73,74 @@ class OrbHook(BillingApiHook):
         rest = [(e, k) for e, k in zip(events, keys, strict=True) if k not in failures]
         outcome = BatchOutcome(rejected=failures)
         if rest:
-            outcome = outcome.merge(self.send([e for e, _ in rest], [k for _, k in rest]))
+            outcome = outcome.merge(self.send([e for e, _ in rest], [k for _, k in rest], backfill_id))
         return outcome
+
+    # -- backfills (usage_billing.backfills.BackfillApi) -----------------------------------------------
+
+    def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
+        """Create a pending backfill for ``[start, end)``; reuse a pending one that covers it.
+
+        Orb refuses a backfill overlapping another pending one. Callers hold the day's lock, so a
+        pending overlap is a backfill left open by a task that died: reuse it when it covers the
+        timeframe with the same replace flag, otherwise close it (its events are real deliveries
+        the ledger will re-send with the same keys) and create ours.
+        """
+        body = {"timeframe_start": _iso(start), "timeframe_end": _iso(end), "replace_existing_events": replace}
+        for _ in range(3):
+            status, created = self.call_json("POST", "v1/events/backfills", json=body)
+            if status == 200 and isinstance(created, dict):
+                return created
+            pending = [b for b in self.pending_backfills() if _overlaps(b, start, end)]
+            covering = [b for b in pending
+                        if _covers(b, start, end) and bool(b.get("replace_existing_events")) == replace]
+            if covering:
+                self.log.info("orb: reusing pending backfill %s", covering[0]["id"])
+                return covering[0]
+            if not pending:
+                raise FatalDeliveryError(f"orb: cannot create a backfill for [{_iso(start)}, {_iso(end)}): "
+                                         f"{_detail(created)}")
+            for stale in pending:
+                self.log.warning("orb: closing pending backfill %s that overlaps [%s, %s)", stale["id"],
+                                 _iso(start), _iso(end))
+                self.close_backfill(stale["id"])
+        raise TransientDeliveryError(f"orb: backfills for [{_iso(start)}, {_iso(end)}) keep overlapping")
+
+    def close_backfill(self, backfill_id: str) -> dict:
+        status, body = self.call_json("POST", f"v1/events/backfills/{backfill_id}/close")
+        if status != 200 or not isinstance(body, dict):
+            raise TransientDeliveryError(f"orb: closing backfill {backfill_id} failed: {_detail(body)}")
+        return body
+
+    def pending_backfills(self) -> list[dict]:
+        found, cursor = [], None
+        while True:
+            status, body = self.call_json("GET", "v1/events/backfills",
+                                          params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+            if status != 200 or not isinstance(body, dict):
+                raise TransientDeliveryError(f"orb: listing backfills failed: {_detail(body)}")
+            found += [b for b in body.get("data", []) if b.get("status") in ("pending", "pending_revert")]
+            meta = body.get("pagination_metadata") or {}
+            cursor = meta.get("next_cursor")
+            if not meta.get("has_more") or not cursor:
+                return found
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _overlaps(backfill: dict, start: datetime, end: datetime) -> bool:
+    return _time(backfill["timeframe_start"]) < end and start < _time(backfill["timeframe_end"])
+
+
+def _covers(backfill: dict, start: datetime, end: datetime) -> bool:
+    return _time(backfill["timeframe_start"]) <= start and end <= _time(backfill["timeframe_end"])
+
+
+def _detail(body: object) -> str:
+    return str(body.get("detail") or body.get("title") or body) if isinstance(body, dict) else str(body)

@@ -1,0 +1,82 @@
+"""Late data for Orb: events past the grace period go through Orb backfills.
+
+Orb refuses events whose timestamp is older than ``now - grace_period`` (12 hours by default)
+unless they arrive inside a backfill (orb-api-notes.md sections 2.3 and 3): create a backfill for
+the covering timeframe, ingest with ``backfill_id``, close it; the events become visible when it is
+reflected. Orb forbids two pending backfills with overlapping timeframes, so:
+
+* events are grouped by UTC day of their timestamp; each group gets a backfill whose timeframe lies
+  inside that day (at most 31 days is never an issue);
+* a per-day lock in the ledger database serialises the tasks that need a backfill for the same day,
+  so a backfill is never closed while another task still ingests into it;
+* a pending backfill already covering the timeframe (left by a task that died before closing it) is
+  reused; one that overlaps without covering is closed first, then a new one is created.
+
+``replace_existing_events`` is false for late data (existing events stay) and true only in
+replace mode, where a run re-sends every event of its window to re-bill a period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from usage_billing.ledger import Ledger, RunRef
+
+log = logging.getLogger(__name__)
+
+DAY = timedelta(days=1)
+
+
+class BackfillApi(Protocol):
+    """What the destination hook offers (implemented by OrbHook)."""
+
+    def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
+        """Create a pending backfill for ``[start, end)``, or reuse a pending one covering it."""
+
+    def close_backfill(self, backfill_id: str) -> dict:
+        """Close a backfill so Orb reflects its events; returns the backfill object."""
+
+
+def day_of(moment: datetime) -> datetime:
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def group_by_day(timestamps: Sequence[datetime | None], positions: Sequence[int]) -> dict[datetime, list[int]]:
+    """Positions of late events, grouped by the UTC day of their timestamp."""
+    groups: dict[datetime, list[int]] = defaultdict(list)
+    for position in positions:
+        stamp = timestamps[position]
+        if stamp is not None:
+            groups[day_of(stamp)].append(position)
+    return dict(sorted(groups.items()))
+
+
+def timeframe_for(day: datetime, latest: datetime) -> tuple[datetime, datetime]:
+    """A timeframe inside ``day`` that covers every event up to ``latest``: from the day's start
+    to the end of the hour after ``latest`` (never past the day), so it reaches little beyond the
+    grace boundary."""
+    end = latest.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    return day, min(day + DAY, end)
+
+
+@contextlib.contextmanager
+def backfill_session(ledger: Ledger, api: BackfillApi, destination: str, run: RunRef, start: datetime,
+                     end: datetime, replace: bool) -> Iterator[dict]:
+    """Hold the day's lock, open (or reuse) a backfill for ``[start, end)``, yield it, then close it.
+
+    If the body raises, the backfill stays pending and the lock is released: the next try reuses it.
+    """
+    with ledger.lock(f"{destination}:backfill:{start:%Y-%m-%d}"):
+        backfill = api.open_backfill(start, end, replace)
+        ledger.record_backfill(destination, backfill, run)
+        log.info("%s: backfill %s open for [%s, %s), replace_existing_events=%s", destination, backfill["id"],
+                 start.isoformat(), end.isoformat(), replace)
+        yield backfill
+        closed = api.close_backfill(backfill["id"])
+        ledger.record_backfill(destination, closed, run)
+        log.info("%s: backfill %s closed: %s", destination, backfill["id"], closed.get("status"))
