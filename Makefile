@@ -24,7 +24,7 @@ test: $(VENV)/.synced
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.synced
-	$(VENV)/bin/ruff check dags plugins include tests scripts
+	$(VENV)/bin/ruff check dags plugins include tests scripts docker
 
 ## Recompile the lock after editing requirements.txt.
 lock: $(VENV)/.synced

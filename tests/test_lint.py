@@ -11,6 +11,6 @@ from tests.conftest import PROJECT
 
 def test_ruff_is_clean():
     ruff = Path(sys.executable).with_name("ruff")
-    result = subprocess.run([str(ruff), "check", "dags", "plugins", "include", "tests", "scripts"],
+    result = subprocess.run([str(ruff), "check", "dags", "plugins", "include", "tests", "scripts", "docker"],
                             cwd=PROJECT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

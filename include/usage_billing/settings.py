@@ -26,6 +26,8 @@ from usage_billing.naming import check_identifier
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "usage_billing.yaml"
 CONFIG_ENV_VAR = "USAGE_BILLING_CONFIG"
+# Deployment-specific override of airflow.rate_limit_storage (e.g. redis://redis:6379/1 in compose).
+RATE_LIMIT_ENV_VAR = "USAGE_BILLING_RATE_LIMIT_STORAGE"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -237,6 +239,18 @@ class AirflowSettings(_Settings):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+class SweepSettings(_Settings):
+    """The daily completeness sweep (DAG ``usage_billing_sweep``)."""
+
+    schedule: str = "30 3 * * *"
+    horizon: timedelta = timedelta(days=7)
+
+    @field_validator("horizon", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> timedelta:
+        return parse_duration(value)
+
+
 class Settings(_Settings):
     """The whole configuration file."""
 
@@ -244,6 +258,10 @@ class Settings(_Settings):
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     destinations: DestinationsSettings
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+
+    def configured_destinations(self) -> list[str]:
+        return [name for name in ("orb", "kable") if getattr(self.destinations, name) is not None]
 
     def destination(self, name: str) -> OrbSettings | KableSettings:
         """The settings of one destination, or a ConfigError naming the missing section."""
@@ -289,4 +307,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_settings(data, str(path))
+    settings = parse_settings(data, str(path))
+    storage = os.environ.get(RATE_LIMIT_ENV_VAR)
+    if storage:
+        settings = settings.model_copy(update={"airflow": settings.airflow.model_copy(
+            update={"rate_limit_storage": storage})})
+    return settings

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m usage_billing.sandbox",
         description="Run local Orb and Kable ingestion sandboxes on 127.0.0.1.",
     )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (0.0.0.0 inside a container; the control endpoints have no auth)")
     parser.add_argument("--orb-port", type=int, default=0, help="0 = any free port, -1 = do not run Orb")
     parser.add_argument("--kable-port", type=int, default=0, help="0 = any free port, -1 = do not run Kable")
     parser.add_argument("--orb-api-key", default="orb-test-key")
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             port=args.kable_port,
         )
         sandboxes.append(kable)
+    for sandbox in sandboxes:
+        sandbox.host = args.host
     if not sandboxes:
         print("nothing to run: both --orb-port and --kable-port are -1", file=sys.stderr)
         return 2

@@ -257,6 +257,8 @@ class SandboxServer:
         self.seed = seed
         self.state_file = Path(state_file) if state_file is not None else None
         self._port = int(port)
+        # The address to listen on; the CLI's --host changes it (0.0.0.0 inside a container).
+        self.host = HOST
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
         self._accepted: list[dict[str, Any]] = []
@@ -286,7 +288,8 @@ class SandboxServer:
     @property
     def url(self) -> str:
         """Base URL, ``http://127.0.0.1:<port>``; only meaningful once started."""
-        return f"http://{HOST}:{self.port}"
+        host = HOST if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -304,7 +307,7 @@ class SandboxServer:
             self._stopping.clear()
             if self.state_file is not None:
                 self._load_state()
-            server = _Server((HOST, self._port), self)
+            server = _Server((self.host, self._port), self)
             self._server = server
             # A later restart of a port-0 sandbox picks a fresh port, but a fixed port is kept.
             self._thread = threading.Thread(
