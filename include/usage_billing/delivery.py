@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import numpy as np
@@ -309,6 +309,12 @@ def deliver_partition(
                                    concurrency, report, now, replace_backfill_id, retry_rejected)
     finally:
         report.seconds = time.monotonic() - started
+    if report.old_events:
+        report.notes.append(f"{report.old_events} events are older than {destination.old_event_warning}: "
+                            f"{destination.name} may already have invoiced their period (sent with their true "
+                            f"timestamps)")
+        log.warning("%s: %d events older than %s", destination.name, report.old_events,
+                    destination.old_event_warning)
     if ids is not None and report.unique_events < len(set(ids)):
         report.notes.append(f"{len(set(ids)) - report.unique_events} rejected events are no longer in "
                             f"{schema}.{partition.table}")
@@ -485,3 +491,40 @@ def _send_claimed(events: list[dict], keys: list[str], destination: Destination,
         raise DeliveryFailed(f"{destination.name}: {len(unconfirmed)} events of partition {report.partition} "
                              f"were not confirmed ({failure}); {report.accepted} were delivered and marked. "
                              f"The next try re-sends the rest with the same idempotency keys.") from failure
+
+
+def replace_window(*, ledger: Ledger, destination: Destination, sender: Sender, run: RunRef, tables: Sequence[str],
+                   window: Window, **deliver_arguments) -> DeliveryReport:
+    """Replace mode: re-send every event whose *timestamp* lies in the window into one Orb backfill
+    with ``replace_existing_events: true``, so a changed mapping re-bills the period.
+
+    Everything Orb holds in that timeframe, for all customers, is replaced by what this run sends
+    when the backfill closes; the ledger keeps each event's earlier delivery in delivery_history.
+    Run it for periods whose data is complete: an event loaded later and delivered live into the
+    timeframe while the backfill is open would be replaced away.
+    """
+    if not hasattr(sender, "open_backfill"):
+        raise ValueError(f"mode=replace needs backfills, which {destination.name} does not have (Orb only)")
+    if window.end - window.start > timedelta(days=31):
+        raise ValueError("mode=replace: Orb backfills span at most 31 days; use a shorter window")
+    before = ledger.delivered_between(destination.name, window.start, window.end)
+    log.warning("REPLACE MODE: every %s event with a timestamp in [%s, %s), for all customers, is replaced by "
+                "the events this run sends (the ledger counts %d delivered there now; their earlier deliveries "
+                "are kept in %s.delivery_history)", destination.name, window.start.isoformat(),
+                window.end.isoformat(), before, ledger.schema)
+    by_time = Window(window.start, window.end)
+    with backfill_session(ledger, sender, destination.name, run, window.start, window.end, replace=True) as backfill:
+        reports = [deliver_partition(partition=Partition(table), window=by_time, loaded_at_column="timestamp",
+                                     destination=destination, sender=sender, ledger=ledger, run=run,
+                                     replace_backfill_id=backfill["id"], **deliver_arguments) for table in tables]
+        ledger.record_backfill(destination.name, backfill, run, events_sent=sum(r.accepted for r in reports))
+    report = DeliveryReport.combine(reports, destination.name, ",".join(tables),
+                                    f"REPLACE [{window.start:%Y-%m-%d %H:%M}, {window.end:%Y-%m-%d %H:%M}) UTC by "
+                                    f"event timestamp, backfill {backfill['id']}")
+    report.backfills = 1
+    report.sent_in_backfills = report.accepted
+    report.notes.append(f"replaced {before} previously delivered events of this timeframe with {report.accepted} "
+                        f"events (backfill {backfill['id']}, replace_existing_events=true)")
+    log.warning("REPLACE MODE: backfill %s closed; %s now holds %d events for [%s, %s)", backfill["id"],
+                destination.name, report.accepted, window.start.isoformat(), window.end.isoformat())
+    return report

@@ -26,7 +26,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -156,7 +156,10 @@ class Ledger:
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
             return
-        with self.engine.connect() as conn:
+        # A connection of its own, outside the pool: waiting for the lock must not starve the
+        # pool the lock holder needs for its ledger writes.
+        locks = sa.create_engine(self.engine.url, poolclass=sa.pool.NullPool)
+        with locks.connect() as conn:
             conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:name))"), {"name": name})
             conn.commit()
             try:
@@ -164,6 +167,7 @@ class Ledger:
             finally:
                 conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:name))"), {"name": name})
                 conn.commit()
+        locks.dispose()
 
     def record_backfill(self, destination: str, backfill: dict, run: RunRef, events_sent: int = 0) -> None:
         """Insert or update the record of an Orb backfill (its id, timeframe and status)."""
@@ -196,7 +200,8 @@ class Ledger:
 
     def _t(self, value: datetime) -> datetime | str:
         # SQLite stores timestamps as text: keep one sortable format for comparisons.
-        return value.isoformat(sep=" ") if self._sqlite else value
+        # (SQLAlchemy's own SQLite DATETIME format, so typed queries compare correctly).
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else value
 
     def claim(self, destination: str, run: RunRef, keys: Sequence[str], message_ids: Sequence[str],
               tables: Sequence[str], timestamps: Sequence[datetime | None], now: datetime, *,
@@ -401,6 +406,14 @@ class Ledger:
             query += f" LIMIT {int(limit)}"
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(sa.text(query), params)]
+
+    def delivered_between(self, destination: str, start: datetime, end: datetime) -> int:
+        """Delivered events whose event timestamp lies in ``[start, end)``."""
+        t = self.table.c
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(
+                t.destination == destination, t.status == DELIVERED, t.event_timestamp >= start,
+                t.event_timestamp < end)).scalar_one())
 
     def rejected_tables(self, destination: str, reason_contains: str | None = None) -> list[str]:
         """Event tables that hold rejected events of a destination."""

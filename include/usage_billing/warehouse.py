@@ -160,7 +160,7 @@ def create_engine(url: str | sa.URL, schemas: Sequence[str] = ()) -> Engine:
         engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
         _sqlite_attach(engine, Path(url.database), schemas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
 
 
 def table_columns(conn: Connection, schema: str, table: str) -> list[str] | None:

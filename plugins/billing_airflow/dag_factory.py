@@ -9,6 +9,7 @@ from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule
 
 from billing_airflow.operators.deliver import (
     MODES,
+    CompletenessSweepOperator,
     DeliveryReportOperator,
     PlanPartitionsOperator,
     SegmentDeliveryOperator,
@@ -48,7 +49,9 @@ def build_delivery_dag(destination: str, doc_md: str | None = None) -> DAG | Non
         params={
             "mode": Param("deliver", enum=list(MODES), description=(
                 "deliver: the run's window (default). replay_rejected: re-send the events the ledger "
-                "holds as rejected, mapped with the current settings, with their original idempotency keys.")),
+                "holds as rejected, mapped with the current settings, with their original idempotency keys. "
+                "replace (Orb only): re-send every event with a timestamp in the window inside an Orb "
+                "backfill that REPLACES what Orb holds for that period (re-billing after a mapping change).")),
             "reason_contains": Param("", type="string", description=(
                 "replay_rejected only: replay just the rejections whose reason contains this text.")),
         },
@@ -69,4 +72,28 @@ def build_delivery_dag(destination: str, doc_md: str | None = None) -> DAG | Non
         report = DeliveryReportOperator(task_id="report", destination=destination, deliver_task_id="deliver",
                                         plan_task_id="plan", trigger_rule=TriggerRule.ALL_DONE)
         plan >> deliver >> report
+    return dag
+
+
+def build_sweep_dag(doc_md: str | None = None) -> DAG:
+    """``usage_billing_sweep``: daily, one task per configured destination."""
+    settings = load_settings()
+    try:
+        schedule = CronDataIntervalTimetable(settings.sweep.schedule, timezone="UTC")
+    except Exception as error:
+        raise ConfigError(f"sweep.schedule: {settings.sweep.schedule!r} is not a cron expression ({error})") from None
+    with DAG(
+        dag_id="usage_billing_sweep",
+        schedule=schedule,
+        start_date=settings.airflow.start_date,
+        catchup=False,
+        max_active_runs=1,
+        doc_md=doc_md,
+        tags=["usage-billing", "segment", "sweep"],
+        default_args={"retries": settings.airflow.retries, "retry_delay": settings.airflow.retry_delay,
+                      "retry_exponential_backoff": True},
+    ) as dag:
+        for destination in settings.configured_destinations():
+            CompletenessSweepOperator(task_id=f"sweep_{destination}", destination=destination,
+                                      **({"pool": settings.airflow.pool} if settings.airflow.pool else {}))
     return dag

@@ -38,6 +38,20 @@ def test_delivery_dag_shape(bag, dag_id):
     assert dag.task_dict["report"].trigger_rule == "all_done"
 
 
+def test_sweep_dag_shape(bag):
+    from airflow.sdk import CronDataIntervalTimetable
+
+    dag = bag.dags["usage_billing_sweep"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert set(dag.task_dict) == {"sweep_orb", "sweep_kable"}
+    assert dag.catchup is False and "sweep" in dag.tags and dag.doc_md
+
+
+@pytest.mark.parametrize("dag_id", ["segment_to_orb", "segment_to_kable"])
+def test_modes_are_params(bag, dag_id):
+    assert bag.dags[dag_id].params["mode"] == "deliver"
+
+
 def test_import_touches_no_database_or_network(tmp_path, monkeypatch):
     """Parsing with connections pointing nowhere still works: nothing is contacted at import time."""
     from airflow.models.dagbag import DagBag

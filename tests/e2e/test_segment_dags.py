@@ -95,3 +95,34 @@ def test_both_dags_deliver_each_event_exactly_once_and_a_second_pass_sends_nothi
         assert [r.state for r in runs] == [DagRunState.SUCCESS] * HOURS
     assert {name: len(stack[name].requests) for name in ("orb", "kable")} == requests
     assert stack["orb"].accepted_keys() == stack["kable"].accepted_keys() == deliverable
+
+
+def test_replay_replace_and_sweep_through_the_dags(stack):
+    """The DAG params and the sweep DAG, end to end: replay_rejected, replace (Orb), the daily sweep."""
+    from airflow.models.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    bag = DagBag(dag_folder=str(PROJECT / "dags"))
+    orb_dag = bag.dags["segment_to_orb"]
+    run_hours(orb_dag, stack["first_hour"])
+    anonymous = expected_ids(stack, False)
+    with stack["engine"].begin() as conn:  # fix the data: the anonymous events get their customer
+        for table in ("api_call", "payment_confirmed", "tokens_used"):
+            conn.execute(sa.text(f'UPDATE "{stack["schema"]}".{table} SET user_id = anonymous_id WHERE user_id IS NULL'))
+    last = stack["first_hour"] + timedelta(hours=HOURS)
+    replay = orb_dag.test(logical_date=last, run_conf={"mode": "replay_rejected"})
+    assert replay.state == DagRunState.SUCCESS
+    assert stack["orb"].accepted_keys() >= anonymous
+    assert stack["ledger"].counts("orb")["orb"].get("rejected", 0) == 0
+
+    replace = orb_dag.test(logical_date=last - timedelta(hours=1), run_conf={"mode": "replace"})
+    assert replace.state == DagRunState.SUCCESS
+    replaced = [b for b in stack["orb"].backfills() if b["replace_existing_events"]]
+    assert len(replaced) == 1 and replaced[0]["status"] == "reflected"
+    assert len(stack["orb"].accepted()) == len(stack["orb"].accepted_keys()), "no event twice"
+
+    sweep_run = bag.dags["usage_billing_sweep"].test(logical_date=datetime.now(UTC))
+    assert sweep_run.state == DagRunState.SUCCESS
+    for name in ("orb", "kable"):
+        counts = stack["ledger"].counts(name).get(name, {})
+        assert counts.get("pending", 0) == 0

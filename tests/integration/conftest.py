@@ -28,6 +28,8 @@ def config(schema: str, ledger_schema: str, **destination_overrides) -> dict:
                    "events": ["api_call", "payment_confirmed", "tokens_used"],
                    "loaded_at_column": "received_at", "lookback": "6h", "chunk_size": 500},
         "ledger": {"conn_id": "segment_warehouse", "schema": ledger_schema},
+        # A failing task must fail the test at once, not wait for Airflow's retry delay.
+        "airflow": {"retries": 0},
         "destinations": {
             "orb": {"conn_id": "orb_default", "external_customer_id_field": "userId",
                     "properties_mapping": {"amount": "amount", "currency": "currency", "latencyMs": "latency_ms",
@@ -128,11 +130,12 @@ def world(request, pg_engine, schemas, monkeypatch):
 
 
 def make_world(name, pg_engine, schemas, monkeypatch, sandbox_options=None, destination_overrides=None,
-               events_per_hour=60):
+               events_per_hour=60, hours=3):
     schema, ledger_schema = schemas
     now = datetime.now(UTC)
     stats = sample_data.generate(pg_engine, schema, start=now.replace(minute=0, second=0, microsecond=0)
-                                 - timedelta(hours=3), hours=3, events_per_hour=events_per_hour, seed=11, now=now)
+                                 - timedelta(hours=hours), hours=hours, events_per_hour=events_per_hour, seed=11,
+                                 now=now)
     settings = parse_settings(config(schema, ledger_schema, **(destination_overrides or {})))
     ledger = Ledger(pg_engine, ledger_schema)
     ledger.create()

@@ -21,10 +21,11 @@ from airflow.sdk import BaseHook, BaseOperator
 from billing_airflow.hooks.base import BillingApiHook
 from billing_airflow.hooks.kable import KableHook
 from billing_airflow.hooks.orb import OrbHook
-from usage_billing.delivery import deliver_partition, replay_rejected
+from usage_billing.delivery import deliver_partition, replace_window, replay_rejected
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import Settings, load_settings
+from usage_billing.sweep import sweep
 from usage_billing.warehouse import Partition, Window, count_window, create_engine, table_columns
 
 HOOKS: dict[str, type[BillingApiHook]] = {"orb": OrbHook, "kable": KableHook}
@@ -55,8 +56,9 @@ def window_from_context(context: Any, settings: Settings) -> Window:
                   end=datetime.fromtimestamp(end.timestamp(), UTC), lookback=settings.source.lookback)
 
 
-DELIVER, REPLAY_REJECTED = "deliver", "replay_rejected"
-MODES = (DELIVER, REPLAY_REJECTED)
+DELIVER, REPLAY_REJECTED, REPLACE = "deliver", "replay_rejected", "replace"
+MODES = (DELIVER, REPLAY_REJECTED, REPLACE)
+ALL_TABLES = "*"
 
 
 def run_mode(context: Any) -> tuple[str, str | None]:
@@ -105,6 +107,15 @@ class PlanPartitionsOperator(_ConfiguredOperator):
             warehouse.dispose()
             ledger_engine.dispose()
             return [Partition(table).to_dict() for table in tables]
+        if mode == REPLACE:
+            if self.destination != "orb":
+                raise ValueError("mode=replace exists only for Orb: Kable has no backfills to replace a period")
+            self.log.warning("plan: REPLACE MODE for %s: one task re-sends every event with a timestamp in "
+                             "[%s, %s) inside one replacing Orb backfill", self.destination,
+                             window.start.isoformat(), window.end.isoformat())
+            warehouse.dispose()
+            ledger_engine.dispose()
+            return [Partition(ALL_TABLES).to_dict()]
         partitions, lines = [], []
         with warehouse.connect() as conn:
             for table in source.events:
@@ -150,6 +161,10 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
             with hook:
                 if mode == REPLAY_REJECTED:
                     report = replay_rejected(table=partition.table, reason_contains=reason_contains, **common)
+                elif mode == REPLACE:
+                    report = replace_window(tables=settings.source.events,
+                                            window=window, **{k: v for k, v in common.items()
+                                                              if k != "loaded_at_column"})
                 else:
                     report = deliver_partition(partition=partition, window=window, **common)
         except Exception:
@@ -177,7 +192,9 @@ class DeliveryReportOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> dict:
         ti = context["ti"]
         planned = ti.xcom_pull(task_ids=self.plan_task_id) or []
-        reports = [r for r in (ti.xcom_pull(task_ids=self.deliver_task_id) or []) if r]
+        pulled = ti.xcom_pull(task_ids=self.deliver_task_id)
+        # One mapped instance comes back as its value, several as a sequence.
+        reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
         total: Counter = Counter()
         reasons: Counter = Counter()
         keys = ("rows_read", "duplicates_dropped", "unique_events", "already_delivered", "in_flight_elsewhere",
@@ -195,3 +212,39 @@ class DeliveryReportOperator(_ConfiguredOperator):
             raise RuntimeError(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
                                f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
         return dict(total)
+
+
+class CompletenessSweepOperator(_ConfiguredOperator):
+    """Deliver whatever the horizon holds that is neither delivered nor rejected; log a per-day table."""
+
+    def execute(self, context: Any) -> dict:
+        settings = self.settings()
+        destination = get_destination(self.destination, settings)
+        end = datetime.fromtimestamp(context["data_interval_end"].timestamp(), UTC)
+        window = Window(end - settings.sweep.horizon, end)
+        run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
+        warehouse, ledger_engine = self.engines(settings)
+        ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
+        ledger.create()
+        hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
+                                       rate_limit_storage=settings.airflow.rate_limit_storage)
+        try:
+            with hook:
+                report = sweep(engine=warehouse, schema=settings.source.schema_, tables=settings.source.events,
+                               window=window, loaded_at_column=settings.source.loaded_at_column,
+                               destination=destination, ledger=ledger, chunk_size=settings.source.chunk_size,
+                               now=datetime.now(UTC), sender=hook, run=run,
+                               concurrency=destination.settings.concurrency)
+        finally:
+            warehouse.dispose()
+            ledger_engine.dispose()
+        for delivery in report.deliveries:
+            self.log.info("%s", delivery.render())
+        self.log.info("%s", report.render())
+        if report.missing_before:
+            self.log.warning("the sweep found %d events the hourly runs missed: rows loaded later than "
+                             "source.lookback (%s); consider raising it", report.missing_before,
+                             settings.source.lookback)
+        if report.missing_after:
+            raise RuntimeError(f"{report.missing_after} events are still neither delivered nor rejected")
+        return report.to_dict()

@@ -1,0 +1,14 @@
+"""
+### Completeness sweep, daily
+
+The safety net for rows loaded later than `source.lookback`: scans `sweep.horizon` (default 7 days)
+of the warehouse on the loaded-at column, for each destination, and delivers every event that is
+neither delivered nor rejected (through Orb backfills when past Orb's grace period). Each task logs
+a per-day table: events in the warehouse, delivered, rejected, missing before the sweep, delivered
+by the sweep, still missing (zero after a successful sweep). Rejected events are left alone: re-send
+them with `mode=replay_rejected` on the destination's DAG.
+"""
+
+from billing_airflow.dag_factory import build_sweep_dag
+
+dag = build_sweep_dag(doc_md=__doc__)
