@@ -22,7 +22,7 @@ HOURS = 4
 
 
 @pytest.fixture
-def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path):
+def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path, request):
     from tests.integration.conftest import config
 
     schema, ledger_schema = schemas
@@ -32,7 +32,9 @@ def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path):
     sample_data.generate(pg_engine, schema, start=first_hour - timedelta(hours=6), hours=HOURS + 6,
                          events_per_hour=40, seed=5, now=now)
     path = tmp_path / "usage_billing.yaml"
-    path.write_text(yaml.safe_dump(config(schema, ledger_schema)))
+    settings = config(schema, ledger_schema)
+    settings["airflow"].update(getattr(request, "param", {}))
+    path.write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("USAGE_BILLING_CONFIG", str(path))
     url = sa.make_url(pg_url)
     monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_WAREHOUSE", url.set(drivername="postgresql").render_as_string(False))
@@ -126,3 +128,18 @@ def test_replay_replace_and_sweep_through_the_dags(stack):
     for name in ("orb", "kable"):
         counts = stack["ledger"].counts(name).get(name, {})
         assert counts.get("pending", 0) == 0
+
+
+@pytest.mark.parametrize("stack", [{"partitions_per_table": 3, "max_active_tis_per_dag": 2}], indirect=True)
+def test_a_window_split_into_hash_partitions_is_delivered_once_by_mapped_tasks(stack):
+    from airflow.models.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["segment_to_orb"]
+    assert dag.task_dict["deliver"].max_active_tis_per_dag == 2
+    runs = run_hours(dag, stack["first_hour"])
+    assert [r.state for r in runs] == [DagRunState.SUCCESS] * HOURS
+    mapped = [ti for ti in runs[0].get_task_instances() if ti.task_id == "deliver"]
+    assert len(mapped) == 3 * 3, "3 event tables x 3 hash buckets"
+    deliverable = expected_ids(stack, True)
+    assert stack["orb"].accepted_keys() == deliverable and len(stack["orb"].accepted()) == len(deliverable)
