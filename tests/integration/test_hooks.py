@@ -1,0 +1,103 @@
+"""The destination hooks against the sandboxes: response contracts, attribution, bisection, auth."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from billing_airflow.hooks.kable import KableHook
+from billing_airflow.hooks.orb import OrbHook
+from tests.integration.conftest import FAST_RETRIES, KABLE_CLIENT, KABLE_KEY, ORB_KEY
+from usage_billing.delivery import BatchRejected, FatalDeliveryError, send_resolving
+from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
+from usage_billing.settings import KableSettings, OrbSettings
+
+ORB_SETTINGS = OrbSettings(external_customer_id_field="userId", properties_mapping={}, **FAST_RETRIES)
+
+
+def orb_event(key: str, **overrides) -> dict:
+    return {"event_name": "API Call", "idempotency_key": key, "external_customer_id": "cus_1",
+            "timestamp": "2099-01-01T00:00:00.000Z" if key == "future" else _now(), "properties": {"n": 1},
+            **overrides}
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+@pytest.fixture
+def orb_hook(monkeypatch, request):
+    with OrbSandbox(api_key=ORB_KEY, validation_response=getattr(request, "param", "400")) as sandbox:
+        monkeypatch.setenv("AIRFLOW_CONN_ORB_TEST", json.dumps({"conn_type": "http", "host": sandbox.url,
+                                                               "password": ORB_KEY}))
+        with OrbHook("orb_test", ORB_SETTINGS, sleep=lambda _: None) as hook:
+            yield hook, sandbox
+
+
+@pytest.mark.parametrize("orb_hook", ["400", "200"], indirect=True, ids=["orb-answers-400", "orb-answers-200"])
+def test_orb_names_the_bad_events_and_the_rest_are_delivered(orb_hook):
+    hook, sandbox = orb_hook
+    events = [orb_event("a"), orb_event("nested", properties={"x": {"y": 1}}), orb_event("b"), orb_event("future")]
+    outcome = hook.send(events, [e["idempotency_key"] for e in events])
+    assert sorted(outcome.accepted) == ["a", "b"]
+    assert set(outcome.rejected) == {"nested", "future"}
+    assert sandbox.accepted_keys() == {"a", "b"}
+    assert all(outcome.rejected.values())
+
+
+def test_orb_bearer_auth_and_a_wrong_key_is_fatal(orb_hook, monkeypatch):
+    hook, sandbox = orb_hook
+    monkeypatch.setenv("AIRFLOW_CONN_ORB_WRONG", json.dumps({"conn_type": "http", "host": sandbox.url,
+                                                            "password": "wrong-key"}))
+    with OrbHook("orb_wrong", ORB_SETTINGS) as wrong, pytest.raises(FatalDeliveryError) as error:
+        wrong.send([orb_event("a")], ["a"])
+    assert "orb_wrong" in str(error.value) and "wrong-key" not in str(error.value)
+    assert hook.session().headers["Authorization"] == f"Bearer {ORB_KEY}"
+    assert hook.session().auth is None
+
+
+def test_retries_count_the_sends_with_zero_wait(orb_hook):
+    hook, sandbox = orb_hook
+    sandbox.inject(Fault.TOO_MANY_REQUESTS, times=3, retry_after=7)
+    sleeps: list[float] = []
+    hook._sleep = sleeps.append
+    outcome = hook.send([orb_event("a")], ["a"])
+    assert outcome.retries == 3 and sleeps == [7, 7, 7]
+    assert len(sandbox.requests) == 4
+
+
+@pytest.fixture
+def kable_hook(monkeypatch):
+    with KableSandbox(client_id=KABLE_CLIENT, api_key=KABLE_KEY) as sandbox:
+        monkeypatch.setenv("AIRFLOW_CONN_KABLE_TEST", json.dumps({"conn_type": "http", "host": sandbox.url,
+                                                                 "login": KABLE_CLIENT, "password": KABLE_KEY}))
+        with KableHook("kable_test", KableSettings(**FAST_RETRIES), sleep=lambda _: None) as hook:
+            yield hook, sandbox
+
+
+def kable_event(key: str, **overrides) -> dict:
+    return {"clientId": "cus_1", "timestamp": _now(), "transactionId": key, "data": {"n": 1}, **overrides}
+
+
+def test_kable_refuses_a_whole_batch_and_bisection_isolates_the_bad_event(kable_hook):
+    hook, sandbox = kable_hook
+    events = [kable_event(f"k{i}") for i in range(7)] + [kable_event("bad", clientId="")]
+    keys = [e["transactionId"] for e in events]
+    with pytest.raises(BatchRejected, match="X-REQUEST-ID"):
+        hook.send(events, keys)
+    outcome = send_resolving(hook, events, keys)
+    assert sorted(outcome.accepted) == sorted(keys[:-1]) and list(outcome.rejected) == ["bad"]
+    assert "clientId" in outcome.rejected["bad"] and outcome.bisections >= 3
+    assert sandbox.accepted_keys() == set(keys[:-1])
+
+
+def test_kable_sends_its_headers_and_no_basic_auth(kable_hook):
+    hook, _ = kable_hook
+    headers = hook.session().headers
+    assert headers["KABLE-CLIENT-ID"] == KABLE_CLIENT and headers["KABLE-CLIENT-SECRET"] == KABLE_KEY
+    assert headers["Accept"] == headers["Content-Type"] == "application/json"
+    assert hook.session().auth is None
+    assert hook.url_from_endpoint(hook.endpoint).endswith("/api/v1/events/create")
