@@ -191,7 +191,11 @@ class DeliveryReportOperator(_ConfiguredOperator):
 
     def execute(self, context: Any) -> dict:
         ti = context["ti"]
-        planned = ti.xcom_pull(task_ids=self.plan_task_id) or []
+        planned = ti.xcom_pull(task_ids=self.plan_task_id)
+        if planned is None:
+            # An empty list is a legitimate plan; no list at all means plan failed, and a success
+            # here would mark the run successful with its window never delivered.
+            raise RuntimeError("plan did not finish: no partition list; see the plan task log and clear the run")
         pulled = ti.xcom_pull(task_ids=self.deliver_task_id)
         # One mapped instance comes back as its value, several as a sequence.
         reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
