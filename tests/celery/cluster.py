@@ -10,6 +10,7 @@ whatever is left (Celery pool children, uvicorn workers, log servers included).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -75,15 +76,21 @@ class Cluster:
 
     def run(self, *args: str, timeout: float = 180) -> str:
         """Run ``airflow <args>`` to completion; its output, or ClusterError with the output."""
+        popen = subprocess.Popen([*AIRFLOW, *args], env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            done = subprocess.run([*AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-        except subprocess.TimeoutExpired as error:
-            raise ClusterError(f"airflow {' '.join(args)} did not finish in {timeout} s\n{error.stdout}\n"
-                               f"{error.stderr}") from None
-        if done.returncode != 0:
-            raise ClusterError(f"airflow {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
-        return done.stdout
+            output, _ = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(popen.pid, signal.SIGKILL)
+            output, _ = popen.communicate()
+            raise ClusterError(f"airflow {' '.join(args)} did not finish in {timeout} s:\n{output}") from None
+        except BaseException:  # interrupted (pytest-timeout, Ctrl-C): leave nothing behind
+            _signal_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+        if popen.returncode != 0:
+            raise ClusterError(f"airflow {' '.join(args)} exited {popen.returncode}:\n{output}")
+        return output
 
     def start(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None) -> Started:
         """Start ``command`` in a new session, stdout and stderr to ``<logs>/<name>.log``."""
@@ -106,16 +113,18 @@ class Cluster:
             if code is not None:
                 raise ClusterError(f"{process.name} (pid {process.pid}) exited with {code}:\n{process.tail()}")
 
-    def wait_for_log(self, process: Started, text: str, timeout: float) -> str:
-        """Wait until ``text`` appears in the process's log; the first line holding it."""
+    def wait_for_log(self, process: Started, pattern: str, timeout: float) -> str:
+        """Wait until a line of the process's log matches the regex ``pattern``; that line."""
+        regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in process.log.read_text(errors="replace").splitlines():
-                if text in line:
+                if regex.search(line):
                     return line
             self.check_running()
             time.sleep(0.5)
-        raise ClusterError(f"{process.name}: {text!r} not in its log after {timeout} s:\n{process.tail()}")
+        raise ClusterError(f"{process.name}: no line matching {pattern!r} in its log after {timeout} s:\n"
+                           f"{process.tail()}")
 
     # ------------------------------------------------------------------ teardown
 
