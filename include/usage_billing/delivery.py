@@ -6,9 +6,10 @@ destination, :func:`deliver_partition`:
 1. reads the window's rows in bounded chunks, one row per ``id`` (:mod:`usage_billing.warehouse`);
 2. maps each chunk with the destination's pure mapping; rows that cannot make an event are
    recorded as rejected with their reason;
-3. claims the chunk's idempotency keys in the ledger: keys already delivered, or in flight in
-   another run, are dropped here, before any batch is built;
-4. sends the claimed events in batches of at most ``batch_size``, ``concurrency`` requests at a time,
+3. leaves out the events the ledger has as delivered: inside the extraction query when the ledger
+   shares the warehouse's database, else with one ledger lookup per chunk, before any batch is built
+   (overlapping runs are serialised per partition by a lock in the ledger database);
+4. sends the rest in batches of at most ``batch_size``, ``concurrency`` requests at a time,
    through a :class:`Sender` (the destination's hook: auth, pacing, retries);
 5. marks each event delivered once the destination confirmed it, or rejected with the
    destination's message. A batch the destination refuses as a whole without naming the bad events
@@ -17,7 +18,7 @@ destination, :func:`deliver_partition`:
 What is retried (inside the Sender): 429, 5xx, timeouts, dropped connections, with capped
 exponential backoff and jitter, honouring ``Retry-After``. What is terminal: a 4xx for one event
 (rejected, replayable), or a 401/403/404 (the whole task fails: a configuration problem). When the
-retries run out, the confirmed part is marked, the rest is released, and :class:`DeliveryFailed`
+retries run out, the confirmed part is marked, and :class:`DeliveryFailed`
 fails the task so Airflow's next try sends the rest. Nothing is marked delivered that the
 destination did not confirm.
 """
@@ -36,18 +37,19 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from usage_billing.backfills import backfill_session, group_by_day, timeframe_for
 from usage_billing.destinations import Destination
 from usage_billing.destinations.base import Mapped, Rejection
 from usage_billing.ledger import Ledger, RunRef
-from usage_billing.warehouse import COPIES, Partition, Window, read_events, table_columns
+from usage_billing.warehouse import COPIES, Partition, Window, count_events, read_events, table_columns
 
 log = logging.getLogger(__name__)
 
 # Ledger writes are coalesced up to this many keys; a crash can leave at most this many
-# confirmed-but-unmarked events, which are re-sent (and de-duplicated) after the claim expires.
+# confirmed-but-unmarked events, which the next attempt re-sends (and the destination de-duplicates).
 MARK_EVERY = 5_000
 
 
@@ -108,7 +110,6 @@ class DeliveryReport:
     unique_events: int = 0
     mapping_rejected: int = 0
     already_delivered: int = 0
-    in_flight_elsewhere: int = 0
     sent: int = 0
     accepted: int = 0
     destination_rejected: int = 0
@@ -169,8 +170,7 @@ class DeliveryReport:
             f"  window            {self.window}",
             f"  extracted         {self.rows_read} rows read, {self.duplicates_dropped} duplicate rows dropped, "
             f"{self.unique_events} unique events",
-            f"  skipped           {self.already_delivered} already delivered, "
-            f"{self.in_flight_elsewhere} in flight in another run",
+            f"  skipped           {self.already_delivered} already delivered",
             f"  sent              {self.sent} events in {self.batches} batches ({self.requests} requests, "
             f"{self.retries} retries, {self.bisections} bisections)",
             f"  accepted          {self.accepted}"
@@ -285,8 +285,10 @@ def deliver_partition(
     started = time.monotonic()
     label = str(window) if ids is None else f"replay of {len(ids)} rejected events"
     report = DeliveryReport(destination=destination.name, partition=str(partition), window=label)
+    same_database = ledger.engine is engine
     try:
-        with engine.connect() as conn:
+        # Overlapping runs of this partition take turns, so each sees what the other delivered.
+        with ledger.lock(f"{destination.name}:{partition}"), engine.connect() as conn:
             columns = table_columns(conn, schema, partition.table)
             if columns is None:
                 report.notes.append(f"event table {schema}.{partition.table} does not exist yet "
@@ -298,7 +300,16 @@ def deliver_partition(
             wanted = [*destination.required_columns(columns), loaded_at_column]
             for missing in destination.missing_fields(columns):
                 report.notes.append(f"{missing} is not a column of {schema}.{partition.table}: treated as absent")
-            chunks = iter(read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids))
+            known = None
+            if same_database and replace_backfill_id is None and destination.key_column in columns:
+                known = _known_in_ledger(ledger, destination, retry_rejected)
+                with report.timed("ledger_filter"):
+                    already = count_events(conn, schema, partition, window, loaded_at_column, ids, where=known)
+                # Those events stay in the database; they still count as events of the window.
+                report.already_delivered += already
+                report.unique_events += already
+            chunks = iter(read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids,
+                                      where=None if known is None else lambda table: ~known(table)))
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool:
                 while True:
                     with report.timed("extract"):
@@ -306,7 +317,8 @@ def deliver_partition(
                     if chunk is None:
                         break
                     _deliver_chunk(chunk, loaded_at_column, destination, sender, ledger, run, pool,
-                                   concurrency, report, now, replace_backfill_id, retry_rejected)
+                                   concurrency, report, now, replace_backfill_id, retry_rejected,
+                                   filtered=known is not None)
     finally:
         report.seconds = time.monotonic() - started
     if report.old_events:
@@ -339,10 +351,24 @@ def replay_rejected(*, ledger: Ledger, destination: Destination, table: str, rea
                                   + (f" whose reason contains {reason_contains!r}" if reason_contains else ""))
 
 
+def _known_in_ledger(ledger: Ledger, destination: Destination, retry_rejected: bool):
+    """A clause builder: "the ledger already has this row's event" (delivered, or also rejected)."""
+    deliveries = ledger.table.c
+    statuses = ledger.skipped_statuses(retry_rejected)
+
+    def known(table: sa.Table) -> sa.ColumnElement[bool]:
+        key = table.c[destination.key_column]
+        if not isinstance(key.type, sa.String):
+            key = sa.cast(key, sa.String)
+        return sa.exists().where(deliveries.destination == destination.name, deliveries.idempotency_key == key,
+                                 deliveries.status.in_(statuses))
+    return known
+
+
 def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Destination, sender: Sender,
                    ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
                    report: DeliveryReport, now: Callable[[], datetime], replace_backfill_id: str | None,
-                   retry_rejected: bool = True) -> None:
+                   retry_rejected: bool = True, filtered: bool = False) -> None:
     report.rows_read += int(chunk[COPIES].sum())
     report.duplicates_dropped += int((chunk[COPIES] - 1).sum())
     report.unique_events += len(chunk)
@@ -368,12 +394,13 @@ def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Dest
         send(list(range(len(mapped.keys))), replace_backfill_id, "replace")
         return
 
-    with report.timed("ledger_filter"):
-        claim = ledger.claim(destination.name, run, mapped.keys, mapped.message_ids, mapped.tables,
-                             mapped.timestamps, now(), retry_rejected=retry_rejected)
-    report.already_delivered += claim.already_delivered
-    report.in_flight_elsewhere += claim.in_flight_elsewhere
-    todo = [i for i, key in enumerate(mapped.keys) if key in claim.claimed]
+    if filtered:  # the extraction query already left out what the ledger knows
+        todo = list(range(len(mapped.keys)))
+    else:
+        with report.timed("ledger_filter"):
+            known = ledger.known_keys(destination.name, mapped.keys, retry_rejected)
+        report.already_delivered += len(known)
+        todo = [i for i, key in enumerate(mapped.keys) if key not in known]
     cutoff = destination.backfill_cutoff(now())
     if cutoff is None or not hasattr(sender, "open_backfill"):
         send(todo)
@@ -404,29 +431,30 @@ class _Sending:
         report = self.report
         writes_before, started = report.stages["ledger_write"], time.perf_counter()
         try:
-            _send_claimed([self.mapped.payloads[i] for i in positions], [self.mapped.keys[i] for i in positions],
-                          self.destination, self.sender, self.ledger, self.run, self.pool, self.concurrency,
-                          report, self.now, backfill_id, mode)
+            _send_positions(self.mapped, positions, self.destination, self.sender, self.ledger, self.run,
+                            self.pool, self.concurrency, report, self.now, backfill_id, mode)
         finally:
             # Ledger writes happen between sends; count them once, under ledger_write.
             report.stages["deliver"] += (time.perf_counter() - started
                                          - (report.stages["ledger_write"] - writes_before))
 
 
-def _batches(events: list[dict], keys: list[str], size: int) -> Iterator[tuple[list[dict], list[str]]]:
-    for start in range(0, len(events), size):
-        yield events[start:start + size], keys[start:start + size]
-
-
-def _send_claimed(events: list[dict], keys: list[str], destination: Destination, sender: Sender,
-                  ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
-                  report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None,
-                  mode: str) -> None:
-    to_mark: list[str] = []
+def _send_positions(mapped: Mapped, positions: list[int], destination: Destination, sender: Sender,
+                    ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
+                    report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None,
+                    mode: str) -> None:
+    """Send the events at ``positions`` of a mapped chunk; mark what the destination confirmed."""
+    position_of = {mapped.keys[p]: p for p in positions}
+    to_mark: list[int] = []
     unconfirmed: list[str] = []
     failure: BaseException | None = None
     in_flight: list[_Pending] = []
-    batches = _batches(events, keys, destination.batch_size)
+
+    def mark(marked: list[int]) -> None:
+        with report.timed("ledger_write"):
+            ledger.mark_delivered(destination.name, run, [mapped.keys[p] for p in marked],
+                                  [mapped.message_ids[p] for p in marked], [mapped.tables[p] for p in marked],
+                                  [mapped.timestamps[p] for p in marked], now(), backfill_id, mode)
 
     def collect(done: _Pending) -> None:
         nonlocal failure
@@ -444,48 +472,45 @@ def _send_claimed(events: list[dict], keys: list[str], destination: Destination,
         report.retries += outcome.retries
         report.bisections += outcome.bisections
         report.accepted += len(outcome.accepted)
-        to_mark.extend(outcome.accepted)
+        to_mark.extend(position_of[k] for k in outcome.accepted if k in position_of)
         if outcome.rejected:
-            by_key = {k: i for i, k in enumerate(done.keys)}
-            rejections = [Rejection(key=k, message_id=k, table="", reason=f"{destination.name} rejected "
-                                    f"event {k}: {message}") for k, message in outcome.rejected.items()
-                          if k in by_key]
+            rejections = [Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
+                                    table=mapped.tables[position_of[k]],
+                                    event_timestamp=mapped.timestamps[position_of[k]],
+                                    reason=f"{destination.name} rejected event {k}: {message}")
+                          for k, message in outcome.rejected.items() if k in position_of]
             with report.timed("ledger_write"):
                 ledger.mark_rejected(destination.name, run, rejections, now())
             report.destination_rejected += len(rejections)
             report.reasons.update(f"{destination.name}: {message}" for message in outcome.rejected.values())
         if len(to_mark) >= MARK_EVERY:
-            with report.timed("ledger_write"):
-                ledger.mark_delivered(destination.name, to_mark, now(), backfill_id, mode, run)
+            mark(to_mark)
             to_mark.clear()
 
     try:
-        for batch_events, batch_keys in batches:
-            if failure is not None:
-                unconfirmed.extend(batch_keys)
-                continue
-            # Bounded in-flight work keeps memory flat and lets a failure stop new sends quickly.
-            while len(in_flight) >= concurrency:
-                finished, _ = wait([p.future for p in in_flight], return_when=FIRST_COMPLETED)
-                for pending in [p for p in in_flight if p.future in finished]:
-                    in_flight.remove(pending)
-                    collect(pending)
+        for start in range(0, len(positions), destination.batch_size):
+            batch = positions[start:start + destination.batch_size]
+            batch_keys = [mapped.keys[p] for p in batch]
+            if failure is None:
+                # Bounded in-flight work keeps memory flat and lets a failure stop new sends quickly.
+                while len(in_flight) >= concurrency:
+                    finished, _ = wait([p.future for p in in_flight], return_when=FIRST_COMPLETED)
+                    for pending in [p for p in in_flight if p.future in finished]:
+                        in_flight.remove(pending)
+                        collect(pending)
             if failure is not None:
                 unconfirmed.extend(batch_keys)
                 continue
             report.batches += 1
-            report.sent += len(batch_events)
-            in_flight.append(_Pending(batch_keys, pool.submit(send_resolving, sender, batch_events, batch_keys,
-                                                              backfill_id)))
+            report.sent += len(batch)
+            in_flight.append(_Pending(batch_keys, pool.submit(
+                send_resolving, sender, [mapped.payloads[p] for p in batch], batch_keys, backfill_id)))
         for pending in in_flight:
             wait([pending.future])
             collect(pending)
         in_flight.clear()
     finally:
-        with report.timed("ledger_write"):
-            ledger.mark_delivered(destination.name, to_mark, now(), backfill_id, mode, run)
-        if unconfirmed and mode != "replace":
-            ledger.release(destination.name, run, unconfirmed)
+        mark(to_mark)
     if failure is not None:
         report.notes.append(f"{len(unconfirmed)} events not confirmed: {failure}")
         raise DeliveryFailed(f"{destination.name}: {len(unconfirmed)} events of partition {report.partition} "

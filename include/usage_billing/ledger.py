@@ -1,19 +1,20 @@
-"""The ledger: one row per (destination, idempotency key), saying delivered, rejected or pending.
+"""The ledger: one row per (destination, idempotency key), saying delivered or rejected, and why.
 
 It is what makes reruns, overlapping runs and backfills safe. The protocol is check -> send -> mark:
 
-1. **claim**: one statement per chunk inserts the chunk's keys as ``pending`` (or re-claims rows
-   that are ``rejected``, or ``pending`` under an expired claim or this run's own claim) and returns
-   the keys this run now owns. Keys already ``delivered``, or claimed by another live run, are not
-   returned, so they are never put in a batch. The filter runs in the database: only the chunk's
-   keys travel, never the set of everything delivered.
-2. **send** the claimed events.
-3. **mark** ``delivered`` only after the destination accepted them, ``rejected`` with the
-   destination's message when it refused them.
+1. **check**: the extraction leaves out events the ledger has as delivered. When the ledger lives in
+   the warehouse's database (the default) this is a ``NOT EXISTS`` inside the extraction query, so
+   delivered rows never even leave the database; otherwise one indexed lookup per chunk of keys.
+   Never is the whole set of delivered keys loaded into Python.
+2. **send** the rest.
+3. **mark** ``delivered`` (one upsert per batch of confirmed keys) only after the destination
+   accepted them; ``rejected`` with the reason when the mapping or the destination refused them.
+   A ``delivered`` row is never downgraded.
 
-A crash between 2 and 3 leaves ``pending`` rows under a claim that expires after ``claim_ttl``
-(or at once when the same run retries); the next attempt re-sends them with the same idempotency
-keys, which the destination de-duplicates. A ``delivered`` row is never downgraded.
+Overlapping runs are serialised per (destination, partition) by :meth:`Ledger.lock` (a PostgreSQL
+advisory lock, released by PostgreSQL itself if the task process dies), so the second run's check
+sees what the first delivered. A crash between 2 and 3 leaves confirmed-but-unmarked events; the
+next attempt sends them again with the same idempotency keys, which the destination de-duplicates.
 
 Supported ledger databases: PostgreSQL and SQLite (the embedded demo).
 """
@@ -26,7 +27,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -35,7 +36,7 @@ from sqlalchemy.engine import Engine
 from usage_billing.destinations.base import Rejection
 from usage_billing.naming import check_identifier
 
-DELIVERED, REJECTED, PENDING = "delivered", "rejected", "pending"
+DELIVERED, REJECTED = "delivered", "rejected"
 MAX_REASON = 2000
 
 
@@ -54,8 +55,6 @@ def _columns() -> list[sa.Column]:
         sa.Column("delivered_at", sa.DateTime(timezone=True)),
         sa.Column("dag_id", sa.String(250)),
         sa.Column("run_id", sa.String(250)),
-        sa.Column("claimed_by", sa.String(500)),
-        sa.Column("claim_expires_at", sa.DateTime(timezone=True)),
         sa.Column("backfill_id", sa.String(100)),
         sa.Column("mode", sa.String(16)),
     ]
@@ -102,28 +101,20 @@ class RunRef:
     dag_id: str
     run_id: str
 
-    @property
-    def owner(self) -> str:
-        return f"{self.dag_id}/{self.run_id}"
-
-
-@dataclass
-class ClaimResult:
-    claimed: set[str]
-    already_delivered: int
-    in_flight_elsewhere: int
 
 
 class Ledger:
     """The delivered / rejected record in the ledger database (schema ``usage_billing``)."""
 
-    def __init__(self, engine: Engine, schema: str = "usage_billing", claim_ttl: timedelta = timedelta(minutes=30)):
+    def __init__(self, engine: Engine, schema: str = "usage_billing"):
         self.engine = engine
         self.schema = check_identifier(schema, "ledger.schema")
-        self.claim_ttl = claim_ttl
         metadata = sa.MetaData(schema=self.schema)
         self.table = sa.Table("deliveries", metadata, *_columns(),
-                              sa.Index("ix_deliveries_status", "destination", "status"))
+                              # Only rejected rows need finding by status; delivered ones are found by key.
+                              sa.Index("ix_deliveries_rejected", "destination", "event_table",
+                                       postgresql_where=sa.text(f"status = '{REJECTED}'"),
+                                       sqlite_where=sa.text(f"status = '{REJECTED}'")))
         self.history = sa.Table("delivery_history", metadata, *_history_columns(),
                                 sa.Index("ix_delivery_history_key", "destination", "idempotency_key"))
         self.backfills = sa.Table("backfills", metadata, *_backfill_columns())
@@ -203,54 +194,30 @@ class Ledger:
         # (SQLAlchemy's own SQLite DATETIME format, so typed queries compare correctly).
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if self._sqlite else value
 
-    def claim(self, destination: str, run: RunRef, keys: Sequence[str], message_ids: Sequence[str],
-              tables: Sequence[str], timestamps: Sequence[datetime | None], now: datetime, *,
-              retry_rejected: bool = True) -> ClaimResult:
-        """Claim the keys that are neither delivered nor claimed by another live run.
-
-        ``retry_rejected=False`` leaves rejected events alone (the completeness sweep).
-        """
-        if not keys:
-            return ClaimResult(set(), 0, 0)
-        takeover = [f"{self._name}.status = '{REJECTED}'"] if retry_rejected else []
-        params = {
-            "destination": destination, "dag_id": run.dag_id, "run_id": run.run_id, "owner": run.owner,
-            "now": self._t(now), "expires": self._t(now + self.claim_ttl),
-        }
-        upsert = f"""
-            ON CONFLICT (destination, idempotency_key) DO UPDATE SET
-                status = '{PENDING}', attempts = {self._name}.attempts + 1,
-                last_attempt_at = excluded.last_attempt_at, dag_id = excluded.dag_id, run_id = excluded.run_id,
-                claimed_by = excluded.claimed_by, claim_expires_at = excluded.claim_expires_at,
-                message_id = excluded.message_id, event_table = excluded.event_table,
-                event_timestamp = excluded.event_timestamp
-            WHERE {" OR ".join(takeover) + " OR " if takeover else ""}({self._name}.status = '{PENDING}'
-                   AND ({self._name}.claimed_by = excluded.claimed_by
-                        OR {self._name}.claim_expires_at IS NULL
-                        OR {self._name}.claim_expires_at < excluded.last_attempt_at))
-            RETURNING idempotency_key"""
-        columns = ("destination, idempotency_key, status, attempts, message_id, event_table, event_timestamp, "
-                   "first_attempt_at, last_attempt_at, dag_id, run_id, claimed_by, claim_expires_at")
-        stamps = [None if t is None else self._t(t) for t in timestamps]
+    def _array(self, values: Sequence[object]) -> object:
+        """A bind value for ``CAST(:x AS type[])``: one array literal on PostgreSQL (psycopg2 would
+        otherwise inline every element into the SQL text, which PostgreSQL then has to parse), JSON
+        for SQLite's json_each."""
         if self._sqlite:
-            sql = f"""INSERT INTO {self._name} ({columns})
-                SELECT :destination, json_extract(value, '$[0]'), '{PENDING}', 1, json_extract(value, '$[1]'),
-                       json_extract(value, '$[2]'), json_extract(value, '$[3]'), :now, :now, :dag_id, :run_id,
-                       :owner, :expires
-                FROM json_each(:rows) WHERE true {upsert}"""
-            params["rows"] = json.dumps(list(zip(keys, message_ids, tables, stamps, strict=True)))
-        else:
-            sql = f"""INSERT INTO {self._name} ({columns})
-                SELECT :destination, k, '{PENDING}', 1, m, t, ts, :now, :now, :dag_id, :run_id, :owner, :expires
-                FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
-                            CAST(:stamps AS timestamptz[])) AS u(k, m, t, ts)
-                {upsert}"""
-            params.update(keys=list(keys), ids=list(message_ids), tables=list(tables), stamps=stamps)
-        with self.engine.begin() as conn:
-            claimed = {row[0] for row in conn.execute(sa.text(sql), params)}
-            unclaimed = [k for k in keys if k not in claimed]
-            statuses = self._statuses(conn, destination, unclaimed) if unclaimed else Counter()
-        return ClaimResult(claimed, statuses.get(DELIVERED, 0), statuses.get(PENDING, 0) + statuses.get(REJECTED, 0))
+            return json.dumps(list(values))
+        return "{" + ",".join("NULL" if v is None else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                              for v in values) + "}"
+
+    def skipped_statuses(self, retry_rejected: bool) -> tuple[str, ...]:
+        return (DELIVERED,) if retry_rejected else (DELIVERED, REJECTED)
+
+    def known_keys(self, destination: str, keys: Sequence[str], retry_rejected: bool = True) -> set[str]:
+        """The keys among ``keys`` that need no sending: delivered (and rejected, unless
+        ``retry_rejected``). One indexed lookup for a chunk of keys."""
+        if not keys:
+            return set()
+        params: dict = {"destination": destination}
+        where = self._in_keys(params, keys)
+        statuses = ", ".join(f"'{s}'" for s in self.skipped_statuses(retry_rejected))
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT idempotency_key FROM {self._name} WHERE destination = :destination "
+                                        f"AND status IN ({statuses}) AND {where}"), params)
+            return {row[0] for row in rows}
 
     def _archive(self, destination: str, keys: Sequence[str], run: RunRef, now: datetime) -> None:
         """Copy the current delivery of these keys into delivery_history before they are re-sent."""
@@ -264,19 +231,6 @@ class Ledger:
                 f":now, :run_id FROM {self._name} WHERE destination = :destination AND status = '{DELIVERED}' "
                 f"AND {where}"), params)
 
-    def _ensure_rows(self, destination: str, keys: Sequence[str], run: RunRef, now: datetime) -> None:
-        """Replace mode sends without claiming; make sure every key has a row to mark."""
-        params: dict = {"destination": destination, "now": self._t(now), "dag_id": run.dag_id, "run_id": run.run_id}
-        source = ("SELECT value AS k FROM json_each(:keys)" if self._sqlite
-                  else "SELECT unnest(CAST(:keys AS text[])) AS k")
-        params["keys"] = json.dumps(list(keys)) if self._sqlite else list(keys)
-        with self.engine.begin() as conn:
-            conn.execute(sa.text(
-                f"INSERT INTO {self._name} (destination, idempotency_key, status, attempts, message_id, "
-                f"first_attempt_at, last_attempt_at, dag_id, run_id) "
-                f"SELECT :destination, k, '{PENDING}', 1, k, :now, :now, :dag_id, :run_id FROM ({source}) AS u "
-                f"WHERE true ON CONFLICT (destination, idempotency_key) DO NOTHING"), params)
-
     def history_of(self, destination: str, key: str) -> list[dict]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(self.history).where(
@@ -285,22 +239,15 @@ class Ledger:
             return [dict(row._mapping) for row in rows]
 
     def _in_keys(self, params: dict, keys: Sequence[str]) -> str:
+        params["keys"] = self._array(keys)
         if self._sqlite:
-            params["keys"] = json.dumps(list(keys))
             return "idempotency_key IN (SELECT value FROM json_each(:keys))"
-        params["keys"] = list(keys)
         return "idempotency_key = ANY(CAST(:keys AS text[]))"
 
-    def _statuses(self, conn: sa.Connection, destination: str, keys: Sequence[str]) -> Counter:
-        params: dict = {"destination": destination}
-        where = self._in_keys(params, keys)
-        rows = conn.execute(sa.text(f"SELECT status, count(*) FROM {self._name} "
-                                    f"WHERE destination = :destination AND {where} GROUP BY status"), params)
-        return Counter({status: count for status, count in rows})
-
-    def mark_delivered(self, destination: str, keys: Sequence[str], now: datetime,
-                       backfill_id: str | None = None, mode: str = "ingest", run: RunRef | None = None) -> None:
-        """Record keys the destination accepted. Call only after the destination confirmed them.
+    def mark_delivered(self, destination: str, run: RunRef, keys: Sequence[str], message_ids: Sequence[str],
+                       tables: Sequence[str], timestamps: Sequence[datetime | None], now: datetime,
+                       backfill_id: str | None = None, mode: str = "ingest") -> None:
+        """Record events the destination accepted. Call only after the destination confirmed them.
 
         ``mode`` says how: ``ingest`` (live), ``backfill`` (inside an Orb backfill, for events past
         the grace period) or ``replace`` (a replace-mode backfill: the earlier delivery of each key
@@ -308,15 +255,38 @@ class Ledger:
         if not keys:
             return
         if mode == "replace":
-            self._archive(destination, keys, run or RunRef("", ""), now)
-            self._ensure_rows(destination, keys, run or RunRef("", ""), now)
-        params: dict = {"destination": destination, "now": self._t(now), "backfill_id": backfill_id, "mode": mode}
-        where = self._in_keys(params, keys)
+            self._archive(destination, keys, run, now)
+        params = {"destination": destination, "now": self._t(now), "dag_id": run.dag_id, "run_id": run.run_id,
+                  "backfill_id": backfill_id, "mode": mode}
+        columns = ("destination, idempotency_key, status, attempts, message_id, event_table, event_timestamp, "
+                   "first_attempt_at, last_attempt_at, delivered_at, dag_id, run_id, backfill_id, mode")
+        upsert = f"""
+            ON CONFLICT (destination, idempotency_key) DO UPDATE SET
+                status = '{DELIVERED}', reason = NULL, attempts = {self._name}.attempts + 1,
+                last_attempt_at = excluded.last_attempt_at, delivered_at = excluded.delivered_at,
+                dag_id = excluded.dag_id, run_id = excluded.run_id, backfill_id = excluded.backfill_id,
+                mode = excluded.mode, message_id = excluded.message_id, event_table = excluded.event_table,
+                event_timestamp = excluded.event_timestamp"""
+        stamps = [None if t is None else self._t(t) for t in timestamps]
+        if self._sqlite:
+            sql = f"""INSERT INTO {self._name} ({columns})
+                SELECT :destination, json_extract(value, '$[0]'), '{DELIVERED}', 1, json_extract(value, '$[1]'),
+                       json_extract(value, '$[2]'), json_extract(value, '$[3]'), :now, :now, :now, :dag_id,
+                       :run_id, :backfill_id, :mode
+                FROM json_each(:rows) WHERE true {upsert}"""
+            params["rows"] = json.dumps(list(zip(keys, message_ids, tables, stamps, strict=True)))
+        else:
+            sql = f"""INSERT INTO {self._name} ({columns})
+                SELECT :destination, k, '{DELIVERED}', 1, m, t, ts, :now, :now, :now, :dag_id, :run_id,
+                       :backfill_id, :mode
+                FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
+                            CAST(:stamps AS timestamptz[])) AS u(k, m, t, ts)
+                ORDER BY k  -- one lock order for every writer: concurrent upserts cannot deadlock
+                {upsert}"""
+            params.update(keys=self._array(keys), ids=self._array(message_ids), tables=self._array(tables),
+                          stamps=self._array([None if t is None else t.isoformat() for t in timestamps]))
         with self.engine.begin() as conn:
-            conn.execute(sa.text(
-                f"UPDATE {self._name} SET status = '{DELIVERED}', reason = NULL, delivered_at = :now, "
-                f"claimed_by = NULL, claim_expires_at = NULL, backfill_id = :backfill_id, mode = :mode "
-                f"WHERE destination = :destination AND {where}"), params)
+            conn.execute(sa.text(sql), params)
 
     def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime) -> None:
         """Record rejected events with their reason; a delivered event is never downgraded."""
@@ -331,7 +301,6 @@ class Ledger:
             ON CONFLICT (destination, idempotency_key) DO UPDATE SET
                 status = '{REJECTED}', reason = excluded.reason, attempts = {self._name}.attempts + 1,
                 last_attempt_at = excluded.last_attempt_at, dag_id = excluded.dag_id, run_id = excluded.run_id,
-                claimed_by = NULL, claim_expires_at = NULL,
                 message_id = COALESCE(NULLIF(excluded.message_id, ''), {self._name}.message_id),
                 event_table = COALESCE(NULLIF(excluded.event_table, ''), {self._name}.event_table),
                 event_timestamp = COALESCE(excluded.event_timestamp, {self._name}.event_timestamp)
@@ -352,21 +321,11 @@ class Ledger:
                             CAST(:stamps AS timestamptz[]), CAST(:reasons AS text[])) AS u(k, m, t, ts, r)
                 {upsert}"""
             keys, ids, tables, stamps, reasons = (list(c) for c in zip(*rows, strict=True))
-            params.update(keys=keys, ids=ids, tables=tables, stamps=stamps, reasons=reasons)
+            params.update(keys=self._array(keys), ids=self._array(ids), tables=self._array(tables),
+                          stamps=self._array([None if t is None else t.isoformat() for t in stamps]),
+                          reasons=self._array(reasons))
         with self.engine.begin() as conn:
             conn.execute(sa.text(sql), params)
-
-    def release(self, destination: str, run: RunRef, keys: Sequence[str]) -> None:
-        """Give up this run's claim on keys it could not deliver, so the next try sends them at once."""
-        if not keys:
-            return
-        params: dict = {"destination": destination, "owner": run.owner}
-        where = self._in_keys(params, keys)
-        with self.engine.begin() as conn:
-            conn.execute(sa.text(
-                f"UPDATE {self._name} SET claim_expires_at = NULL, claimed_by = NULL "
-                f"WHERE destination = :destination AND status = '{PENDING}' AND claimed_by = :owner AND {where}"),
-                params)
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -93,17 +93,11 @@ class LedgerSettings(_Settings):
 
     conn_id: str = "segment_warehouse"
     schema_: str = Field(default="usage_billing", alias="schema")
-    claim_ttl: timedelta = timedelta(minutes=30)
 
     @field_validator("schema_")
     @classmethod
     def _identifier(cls, value: str) -> str:
         return check_identifier(value, "identifier")
-
-    @field_validator("claim_ttl", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> timedelta:
-        return parse_duration(value)
 
 
 class DeliverySettings(_Settings):

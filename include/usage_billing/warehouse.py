@@ -14,7 +14,7 @@ not grow with the window.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -193,13 +193,15 @@ def read_events(
     columns: Sequence[str],
     chunk_size: int,
     ids: Sequence[str] | None = None,
+    where: Callable[[sa.Table], sa.ColumnElement[bool]] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield the window's rows of one event table in chunks, one row per ``id``.
 
     Duplicate rows (same ``id``, loaded twice) are collapsed to the most recently loaded copy;
     the ``_copies`` column says how many copies the window held, so duplicates can be counted.
     Timestamp columns come back as UTC-aware pandas timestamps on every dialect. With ``ids``
-    (a replay of rejected events) those rows are read whatever their load time.
+    (a replay of rejected events) those rows are read whatever their load time. ``where`` adds a
+    condition on the table (the ledger filter: leave out what was delivered).
     """
     table = sa.Table(partition.table, sa.MetaData(), schema=schema, autoload_with=conn)
     loaded_at = table.c[loaded_at_column]
@@ -211,13 +213,9 @@ def read_events(
             sa.func.row_number().over(partition_by=table.c.id, order_by=loaded_at.desc()).label("_rank"),
         )
     )
-    if ids is not None:
-        ranked = ranked.where(table.c.id.in_(list(ids)))
-    else:
-        assert window is not None
-        ranked = ranked.where(loaded_at >= window.scan_start, loaded_at < window.end)
-    if partition.buckets > 1:
-        ranked = ranked.where(_bucket_expression(conn, table.c.id, partition.buckets) == partition.bucket)
+    ranked = ranked.where(*_scope(conn, table, partition, window, loaded_at_column, ids))
+    if where is not None:
+        ranked = ranked.where(where(table))
     ranked = ranked.subquery("ranked")
     statement = sa.select(*[ranked.c[c.name] for c in wanted], ranked.c[COPIES]).where(ranked.c["_rank"] == 1)
 
@@ -250,8 +248,7 @@ def _converter(sql_type: sa.types.TypeEngine):
     own dtype inference would silently round big numbers or turn a JSON object into its text.
     """
     if isinstance(sql_type, sa.DateTime | sa.Date):
-        return lambda values: pd.to_datetime(pd.Series(values, dtype="object"), utc=True, errors="coerce",
-                                             format="mixed")
+        return lambda values: pd.to_datetime(pd.Series(values, dtype="object"), utc=True, errors="coerce")
     if isinstance(sql_type, sa.Boolean):
         return lambda values: pd.array(values, dtype="boolean")
     if isinstance(sql_type, sa.Integer):
@@ -261,6 +258,32 @@ def _converter(sql_type: sa.types.TypeEngine):
     if isinstance(sql_type, sa.String | sa.Text | sa.Enum):
         return lambda values: pd.array(values, dtype="string")
     return lambda values: pd.Series(values, dtype="object")
+
+
+def _scope(conn: Connection, table: sa.Table, partition: Partition, window: Window | None, loaded_at_column: str,
+           ids: Sequence[str] | None) -> list[sa.ColumnElement[bool]]:
+    """The rows of a partition: its window on the loaded-at column (or the given ids), its bucket."""
+    if ids is not None:
+        conditions = [table.c.id.in_(list(ids))]
+    else:
+        assert window is not None
+        loaded_at = table.c[loaded_at_column]
+        conditions = [loaded_at >= window.scan_start, loaded_at < window.end]
+    if partition.buckets > 1:
+        conditions.append(_bucket_expression(conn, table.c.id, partition.buckets) == partition.bucket)
+    return conditions
+
+
+def count_events(conn: Connection, schema: str, partition: Partition, window: Window | None, loaded_at_column: str,
+                 ids: Sequence[str] | None = None,
+                 where: Callable[[sa.Table], sa.ColumnElement[bool]] | None = None) -> int:
+    """Distinct events (``id``) of a partition's window that satisfy ``where``."""
+    table = sa.Table(partition.table, sa.MetaData(), schema=schema, autoload_with=conn)
+    statement = sa.select(sa.func.count(sa.distinct(table.c.id))).where(
+        *_scope(conn, table, partition, window, loaded_at_column, ids))
+    if where is not None:
+        statement = statement.where(where(table))
+    return int(conn.execute(statement).scalar_one())
 
 
 def count_window(conn: Connection, schema: str, table: str, window: Window, loaded_at_column: str) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
+import sqlalchemy as sa
 
 from usage_billing.destinations.base import Rejection
 from usage_billing.ledger import Ledger, RunRef
@@ -24,85 +27,107 @@ def ledger(request, schemas, pg_url, tmp_path):
     else:
         schema = "usage_billing"
         engine = create_engine(f"sqlite:///{tmp_path}/wh.db", [schema])
-    book = Ledger(engine, schema, claim_ttl=timedelta(minutes=30))
+    book = Ledger(engine, schema)
     book.create()
     book.create()  # idempotent
     yield book
     engine.dispose()
 
 
-def claim(book: Ledger, run: RunRef, keys: list[str], now: datetime = T0):
-    return book.claim("orb", run, keys, keys, ["api_call"] * len(keys), [T0] * len(keys), now)
+def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", **kwargs) -> None:
+    book.mark_delivered(destination, run, keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys),
+                        [T0] * len(keys), T0, **kwargs)
 
 
-def test_new_keys_are_claimed_and_delivered_keys_are_skipped(ledger):
-    assert claim(ledger, RUN_A, ["a", "b", "c"]).claimed == {"a", "b", "c"}
-    ledger.mark_delivered("orb", ["a", "b"], T0)
-    result = claim(ledger, RUN_B, ["a", "b", "c", "d"], T0 + timedelta(hours=2))
-    assert result.claimed == {"c", "d"}  # c: A's claim expired without confirmation
-    assert result.already_delivered == 2
-    assert ledger.counts("orb") == {"orb": {"delivered": 2, "pending": 2}}
+def reject(book: Ledger, run: RunRef, key: str, reason: str) -> None:
+    book.mark_rejected("orb", run, [Rejection(key, f"msg-{key}", "api_call", f"api_call row id={key}: {reason}", T0)],
+                       T0)
 
 
-def test_a_live_claim_of_another_run_is_respected(ledger):
-    claim(ledger, RUN_A, ["a", "b"])
-    result = claim(ledger, RUN_B, ["a", "b", "c"], T0 + timedelta(minutes=5))
-    assert result.claimed == {"c"} and result.in_flight_elsewhere == 2
+def row(book: Ledger, key: str, destination: str = "orb") -> dict:
+    with book.engine.connect() as conn:
+        return dict(conn.execute(sa.select(book.table).where(book.table.c.idempotency_key == key,
+                                                             book.table.c.destination == destination))
+                    .mappings().one())
 
 
-def test_the_same_run_reclaims_its_own_claim_on_retry(ledger):
-    claim(ledger, RUN_A, ["a", "b"])
-    assert claim(ledger, RUN_A, ["a", "b"], T0 + timedelta(minutes=1)).claimed == {"a", "b"}
-
-
-def test_released_keys_can_be_claimed_at_once(ledger):
-    claim(ledger, RUN_A, ["a", "b"])
-    ledger.release("orb", RUN_A, ["a"])
-    assert claim(ledger, RUN_B, ["a", "b"], T0 + timedelta(minutes=1)).claimed == {"a"}
+def test_delivered_keys_are_known_and_the_rest_are_not(ledger):
+    deliver(ledger, RUN_A, ["a", "b"])
+    assert ledger.known_keys("orb", ["a", "b", "c"]) == {"a", "b"}
+    assert ledger.counts("orb") == {"orb": {"delivered": 2}}
+    recorded = row(ledger, "a")
+    assert recorded["message_id"] == "msg-a" and recorded["event_table"] == "api_call"
+    assert recorded["run_id"] == RUN_A.run_id and recorded["delivered_at"] is not None and recorded["mode"] == "ingest"
 
 
 def test_destinations_are_independent(ledger):
-    claim(ledger, RUN_A, ["a"])
-    ledger.mark_delivered("orb", ["a"], T0)
-    result = ledger.claim("kable", RUN_A, ["a"], ["a"], ["api_call"], [T0], T0)
-    assert result.claimed == {"a"}
+    deliver(ledger, RUN_A, ["a"])
+    assert ledger.known_keys("kable", ["a"]) == set()
 
 
-def test_rejected_keys_are_recorded_with_reason_and_retried_later(ledger):
-    ledger.mark_rejected("orb", RUN_A, [Rejection("x", "x", "api_call", "api_call row id=x: no external customer ID",
-                                                  T0)], T0)
-    ledger.mark_rejected("orb", RUN_A, [Rejection("y", "y", "api_call", "api_call row id=y: no external customer ID",
-                                                  T0)], T0)
+def test_rejected_keys_are_recorded_with_reason_and_retried_unless_the_sweep_asks(ledger):
+    reject(ledger, RUN_A, "x", "no external customer ID")
+    reject(ledger, RUN_A, "y", "no external customer ID")
     assert ledger.rejected_reasons("orb") == [("no external customer ID", 2)]
     rows = ledger.rejected("orb")
     assert [r["idempotency_key"] for r in rows] == ["x", "y"] and rows[0]["event_table"] == "api_call"
-    # Once fixed, a rejected event is claimed again by the next run that extracts it.
-    assert claim(ledger, RUN_B, ["x"]).claimed == {"x"}
+    assert ledger.known_keys("orb", ["x"]) == set(), "a normal run retries a rejected event it extracts again"
+    assert ledger.known_keys("orb", ["x"], retry_rejected=False) == {"x"}, "the sweep leaves it to a replay"
+    assert ledger.rejected_tables("orb") == ["api_call"]
+
+
+def test_a_rejected_event_delivered_later_becomes_delivered(ledger):
+    reject(ledger, RUN_A, "x", "no external customer ID")
+    deliver(ledger, RUN_B, ["x"])
+    recorded = row(ledger, "x")
+    assert recorded["status"] == "delivered" and recorded["reason"] is None and recorded["attempts"] == 2
 
 
 def test_a_delivered_event_is_never_downgraded_to_rejected(ledger):
-    claim(ledger, RUN_A, ["a"])
-    ledger.mark_delivered("orb", ["a"], T0)
-    ledger.mark_rejected("orb", RUN_B, [Rejection("a", "a", "api_call", "later mapping change")], T0)
+    deliver(ledger, RUN_A, ["a"])
+    reject(ledger, RUN_B, "a", "later mapping change")
     assert ledger.status_of("orb", ["a"]) == {"a": "delivered"}
 
 
-def test_attempts_and_runs_are_recorded(ledger):
-    claim(ledger, RUN_A, ["a"])
-    ledger.release("orb", RUN_A, ["a"])
-    claim(ledger, RUN_B, ["a"], T0 + timedelta(minutes=1))
-    with ledger.engine.connect() as conn:
-        import sqlalchemy as sa
-
-        row = conn.execute(sa.select(ledger.table).where(ledger.table.c.idempotency_key == "a")).mappings().one()
-    assert row["attempts"] == 2 and row["run_id"] == "backfill__B" and row["status"] == "pending"
+def test_replace_mode_keeps_the_earlier_delivery_in_the_history(ledger):
+    deliver(ledger, RUN_A, ["a"], backfill_id="bf_1", mode="backfill")
+    deliver(ledger, RUN_B, ["a"], backfill_id="bf_2", mode="replace")
+    (earlier,) = ledger.history_of("orb", "a")
+    assert earlier["backfill_id"] == "bf_1" and earlier["mode"] == "backfill" and earlier["run_id"] == RUN_A.run_id
+    assert earlier["superseded_by_run"] == RUN_B.run_id
+    assert row(ledger, "a")["backfill_id"] == "bf_2"
 
 
-def test_concurrent_claims_never_hand_one_key_to_two_runs(ledger):
-    """Ten overlapping runs race for the same 2,000 keys: each key is claimed exactly once."""
+def test_a_quote_or_backslash_in_a_key_survives_the_array_encoding(ledger):
+    keys = ['we"ird', "back\\slash", "comma,brace}", "ünï"]
+    deliver(ledger, RUN_A, keys)
+    assert ledger.known_keys("orb", keys) == set(keys)
+
+
+def test_the_partition_lock_lets_one_run_in_at_a_time(ledger):
+    """Overlapping runs of one partition take turns; other partitions are not held up."""
+    inside, overlaps = [], []
+    guard = threading.Lock()
+
+    def run(name: str) -> None:
+        with ledger.lock(name):
+            with guard:
+                inside.append(name)
+                overlaps.append(inside.count(name))
+            time.sleep(0.2)
+            with guard:
+                inside.remove(name)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(run, ["orb:api_call"] * 3 + ["orb:tokens_used"] * 3))
+    assert max(overlaps) == 1
+    assert time.monotonic() - started < 1.2, "the two partitions ran side by side"
+
+
+def test_ten_runs_marking_the_same_keys_at_once_leave_one_row_per_key(ledger):
     keys = [f"k{i}" for i in range(2000)]
     runs = [RunRef("segment_to_orb", f"run{i}") for i in range(10)]
     with ThreadPoolExecutor(max_workers=10) as pool:
-        results = list(pool.map(lambda run: claim(ledger, run, keys).claimed, runs))
-    claimed = [key for result in results for key in result]
-    assert sorted(claimed) == sorted(keys)
+        list(pool.map(lambda r: deliver(ledger, r, keys), runs))
+    assert ledger.counts("orb") == {"orb": {"delivered": 2000}}

@@ -31,6 +31,8 @@ class Destination:
     map_events: Callable[[pd.DataFrame, datetime], Mapped]
     required_columns: Callable[[list[str]], list[str]]
     mapped_fields: tuple[tuple[str, str, str], ...]
+    # The warehouse column holding the idempotency key (what the ledger is keyed on).
+    key_column: str = "id"
     # Events older than this go through an Orb backfill (None: the destination has no grace period).
     grace: timedelta | None = None
     # Events older than this are counted and warned about (Kable may have invoiced their period).
@@ -63,6 +65,7 @@ def get_destination(name: str, settings: Settings) -> Destination:
             map_events=lambda frame, now: orb.map_events(frame, config, now),
             required_columns=lambda columns: orb.required_columns(config, columns),
             mapped_fields=tuple(fields),
+            key_column=column_for(config.idempotency_key_field),
             # The margin covers the time between mapping an event and Orb receiving it (retries).
             grace=config.grace_period - config.grace_margin)
     if name == "kable":

@@ -97,7 +97,7 @@ class PlanPartitionsOperator(_ConfiguredOperator):
         mode, reason_contains = run_mode(context)
         window = window_from_context(context, settings)
         warehouse, ledger_engine = self.engines(settings)
-        ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
+        ledger = Ledger(ledger_engine, settings.ledger.schema_)
         ledger.create()
         source = settings.source
         if mode == REPLAY_REJECTED:
@@ -149,7 +149,7 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         window = window_from_context(context, settings)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
         warehouse, ledger_engine = self.engines(settings)
-        ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
+        ledger = Ledger(ledger_engine, settings.ledger.schema_)
         hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
                                        rate_limit_storage=settings.airflow.rate_limit_storage)
         mode, reason_contains = run_mode(context)
@@ -201,7 +201,7 @@ class DeliveryReportOperator(_ConfiguredOperator):
         reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
         total: Counter = Counter()
         reasons: Counter = Counter()
-        keys = ("rows_read", "duplicates_dropped", "unique_events", "already_delivered", "in_flight_elsewhere",
+        keys = ("rows_read", "duplicates_dropped", "unique_events", "already_delivered",
                 "sent", "accepted", "mapping_rejected", "destination_rejected", "retries", "bisections")
         lines = [f"{'partition':<28}" + "".join(f"{k.split('_')[0][:9]:>10}" for k in keys)]
         for report in reports:
@@ -228,7 +228,7 @@ class CompletenessSweepOperator(_ConfiguredOperator):
         window = Window(end - settings.sweep.horizon, end)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
         warehouse, ledger_engine = self.engines(settings)
-        ledger = Ledger(ledger_engine, settings.ledger.schema_, settings.ledger.claim_ttl)
+        ledger = Ledger(ledger_engine, settings.ledger.schema_)
         ledger.create()
         hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
                                        rate_limit_storage=settings.airflow.rate_limit_storage)

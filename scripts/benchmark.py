@@ -1,0 +1,1128 @@
+"""Benchmark the delivery pipeline on one hourly window of N Segment events in the real PostgreSQL.
+
+``make bench ARGS="--events 1000000"`` (or ``python scripts/benchmark.py --help``):
+
+1. creates a throwaway source schema in PostgreSQL and fills ONE hourly window with about N Segment
+   ``track`` events (``usage_billing.sample_data``: three event tables, Segment Warehouses layout, with
+   its duplicates, anonymous and late rows), generated in a child process so that this process's
+   memory measures the pipeline only;
+2. starts the Orb / Kable sandbox as a separate process (``python -m usage_billing.sandbox``), so it
+   does not share this process's GIL, once per latency (by default 0 and ``--latency``);
+3. runs the real pipeline (``usage_billing.delivery.deliver_partition`` with the real Airflow hook,
+   pacing and retries, and the PostgreSQL ledger) once per event table, sequentially, like the DAG's
+   deliver tasks, and prints per stage the wall time and events/s, the total, and the peak memory;
+4. with ``--rerun``, runs the same window again under a new run id: the ledger skips everything;
+5. measures the floor: read the same rows with a psycopg2 server-side cursor, build the same events
+   in plain Python, ``json.dumps`` them in batches of the same size and POST them with ``requests``
+   at the same concurrency to the same sandbox, and nothing else (no pandas, no ledger);
+6. measures the sandbox's own capacity (pre-serialised batches from another process) so the output
+   says whether the sandbox, rather than the pipeline, limits the result;
+7. drops the schemas (unless ``--keep``).
+
+The rate limits are overridden (``--requests-per-second`` / ``--events-per-minute``) so pacing does
+not cap the throughput. Correctness is checked too: every deliverable event delivered and in the
+ledger once; a failed check exits 1. Missed performance targets are reported but exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import pstats
+import queue
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+PROJECT = Path(__file__).resolve().parents[1]
+for _path in (PROJECT / "plugins", PROJECT / "include"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+ORB_KEY = "bench-orb-key"
+KABLE_CLIENT, KABLE_KEY = "kci_bench", "sk_test.bench"
+STAGES = ("extract", "transform", "ledger_filter", "deliver", "ledger_write")
+TABLES = ("api_call", "payment_confirmed", "tokens_used")
+# Share of a sample_data hour's distinct events whose received_at falls inside that hour (the rest
+# were queued on the device and received later); measured at 0.971, a little less to round up.
+WINDOW_SHARE = 0.968
+# Events per sample_data.generate() call and event type: bounds the generator's memory (~1 KB a row).
+GENERATE_CHUNK = 50_000
+# The 1,000,000-event targets of the issue, as rates so they scale with --events.
+TARGET_EVENTS = 1_000_000
+TARGET_SECONDS_INSTANT, TARGET_SECONDS_LATENCY, TARGET_SECONDS_RERUN = 20.0, 30.0, 5.0
+TARGET_MEMORY_MB, TARGET_FLOOR_RATIO = 512.0, 3.0
+MB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring: wall, CPU (this process, the sandbox, the machine), resident memory
+# ------------------------------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_status(field_name: str) -> float:
+    """A ``/proc/self/status`` memory field in MB (0 when unavailable)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a phase's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of a process; this one when ``pid`` is None."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return (total - idle) / _TICK, total / _TICK
+
+
+APPLICATION_NAME = "usage_billing_benchmark"
+
+
+class PgMonitor:
+    """CPU of the PostgreSQL backends serving this benchmark's connections (found by application_name)."""
+
+    def __init__(self, url: str):
+        import sqlalchemy as sa
+
+        self.sa = sa
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+
+    def snapshot(self) -> dict[int, float]:
+        try:
+            with self.engine.connect() as conn:
+                pids = [row[0] for row in conn.execute(self.sa.text(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = :name"), {"name": APPLICATION_NAME})]
+        except Exception:
+            return {}
+        return {pid: _process_cpu(pid) for pid in pids}
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def with_application_name(url: Any) -> Any:
+    import sqlalchemy as sa
+
+    return sa.make_url(url).update_query_dict({"application_name": APPLICATION_NAME})
+
+
+@dataclass
+class Usage:
+    """What one measured phase cost."""
+
+    seconds: float = 0.0
+    cpu_self: float = 0.0
+    cpu_sandbox: float = 0.0
+    cpu_postgres: float = 0.0
+    cpu_machine: float = 0.0
+    peak_hwm_mb: float = 0.0
+    peak_sampled_mb: float = 0.0
+    maxrss_mb: float = 0.0
+
+    def add(self, other: Usage) -> None:
+        self.seconds += other.seconds
+        self.cpu_self += other.cpu_self
+        self.cpu_sandbox += other.cpu_sandbox
+        self.cpu_postgres += other.cpu_postgres
+        self.cpu_machine += other.cpu_machine
+        self.peak_hwm_mb = max(self.peak_hwm_mb, other.peak_hwm_mb)
+        self.peak_sampled_mb = max(self.peak_sampled_mb, other.peak_sampled_mb)
+        self.maxrss_mb = max(self.maxrss_mb, other.maxrss_mb)
+
+    def cpu_line(self) -> str:
+        wall = self.seconds or 1e-9
+        rest = max(0.0, self.cpu_machine - self.cpu_self - self.cpu_sandbox - self.cpu_postgres)
+        cores = os.cpu_count() or 1
+        return (f"CPU: this process {self.cpu_self:.1f} s ({100 * self.cpu_self / wall:.0f}% of one core), "
+                f"sandbox {self.cpu_sandbox:.1f} s ({100 * self.cpu_sandbox / wall:.0f}%), "
+                f"PostgreSQL for our connections {self.cpu_postgres:.1f} s ({100 * self.cpu_postgres / wall:.0f}%), "
+                f"everything else on the machine {rest:.1f} s ({100 * rest / wall:.0f}%); "
+                f"machine busy {100 * self.cpu_machine / (wall * cores):.0f}% of {cores} cores")
+
+
+MONITOR: PgMonitor | None = None
+
+
+@contextmanager
+def measured(usage: Usage, sandbox_pid: int | None = None, interval: float = 0.02) -> Iterator[None]:
+    """Add the block's wall, CPU and peak memory to ``usage``; RSS is also sampled by a thread, and the
+    CPU of our PostgreSQL backends every half second (so a backend that closes early still counts)."""
+    _reset_peak_rss()
+    stop = threading.Event()
+    peak = [_proc_status("VmRSS")]
+    pg_start = MONITOR.snapshot() if MONITOR else {}
+    pg_last = dict(pg_start)
+
+    def sample() -> None:
+        ticks = 0
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], _proc_status("VmRSS"))
+            ticks += 1
+            if MONITOR and ticks % 25 == 0:
+                for pid, cpu in MONITOR.snapshot().items():
+                    pg_last[pid] = max(cpu, pg_last.get(pid, 0.0))
+
+    sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    sampler.start()
+    cpu0, sandbox0, (machine0, _) = _process_cpu(None), _process_cpu(sandbox_pid), _machine_cpu()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        stop.set()
+        sampler.join()
+        for pid, cpu in (MONITOR.snapshot() if MONITOR else {}).items():
+            pg_last[pid] = max(cpu, pg_last.get(pid, 0.0))
+        usage.add(Usage(
+            seconds=elapsed,
+            cpu_self=_process_cpu(None) - cpu0,
+            cpu_sandbox=(_process_cpu(sandbox_pid) - sandbox0) if sandbox_pid else 0.0,
+            cpu_postgres=sum(cpu - pg_start.get(pid, 0.0) for pid, cpu in pg_last.items()),
+            cpu_machine=_machine_cpu()[0] - machine0,
+            peak_hwm_mb=_proc_status("VmHWM"),
+            peak_sampled_mb=max(peak[0], _proc_status("VmRSS")),
+            maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        ))
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup: Airflow environment, arguments, data
+# ------------------------------------------------------------------------------------------------
+
+
+def _airflow_environment(home: Path) -> None:
+    """Airflow reads its configuration at import: set it before the hooks import airflow."""
+    os.environ.setdefault("AIRFLOW_HOME", str(home))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(PROJECT / "dags"))
+    os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(PROJECT / "plugins"))
+    os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home}/airflow.db")
+    os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", uuid.uuid4().hex * 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scripts/benchmark.py",
+        description="Benchmark the delivery pipeline on one hourly window of N events in PostgreSQL "
+                    "against the Orb/Kable sandbox, and compare it with a no-pandas, no-ledger floor.")
+    parser.add_argument("--events", type=int, default=1_000_000,
+                        help="events in the hourly window, all three event tables together (default 1000000)")
+    parser.add_argument("--latency", type=float, default=0.05,
+                        help="seconds the sandbox adds to every ingest response (default 0.05; 0 = instant)")
+    parser.add_argument("--both-latencies", action=argparse.BooleanOptionalAction, default=True,
+                        help="run with an instant sandbox AND with --latency (default); "
+                             "--no-both-latencies runs --latency only")
+    parser.add_argument("--destination", choices=("orb", "kable"), default="orb")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="requests in flight per task, pipeline and floor alike (default 16; "
+                             "the shipped setting's default is 4)")
+    parser.add_argument("--batch-size", type=int, default=500, help="events per request (default 500, the max)")
+    parser.add_argument("--chunk-size", type=int, default=50_000,
+                        help="rows per extracted chunk (source.chunk_size, default 50000)")
+    parser.add_argument("--requests-per-second", type=float, default=1_000_000.0,
+                        help="rate limit override (default 1e6: effectively unpaced)")
+    parser.add_argument("--events-per-minute", type=float, default=1_000_000_000.0,
+                        help="rate limit override (default 1e9: effectively unpaced)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="also time a second run of the already delivered window (everything skipped)")
+    parser.add_argument("--keep", action="store_true", help="keep the schemas (and print their names)")
+    parser.add_argument("--database-url", default=None,
+                        help=f"SQLAlchemy URL (default $TEST_DATABASE_URL or {DEFAULT_DATABASE_URL})")
+    parser.add_argument("--source-schema", default=None,
+                        help="reuse the source schema of an earlier --keep run (its hour of data) instead of "
+                             "generating one; it is not dropped")
+    parser.add_argument("--seed", type=int, default=1, help="sample data seed")
+    parser.add_argument("--generate-workers", type=int, default=1,
+                        help="processes generating the sample data (setup only, not measured)")
+    parser.add_argument("--capacity-seconds", type=float, default=3.0,
+                        help="how long to hammer the sandbox to measure its capacity (0 = skip)")
+    parser.add_argument("--skip-floor", action="store_true", help="do not measure the floor")
+    parser.add_argument("--sandbox-reset", action=argparse.BooleanOptionalAction, default=True,
+                        help="make the sandbox forget accepted events between partitions so its own memory "
+                             "and GC stay small (default on; dedup is the ledger's job)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the first pipeline run (main thread and sender threads) and print "
+                             "the top functions")
+    parser.add_argument("--profile-lines", type=int, default=30)
+    return parser
+
+
+@dataclass
+class WindowCounts:
+    rows: int = 0
+    unique: int = 0
+    deliverable: int = 0
+
+    def add(self, other: WindowCounts) -> None:
+        self.rows += other.rows
+        self.unique += other.unique
+        self.deliverable += other.deliverable
+
+
+def _generate_worker(url: str, schema: str, hour: datetime, jobs: list[tuple[int, int]], out: Any) -> None:
+    """Child process: generate and COPY the sample rows of ``jobs`` = [(seed, events per type)]."""
+    from usage_billing import sample_data
+    from usage_billing.warehouse import create_engine
+
+    engine = create_engine(url)
+    rows = unique = 0
+    try:
+        for seed, count in jobs:
+            stats = sample_data.generate(engine, schema, start=hour, hours=1, events_per_hour=count, seed=seed,
+                                         now=hour + timedelta(days=3))
+            rows += stats.rows
+            unique += stats.unique_events
+    finally:
+        engine.dispose()
+    out.put((rows, unique))
+
+
+def generate_window(url: str, schema: str, hour: datetime, events: int, seed: int, workers: int) -> tuple[int, int]:
+    """Fill one hour with enough sample events that the window holds about ``events`` of them."""
+    import sqlalchemy as sa
+
+    from usage_billing import sample_data
+    from usage_billing.warehouse import create_engine
+
+    engine = create_engine(url)
+    sample_data.create_tables(engine, schema)  # once, before the workers race for the catalog
+    per_type = math.ceil(events / len(TABLES) / WINDOW_SHARE)
+    counts = [GENERATE_CHUNK] * (per_type // GENERATE_CHUNK) + ([per_type % GENERATE_CHUNK] if per_type % GENERATE_CHUNK
+                                                                 else [])
+    jobs = [(seed * 1000 + n, count) for n, count in enumerate(counts)]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_generate_worker, args=(url, schema, hour, jobs[w::workers], results))
+                 for w in range(max(1, min(workers, len(jobs))))]
+    for process in processes:
+        process.start()
+    totals = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+        if process.exitcode:
+            raise RuntimeError(f"sample data generation failed (exit code {process.exitcode})")
+    # A warehouse table is vacuumed and analysed: hint bits set, planner statistics current, so
+    # neither the pipeline (which reads first) nor the floor pays for the load.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for table in TABLES:
+            conn.execute(sa.text(f'VACUUM ANALYZE "{schema}"."{table}"'))
+    engine.dispose()
+    return sum(t[0] for t in totals), sum(t[1] for t in totals)
+
+
+def existing_hour(url: str, schema: str) -> datetime:
+    """The hour of data in a schema made by an earlier run."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(sa.text(f'SELECT min("timestamp") FROM "{schema}"."{TABLES[0]}"')).scalar_one()
+    finally:
+        engine.dispose()
+    if first is None:
+        raise SystemExit(f"--source-schema {schema}: no rows in {schema}.{TABLES[0]}")
+    return first.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def window_counts(engine: Any, schema: str, table: str, window: Any, customer_column: str) -> WindowCounts:
+    """Rows, distinct events and deliverable events (a customer id) of one table in the window."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        row = conn.execute(sa.text(
+            f'SELECT count(*), count(DISTINCT id), count(DISTINCT id) FILTER '
+            f"(WHERE {customer_column} IS NOT NULL AND btrim({customer_column}) <> '') "
+            f'FROM "{schema}"."{table}" WHERE received_at >= :start AND received_at < :end'),
+            {"start": window.scan_start, "end": window.end}).one()
+    return WindowCounts(int(row[0]), int(row[1]), int(row[2]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The sandbox process
+# ------------------------------------------------------------------------------------------------
+
+
+class SandboxProcess:
+    """``python -m usage_billing.sandbox`` for one destination and one latency."""
+
+    def __init__(self, destination: str, latency: float):
+        self.destination = destination
+        command = [sys.executable, "-m", "usage_billing.sandbox",
+                   "--orb-port", "0" if destination == "orb" else "-1",
+                   "--kable-port", "0" if destination == "kable" else "-1",
+                   "--orb-api-key", ORB_KEY, "--kable-client-id", KABLE_CLIENT, "--kable-api-key", KABLE_KEY,
+                   "--latency", str(latency), "--grace-period-hours", "72"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "include"), str(PROJECT / "plugins")])}
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, cwd=PROJECT)  # noqa: S603
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 30)
+        line = self.process.stdout.readline() if ready else b""
+        if not line:
+            self.stop()
+            raise RuntimeError("the sandbox process did not start")
+        announced = json.loads(line)
+        self.url: str = announced[f"{destination}_url"]
+        self.pid: int = self.process.pid
+        import requests
+
+        self.control = requests.Session()
+
+    @property
+    def ingest_path(self) -> str:
+        return "/v1/ingest" if self.destination == "orb" else "/api/v1/events/create"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.destination == "orb":
+            return {"Authorization": f"Bearer {ORB_KEY}", "Content-Type": "application/json"}
+        return {"KABLE-CLIENT-ID": KABLE_CLIENT, "KABLE-CLIENT-SECRET": KABLE_KEY, "Content-Type": "application/json"}
+
+    def connection_env(self) -> dict[str, str]:
+        if self.destination == "orb":
+            return {"AIRFLOW_CONN_ORB_DEFAULT": json.dumps({"conn_type": "http", "host": self.url,
+                                                            "password": ORB_KEY})}
+        return {"AIRFLOW_CONN_KABLE_DEFAULT": json.dumps({"conn_type": "http", "host": self.url,
+                                                          "login": KABLE_CLIENT, "password": KABLE_KEY})}
+
+    def accepted_events(self) -> tuple[int, int]:
+        """(requests, events the sandbox answered 2xx to) since the last reset."""
+        records = self.control.get(f"{self.url}/_sandbox/requests", timeout=60).json()["requests"]
+        ok = [r for r in records if r["status"] is not None and 200 <= r["status"] < 300]
+        return len(records), sum(r["n_events"] for r in ok)
+
+    def reset(self) -> None:
+        self.control.post(f"{self.url}/_sandbox/reset", timeout=60).raise_for_status()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------
+
+
+class TimedSender:
+    """Delegates to the hook; adds up the time the sender threads spend in ``send`` and in the pacer,
+    and (with ``--profile``) profiles each sender thread."""
+
+    def __init__(self, hook: Any, profiles: list[cProfile.Profile] | None):
+        self.hook = hook
+        self.profiles = profiles
+        self.lock = threading.Lock()
+        self.send_seconds = 0.0
+        self.pacer_seconds = 0.0
+        self.local = threading.local()
+        acquire = hook.pacer.acquire
+
+        def timed_acquire(cost: int) -> None:
+            started = time.perf_counter()
+            try:
+                acquire(cost)
+            finally:
+                with self.lock:
+                    self.pacer_seconds += time.perf_counter() - started
+
+        hook.pacer.acquire = timed_acquire
+
+    def send(self, events: list[dict], keys: list[str]) -> Any:
+        profile = None
+        if self.profiles is not None:
+            profile = getattr(self.local, "profile", None)
+            if profile is None:
+                profile = self.local.profile = cProfile.Profile()
+                with self.lock:
+                    self.profiles.append(profile)
+            profile.enable()
+        started = time.perf_counter()
+        try:
+            return self.hook.send(events, keys)
+        finally:
+            with self.lock:
+                self.send_seconds += time.perf_counter() - started
+            if profile is not None:
+                profile.disable()
+
+
+@dataclass
+class PipelineResult:
+    label: str
+    usage: Usage = field(default_factory=Usage)
+    stages: Counter = field(default_factory=Counter)
+    totals: Counter = field(default_factory=Counter)
+    sandbox_requests: int = 0
+    sandbox_events: int = 0
+    ledger: dict[str, int] = field(default_factory=dict)
+    send_seconds: float = 0.0
+    pacer_seconds: float = 0.0
+    pacer_waited: float = 0.0
+    profile: str = ""
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    engine: Any
+    schema: str
+    window: Any
+    settings: Any
+    destination: Any
+    counts: WindowCounts
+
+
+def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str, label: str,
+                 profile: bool = False) -> PipelineResult:
+    from billing_airflow.hooks.kable import KableHook
+    from billing_airflow.hooks.orb import OrbHook
+    from usage_billing.delivery import deliver_partition
+    from usage_billing.ledger import RunRef
+    from usage_billing.warehouse import Partition
+
+    hook_class = OrbHook if ctx.destination.name == "orb" else KableHook
+    settings = ctx.destination.settings
+    result = PipelineResult(label)
+    profiles: list[cProfile.Profile] | None = [] if profile else None
+    main_profile = cProfile.Profile() if profile else None
+    for table in ctx.settings.source.events:
+        if ctx.args.sandbox_reset:
+            sandbox.reset()
+        # One hook (sessions, pacer) per partition, as each deliver task of the DAG has its own.
+        with measured(result.usage, sandbox.pid):
+            hook = hook_class(settings.conn_id, settings)
+            sender = TimedSender(hook, profiles)
+            if main_profile is not None:
+                main_profile.enable()
+            try:
+                with hook:
+                    report = deliver_partition(
+                        engine=ctx.engine, schema=ctx.schema, partition=Partition(table), window=ctx.window,
+                        loaded_at_column=ctx.settings.source.loaded_at_column,
+                        chunk_size=ctx.settings.source.chunk_size, destination=ctx.destination, sender=sender,
+                        ledger=ledger, run=RunRef("benchmark", run_id), concurrency=settings.concurrency)
+            finally:
+                if main_profile is not None:
+                    main_profile.disable()
+        print(f"  [{result.label.split(':')[0]}] {table}: {report.unique_events:,} events in {report.seconds:.1f} s; "
+              f"VmHWM {_proc_status('VmHWM'):,.0f} MB", file=sys.stderr, flush=True)
+        result.stages.update(report.stages)
+        for name in ("rows_read", "duplicates_dropped", "unique_events", "mapping_rejected", "already_delivered",
+                     "sent", "accepted", "destination_rejected", "batches", "requests",
+                     "retries", "bisections"):
+            result.totals[name] += getattr(report, name)
+        result.send_seconds += sender.send_seconds
+        result.pacer_seconds += sender.pacer_seconds
+        result.pacer_waited += hook.pacer.waited
+        requests_seen, events_ok = sandbox.accepted_events()
+        result.sandbox_requests += requests_seen
+        result.sandbox_events += events_ok
+    result.ledger = ledger.counts(ctx.destination.name).get(ctx.destination.name, {})
+    if main_profile is not None and profiles is not None:
+        result.profile = _profile_text(main_profile, profiles, ctx.args.profile_lines)
+    return result
+
+
+def _profile_text(main: cProfile.Profile, threads: list[cProfile.Profile], lines: int) -> str:
+    out = io.StringIO()
+    out.write("main thread (extract, transform, ledger; waits for the senders), by own time:\n")
+    pstats.Stats(main, stream=out).sort_stats("tottime").print_stats(lines)
+    out.write("main thread, by cumulative time:\n")
+    pstats.Stats(main, stream=out).sort_stats("cumulative").print_stats(lines)
+    if threads:
+        stats = pstats.Stats(threads[0], stream=out)
+        for other in threads[1:]:
+            stats.add(other)
+        out.write(f"sender threads ({len(threads)}, summed), by own time:\n")
+        stats.sort_stats("tottime").print_stats(lines)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines() if line.strip())
+
+
+# ------------------------------------------------------------------------------------------------
+# The floor: read, serialise, POST; nothing else
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FloorResult:
+    usage: Usage = field(default_factory=Usage)
+    rows: int = 0
+    skipped: int = 0
+    posted: int = 0
+    accepted: int = 0
+    requests: int = 0
+    read_seconds: float = 0.0
+    serialise_seconds: float = 0.0
+    slot_wait_seconds: float = 0.0
+
+
+def _floor_builder(ctx: Context, columns: list[str]) -> tuple[str, Callable[[tuple], dict | None], str]:
+    """The SELECT list, a row -> event function in plain Python, and the request body wrapper."""
+    from usage_billing.destinations import kable
+    from usage_billing.warehouse import column_for, property_column
+
+    settings = ctx.destination.settings
+    if ctx.destination.name == "orb":
+        name_col, customer_col, key_col = (column_for(settings.event_name_field),
+                                           column_for(settings.external_customer_id_field),
+                                           column_for(settings.idempotency_key_field))
+        props = [(property_column(s), t) for s, t in settings.properties_mapping.items()
+                 if property_column(s) in columns]
+        select_list = [name_col, customer_col, key_col, "timestamp", *(c for c, _ in props)]
+        targets = [t for _, t in props]
+
+        def build(row: tuple) -> dict | None:
+            customer = row[1]
+            if customer is None or not customer.strip():
+                return None
+            ts = row[3]
+            return {"event_name": row[0], "idempotency_key": row[2], "external_customer_id": customer,
+                    "timestamp": f"{ts:%Y-%m-%dT%H:%M:%S}.{ts.microsecond // 1000:03d}Z",
+                    "properties": {t: v for t, v in zip(targets, row[4:], strict=True) if v is not None}}
+
+        return ", ".join(f'"{c}"' for c in select_list), build, "orb"
+    client_col = column_for(settings.client_id_field)
+    pairs = kable.data_keys(settings, columns)
+    select_list = [client_col, "id", "timestamp", "event_text", *(c for c, _ in pairs)]
+    targets = [t for _, t in pairs]
+    event_key = settings.event_name_key
+
+    def build_kable(row: tuple) -> dict | None:
+        client = row[0]
+        if client is None or not client.strip():
+            return None
+        ts = row[2]
+        data = {t: v for t, v in zip(targets, row[4:], strict=True) if v is not None}
+        if event_key:
+            data[event_key] = row[3]
+        return {"clientId": client, "timestamp": f"{ts:%Y-%m-%dT%H:%M:%S}.{ts.microsecond // 1000:03d}Z",
+                "transactionId": row[1], "data": data}
+
+    return ", ".join(f'"{c}"' for c in select_list), build_kable, "kable"
+
+
+def run_floor(ctx: Context, sandbox: SandboxProcess) -> FloorResult:
+    import psycopg2
+    import requests
+    import sqlalchemy as sa
+
+    from usage_billing.warehouse import table_columns
+
+    args = ctx.args
+    url = sa.make_url(ctx.engine.url)
+    result = FloorResult()
+    local = threading.local()
+    endpoint = sandbox.url + sandbox.ingest_path
+    sessions: list[requests.Session] = []
+    lock = threading.Lock()
+
+    def post(body: bytes, n: int) -> int:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+            session.headers.update(sandbox.headers)
+            with lock:
+                sessions.append(session)
+        response = session.post(endpoint, data=body, timeout=30)
+        response.raise_for_status()
+        return n
+
+    with measured(result.usage, sandbox.pid):
+        conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                                dbname=url.database, application_name=APPLICATION_NAME)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SET TIME ZONE 'UTC'")
+            with ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="floor") as pool:
+                in_flight: set[Future] = set()
+
+                def submit(batch: list[dict], wrap: str) -> None:
+                    started = time.perf_counter()
+                    body = json.dumps({"events": batch} if wrap == "orb" else batch).encode()
+                    result.serialise_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    while len(in_flight) >= args.concurrency:
+                        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            in_flight.discard(future)
+                            result.accepted += future.result()
+                    result.slot_wait_seconds += time.perf_counter() - started
+                    in_flight.add(pool.submit(post, body, len(batch)))
+                    result.requests += 1
+                    result.posted += len(batch)
+
+                for table in ctx.settings.source.events:
+                    with ctx.engine.connect() as sa_conn:
+                        columns = table_columns(sa_conn, ctx.schema, table) or []
+                    select_list, build, wrap = _floor_builder(ctx, columns)
+                    cursor = conn.cursor(name=f"floor_{table}")
+                    cursor.itersize = args.chunk_size
+                    started = time.perf_counter()
+                    # The same rows the pipeline reads: the window's, one per id (latest load).
+                    cursor.execute(
+                        f'SELECT DISTINCT ON (id) {select_list} FROM "{ctx.schema}"."{table}" '
+                        f"WHERE received_at >= %s AND received_at < %s ORDER BY id, received_at DESC",
+                        (ctx.window.scan_start, ctx.window.end))
+                    batch: list[dict] = []
+                    while True:
+                        rows = cursor.fetchmany(args.chunk_size)
+                        result.read_seconds += time.perf_counter() - started
+                        if not rows:
+                            break
+                        result.rows += len(rows)
+                        started = time.perf_counter()
+                        for row in rows:
+                            event = build(row)
+                            if event is None:
+                                result.skipped += 1
+                                continue
+                            batch.append(event)
+                            if len(batch) == args.batch_size:
+                                result.serialise_seconds += time.perf_counter() - started
+                                submit(batch, wrap)
+                                batch = []
+                                started = time.perf_counter()
+                        result.serialise_seconds += time.perf_counter() - started
+                        started = time.perf_counter()
+                    cursor.close()
+                    if batch:
+                        submit(batch, wrap)
+                for future in in_flight:
+                    result.accepted += future.result()
+        finally:
+            conn.close()
+            for session in sessions:
+                session.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Sandbox capacity: pre-serialised batches from another process
+# ------------------------------------------------------------------------------------------------
+
+PLACEHOLDER = b"QQQQQQQQQQ"
+
+
+def _hammer(url: str, path: str, headers: dict[str, str], template: bytes, threads: int, seconds: float,
+            out: Any) -> None:
+    """Child process: POST copies of ``template`` (each with fresh keys) from ``threads`` keep-alive
+    connections for ``seconds``; report (requests, 2xx requests, elapsed)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    counter = itertools.count()
+    deadline = time.perf_counter() + seconds
+    totals: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        sent = ok = 0
+        while time.perf_counter() < deadline:
+            body = template.replace(PLACEHOLDER, f"{next(counter):010d}".encode())
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            sent += 1
+            ok += 200 <= response.status < 300
+        conn.close()
+        with lock:
+            totals.append((sent, ok))
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    out.put((sum(t[0] for t in totals), sum(t[1] for t in totals), time.perf_counter() - started))
+
+
+@dataclass
+class Capacity:
+    concurrency: int
+    requests_per_second: float
+    events_per_second: float
+    ok_share: float
+    sandbox_cpu_share: float
+
+
+def sandbox_capacity(ctx: Context, sandbox: SandboxProcess, concurrency: int) -> Capacity:
+    args = ctx.args
+    when = ctx.window.start + timedelta(minutes=30)
+    stamp = f"{when:%Y-%m-%dT%H:%M:%S}.000Z"
+    key = PLACEHOLDER.decode()
+    if ctx.destination.name == "orb":
+        events = [{"event_name": "API Call", "idempotency_key": f"cap-{key}-{i:04d}",
+                   "external_customer_id": "cus_acme", "timestamp": stamp,
+                   "properties": {"latency_ms": 120 + i, "bytes": 6000}}
+                  for i in range(args.batch_size)]
+        template = json.dumps({"events": events}).encode()
+    else:
+        events = [{"clientId": "cus_acme", "timestamp": stamp, "transactionId": f"cap-{key}-{i:04d}",
+                   "data": {"endpoint": "/v1/chat/completions", "method": "POST", "status": 200,
+                            "latency_ms": 120 + i, "event": "API Call"}} for i in range(args.batch_size)]
+        template = json.dumps(events).encode()
+    sandbox.reset()
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    process = context.Process(target=_hammer, args=(sandbox.url, sandbox.ingest_path, sandbox.headers, template,
+                                                     concurrency, args.capacity_seconds, out))
+    cpu0 = _process_cpu(sandbox.pid)
+    process.start()
+    try:
+        sent, ok, elapsed = out.get(timeout=args.capacity_seconds + 120)
+    except queue.Empty:
+        sent, ok, elapsed = 0, 0, args.capacity_seconds
+    process.join()
+    # CPU includes the child's start-up (~0.1 s of waiting, no sandbox work): a slight underestimate.
+    cpu = _process_cpu(sandbox.pid) - cpu0
+    sandbox.reset()
+    return Capacity(concurrency, ok / elapsed, ok * args.batch_size / elapsed, ok / sent if sent else 0.0,
+                    cpu / elapsed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _rate(count: float, seconds: float) -> str:
+    return _n(count / seconds) if seconds > 0 else "-"
+
+
+def print_pipeline(result: PipelineResult, ctx: Context) -> None:
+    t, u = result.totals, result.usage
+    unique = t["unique_events"]
+    counts = {"extract": t["rows_read"], "transform": unique, "ledger_filter": unique - t["mapping_rejected"],
+              "deliver": t["sent"], "ledger_write": t["accepted"] + t["mapping_rejected"] + t["destination_rejected"]}
+    meaning = {"extract": "rows read", "transform": "rows mapped", "ledger_filter": "keys filtered",
+               "deliver": "events sent", "ledger_write": "outcomes recorded"}
+    print(f"\n== {result.label}")
+    print(f"  {'stage':<16}{'seconds':>9}{'share':>8}{'events':>12}  {'events/s':>10}  counted as")
+    for stage in STAGES:
+        seconds = result.stages.get(stage, 0.0)
+        print(f"  {stage:<16}{seconds:>9.2f}{100 * seconds / u.seconds:>7.1f}%{_n(counts[stage]):>12}  "
+              f"{_rate(counts[stage], seconds):>10}  {meaning[stage]}")
+    other = u.seconds - sum(result.stages.get(s, 0.0) for s in STAGES)
+    print(f"  {'other':<16}{other:>9.2f}{100 * other / u.seconds:>7.1f}%{'':>12}  {'':>10}  "
+          f"not attributed to a stage (counting, lateness sample, table inspection, hooks)")
+    print(f"  {'total':<16}{u.seconds:>9.2f}{100.0:>7.1f}%{_n(unique):>12}  {_rate(unique, u.seconds):>10}  "
+          f"unique events in the window, end to end")
+    print(f"  peak memory: {u.maxrss_mb:,.0f} MB ru_maxrss of this process so far; {u.peak_hwm_mb:,.0f} MB VmHWM "
+          f"during this run; {u.peak_sampled_mb:,.0f} MB sampled VmRSS max")
+    print(f"  {u.cpu_line()}")
+    print(f"  senders: {result.send_seconds:.1f} thread-seconds in hook.send (HTTP, JSON, retries), "
+          f"{result.pacer_seconds:.2f} in the pacer ({result.pacer_waited:.2f} s of it waiting)")
+    print(f"  counts: {_n(t['rows_read'])} rows read, {_n(t['duplicates_dropped'])} duplicates dropped, "
+          f"{_n(unique)} unique events, {_n(t['mapping_rejected'])} rejected by the mapping, "
+          f"{_n(t['already_delivered'])} already delivered, {_n(t['sent'])} sent in {_n(t['requests'])} requests "
+          f"({t['retries']} retries), {_n(t['accepted'])} accepted, {_n(t['destination_rejected'])} rejected "
+          f"by {ctx.destination.name}")
+
+
+def check_delivery(result: PipelineResult, ctx: Context, first: bool) -> list[str]:
+    """Correctness: every deliverable event delivered once, everything else rejected; [] when fine."""
+    t, expected = result.totals, ctx.counts
+    problems = []
+    delivered = result.ledger.get("delivered", 0)
+    print(f"  check: ledger delivered {_n(delivered)} of {_n(expected.deliverable)} deliverable; "
+          f"ledger rejected {_n(result.ledger.get('rejected', 0))} of "
+          f"{_n(expected.unique - expected.deliverable)} undeliverable; pending {result.ledger.get('pending', 0)}")
+    print(f"  check: delivered {delivered} deliverable {expected.deliverable}")
+    if delivered != expected.deliverable:
+        problems.append(f"{result.label}: ledger has {delivered} delivered, expected {expected.deliverable}")
+    if result.ledger.get("pending", 0):
+        problems.append(f"{result.label}: {result.ledger['pending']} events left pending")
+    if t["unique_events"] != expected.unique:
+        problems.append(f"{result.label}: read {t['unique_events']} unique events, the window has {expected.unique}")
+    if first:
+        print(f"  check: sandbox answered 2xx to {_n(result.sandbox_events)} events in {_n(result.sandbox_requests)} "
+              f"requests; the pipeline counted {_n(t['accepted'])} accepted")
+        if t["accepted"] != expected.deliverable or result.sandbox_events != expected.deliverable:
+            problems.append(f"{result.label}: accepted {t['accepted']} (sandbox {result.sandbox_events}), "
+                            f"expected {expected.deliverable}")
+    else:
+        print(f"  check: rerun sent {t['sent']}, skipped {_n(t['already_delivered'])} already delivered")
+        if t["sent"] or t["already_delivered"] != expected.deliverable:
+            problems.append(f"{result.label}: sent {t['sent']} and skipped {t['already_delivered']}, expected "
+                            f"0 and {expected.deliverable}")
+    return problems
+
+
+def print_floor(floor: FloorResult, pipeline: PipelineResult) -> float:
+    u = floor.usage
+    ratio = pipeline.usage.seconds / u.seconds if u.seconds else math.inf
+    print(f"  floor: {u.seconds:.2f} s for {_n(floor.rows)} rows read, {_n(floor.posted)} events posted in "
+          f"{_n(floor.requests)} requests ({_n(floor.accepted)} accepted, {_n(floor.skipped)} without a customer "
+          f"skipped) = {_rate(floor.rows, u.seconds)} events/s")
+    print(f"    (psycopg2 server-side cursor -> plain dicts -> json.dumps -> requests, same concurrency, "
+          f"no pandas, no ledger): main thread {floor.read_seconds:.2f} s reading, {floor.serialise_seconds:.2f} s "
+          f"building and serialising, {floor.slot_wait_seconds:.2f} s waiting for a free request slot")
+    print(f"    peak memory {u.peak_hwm_mb:,.0f} MB VmHWM; {u.cpu_line()}")
+    print(f"  ratio pipeline / floor: {ratio:.2f} ({pipeline.usage.seconds:.2f} s / {u.seconds:.2f} s)")
+    if floor.posted != pipeline.totals["sent"]:
+        print(f"  note: the floor posted {floor.posted} events, the pipeline sent {pipeline.totals['sent']}")
+    return ratio
+
+
+def print_capacity(capacities: list[Capacity], pipeline: PipelineResult, latency: float, batch_size: int) -> bool:
+    """Print the sandbox's capacity; True when it does not limit the pipeline's end-to-end time."""
+    for cap in capacities:
+        bound = f" (latency bound: {cap.concurrency / latency * batch_size:,.0f})" if latency else ""
+        print(f"  sandbox capacity at concurrency {cap.concurrency:>3}: {cap.requests_per_second:>7,.0f} requests/s, "
+              f"{cap.events_per_second:>9,.0f} events/s{bound}, {100 * cap.ok_share:.0f}% accepted, sandbox CPU "
+              f"{100 * cap.sandbox_cpu_share:.0f}% of one core")
+    capacity = max(cap.events_per_second for cap in capacities)
+    if not capacity:
+        print("  the sandbox accepted nothing while being measured")
+        return False
+    sent, total = pipeline.totals["sent"], pipeline.usage.seconds
+    deliver = pipeline.stages.get("deliver", 0.0)
+    overall = sent / total if total else 0.0
+    during = sent / deliver if deliver else 0.0
+    verdict = overall < 0.5 * capacity
+    print(f"  end to end the pipeline delivered {overall:,.0f} events/s = {100 * overall / capacity:.0f}% of the "
+          f"sandbox's capacity ({capacity:,.0f} events/s): "
+          + ("the sandbox is NOT what limits the pipeline" if verdict else "the sandbox MAY limit the pipeline"))
+    print(f"  during its deliver stage alone it sent {during:,.0f} events/s = {100 * during / capacity:.0f}% of that "
+          f"capacity" + ("; that stage runs at the sandbox's limit" if during > 0.7 * capacity else ""))
+    needed = TARGET_EVENTS / (TARGET_SECONDS_INSTANT if not latency else TARGET_SECONDS_LATENCY)
+    print(f"  the {TARGET_EVENTS:,}-event target needs {needed:,.0f} events/s end to end = "
+          f"{100 * needed / capacity:.0f}% of the sandbox's capacity, on cores it shares with the pipeline")
+    return verdict
+
+
+@dataclass
+class Target:
+    name: str
+    value: str
+    limit: str
+    met: bool
+
+
+def at_most(name: str, value: float, limit: float, unit: str) -> Target:
+    return Target(name, f"{value:,.2f} {unit}", f"<= {limit:,.2f} {unit}", value <= limit)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    global MONITOR
+    args = build_parser().parse_args(argv)
+    if args.events < 3:
+        raise SystemExit("--events must be at least 3")
+    home = Path(tempfile.mkdtemp(prefix="usage-billing-bench-"))
+    _airflow_environment(home)
+    url = args.database_url or os.environ.get("TEST_DATABASE_URL") or DEFAULT_DATABASE_URL
+    suffix = uuid.uuid4().hex[:8]
+    schema, ledger_prefix = args.source_schema or f"bench_src_{suffix}", f"bench_ledger_{suffix}"
+    latencies = [0.0, args.latency] if args.both_latencies and args.latency > 0 else [args.latency]
+    created: list[str] = [] if args.source_schema else [schema]
+    problems: list[str] = []
+    targets: list[Target] = []
+    started_all = time.perf_counter()
+    engine = None
+    try:
+        hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+        print(f"benchmark: {_n(args.events)} events, one hourly window {hour:%Y-%m-%d %H:%M} UTC, destination "
+              f"{args.destination}, concurrency {args.concurrency}, batch {args.batch_size}, chunk {args.chunk_size}, "
+              f"latencies {', '.join(f'{1000 * x:.0f} ms' for x in latencies)}; PostgreSQL schema {schema}; "
+              f"{os.cpu_count()} cores")
+        busy0, total0 = _machine_cpu()
+        time.sleep(1.0)
+        busy1, total1 = _machine_cpu()
+        print(f"machine before the benchmark: {100 * (busy1 - busy0) / max(total1 - total0, 1e-9):.0f}% of all cores "
+              f"busy (other load on the machine makes every timing below slower)")
+        if args.source_schema:
+            hour = existing_hour(url, schema)
+            print(f"data: reusing schema {schema} (hour {hour:%Y-%m-%d %H:%M} UTC); --events is ignored")
+        else:
+            generating = time.perf_counter()
+            rows, unique = generate_window(url, schema, hour, args.events, args.seed, args.generate_workers)
+            print(f"data: generated {_n(rows)} rows ({_n(unique)} distinct events) with sample_data in "
+                  f"{time.perf_counter() - generating:.1f} s (child processes, not measured)")
+
+        from usage_billing.destinations import get_destination
+        from usage_billing.ledger import Ledger
+        from usage_billing.settings import parse_settings
+        from usage_billing.warehouse import Window, column_for, create_engine
+
+        overrides = {"batch_size": args.batch_size, "concurrency": args.concurrency,
+                     "requests_per_second": args.requests_per_second, "events_per_minute": args.events_per_minute}
+        settings = parse_settings({
+            "source": {"schema": schema, "events": list(TABLES), "loaded_at_column": "received_at",
+                       "lookback": "0s", "chunk_size": args.chunk_size},
+            "ledger": {"schema": ledger_prefix},
+            "destinations": {
+                "orb": {"external_customer_id_field": "userId",
+                        "properties_mapping": {"amount": "amount", "currency": "currency", "latencyMs": "latency_ms",
+                                               "bytes": "bytes"}, **overrides},
+                "kable": {"properties_mappings": {"statusCode": "status", "plan.tier": "tier"},
+                          "event_name_key": "event", **overrides},
+            },
+        }, "<benchmark>")
+        destination = get_destination(args.destination, settings)
+        customer = column_for(settings.destination(args.destination).external_customer_id_field
+                              if args.destination == "orb" else settings.destination(args.destination).client_id_field)
+        window = Window(hour, hour + timedelta(hours=1))
+        engine = create_engine(with_application_name(url))
+        MONITOR = PgMonitor(url)
+        counts = WindowCounts()
+        for table in TABLES:
+            counts.add(window_counts(engine, schema, table, window, customer))
+        print(f"window {window} on received_at: {_n(counts.rows)} rows, {_n(counts.unique)} unique events, "
+              f"{_n(counts.deliverable)} deliverable (the rest have no customer id)")
+        ctx = Context(args, engine, schema, window, settings, destination, counts)
+        scale = counts.unique / TARGET_EVENTS
+
+        for index, latency in enumerate(latencies):
+            sandbox = SandboxProcess(args.destination, latency)
+            try:
+                os.environ.update(sandbox.connection_env())
+                ledger_schema = f"{ledger_prefix}_{index}"
+                created.append(ledger_schema)
+                ledger = Ledger(engine, ledger_schema)
+                ledger.create()
+                name = f"{1000 * latency:.0f} ms"
+                first = run_pipeline(ctx, sandbox, ledger, f"first-{index}",
+                                     f"pipeline, sandbox latency {name}: {args.destination}, {_n(counts.unique)} "
+                                     f"events, 3 partitions run one after another",
+                                     profile=args.profile and index == 0)
+                print_pipeline(first, ctx)
+                problems += check_delivery(first, ctx, first=True)
+                limit = (TARGET_SECONDS_INSTANT if latency == 0 else TARGET_SECONDS_LATENCY) * scale
+                targets.append(at_most(f"end to end, latency {name}", first.usage.seconds, limit, "s"))
+                targets.append(at_most(f"peak memory (VmHWM), latency {name}", first.usage.peak_hwm_mb,
+                                       TARGET_MEMORY_MB, "MB"))
+                if args.rerun and index == 0:
+                    again = run_pipeline(ctx, sandbox, ledger, f"rerun-{index}",
+                                         f"rerun of the delivered window (new run id), sandbox latency {name}")
+                    print_pipeline(again, ctx)
+                    problems += check_delivery(again, ctx, first=False)
+                    targets.append(at_most("rerun of a delivered window", again.usage.seconds,
+                                           TARGET_SECONDS_RERUN * scale, "s"))
+                if not args.skip_floor:
+                    sandbox.reset()
+                    floor = run_floor(ctx, sandbox)
+                    print(f"\n== floor, sandbox latency {name}")
+                    ratio = print_floor(floor, first)
+                    targets.append(at_most(f"pipeline / floor, latency {name}", ratio, TARGET_FLOOR_RATIO, "x"))
+                if args.capacity_seconds > 0:
+                    print(f"\n== sandbox capacity, latency {name} ({args.capacity_seconds:g} s per measurement, "
+                          f"pre-serialised {args.batch_size}-event batches with fresh keys, from another process)")
+                    levels = list(dict.fromkeys([args.concurrency, min(4 * args.concurrency, 128)]))
+                    capacities = [sandbox_capacity(ctx, sandbox, level) for level in levels]
+                    fine = print_capacity(capacities, first, latency, args.batch_size)
+                    targets.append(Target(f"sandbox not the bottleneck, latency {name}", "yes" if fine else "no",
+                                          "yes", fine))
+                if first.profile:
+                    print(f"\n== profile of the first pipeline run (cProfile inflates times)\n{first.profile}")
+            finally:
+                sandbox.stop()
+                for variable in sandbox.connection_env():
+                    os.environ.pop(variable, None)
+
+        print(f"\n== targets (the 1,000,000-event targets scaled to {_n(counts.unique)} events)")
+        for target in targets:
+            print(f"  {target.name:<44} {target.value:>12}   {target.limit:<14} {'met' if target.met else 'MISSED'}")
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"peak memory of the benchmark process: {maxrss:,.0f} MB ru_maxrss (whole run, floor included); "
+              f"total benchmark time {time.perf_counter() - started_all:.0f} s")
+    finally:
+        if engine is not None:
+            engine.dispose()
+        if MONITOR is not None:
+            MONITOR.dispose()
+        _cleanup(url, created, args.keep)
+        shutil.rmtree(home, ignore_errors=True)
+    if problems:
+        print("\nCORRECTNESS CHECKS FAILED:\n  " + "\n  ".join(problems))
+        return 1
+    return 0
+
+
+def _cleanup(url: str, schemas: list[str], keep: bool) -> None:
+    if keep:
+        print(f"kept schemas: {', '.join(schemas)}")
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for name in schemas:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

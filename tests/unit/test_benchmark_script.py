@@ -1,0 +1,70 @@
+"""Smoke test of scripts/benchmark.py: a tiny window end to end against PostgreSQL and the sandbox.
+
+Not a performance test (the timings of 3,000 events mean nothing): it checks that the script runs
+the real pipeline, the rerun, the floor and the capacity probe, prints every part of its report,
+and that what it delivered adds up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import PROJECT, TEST_DATABASE_URL
+
+pytestmark = pytest.mark.timeout(120)
+
+STAGES = ("extract", "transform", "ledger_filter", "deliver", "ledger_write")
+
+
+def _number(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def run() -> subprocess.CompletedProcess:
+    env = {**os.environ, "TEST_DATABASE_URL": TEST_DATABASE_URL}
+    return subprocess.run(
+        [sys.executable, str(PROJECT / "scripts" / "benchmark.py"), "--events", "3000", "--latency", "0",
+         "--rerun", "--capacity-seconds", "0.3", "--concurrency", "4"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=110, check=False)
+
+
+def test_the_benchmark_exits_cleanly(run):
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_every_stage_the_floor_and_peak_memory_are_reported(run):
+    out = run.stdout
+    for stage in STAGES:
+        assert re.search(rf"^\s+{stage}\s+\d+\.\d+\s", out, re.MULTILINE), f"no {stage} line in:\n{out}"
+    assert re.search(r"^\s+total\s+\d+\.\d+\s", out, re.MULTILINE), out
+    assert re.search(r"^\s+floor: \d+\.\d+ s for [\d,]+ rows read", out, re.MULTILINE), out
+    assert re.search(r"ratio pipeline / floor: \d+\.\d+", out), out
+    assert re.search(r"peak memory: [\d,]+ MB ru_maxrss", out), out
+    assert re.search(r"sandbox capacity at concurrency\s+4: .* events/s", out), out
+    assert "== targets" in out, out
+
+
+def test_everything_deliverable_was_delivered_once_and_the_rerun_sent_nothing(run):
+    out = run.stdout
+    window = re.search(r"([\d,]+) unique events, ([\d,]+) deliverable", out)
+    assert window, out
+    unique, deliverable = _number(window.group(1)), _number(window.group(2))
+    # About 3,000 events in the window, most of them with a customer id.
+    assert 2_900 <= unique <= 3_200 and 0.9 * unique <= deliverable < unique, out
+    checks = re.findall(r"check: delivered (\d+) deliverable (\d+)", out)
+    assert len(checks) == 2, out  # the first run and the rerun
+    for delivered, expected in checks:
+        assert int(delivered) == int(expected) == deliverable
+    sandbox = re.search(r"sandbox answered 2xx to ([\d,]+) events", out)
+    assert sandbox and _number(sandbox.group(1)) == deliverable, out
+    rerun = re.search(r"rerun sent (\d+), skipped ([\d,]+) already delivered", out)
+    assert rerun and int(rerun.group(1)) == 0 and _number(rerun.group(2)) == deliverable, out
+    floor = re.search(r"floor: .* ([\d,]+) events posted", out)
+    assert floor and _number(floor.group(1)) == deliverable, out
+    assert "CORRECTNESS CHECKS FAILED" not in out
