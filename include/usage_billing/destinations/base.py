@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from itertools import compress
 
 import numpy as np
 import pandas as pd
@@ -76,24 +77,27 @@ def blank(series: pd.Series) -> pd.Series:
 
 
 def as_text(series: pd.Series) -> list[str | None]:
-    """Values as Python strings (numbers become their decimal text), nulls as None."""
+    """Values as Python strings, unchanged (numbers become their decimal text), nulls as None."""
     if pd.api.types.is_float_dtype(series.dtype):
         # 42.0 from a float column is the customer "42", not "42.0".
         series = series.map(lambda v: v if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
-    text = series.astype("string").str.strip()
-    return [None if value is pd.NA else value for value in text.tolist()]
+    text = series.astype("string")
+    return text.astype(object).where(text.notna(), None).tolist()
 
 
 def iso_utc(series: pd.Series) -> list[str | None]:
     """UTC timestamps as RFC 3339 strings with milliseconds and ``Z`` (Segment's own format)."""
     stamps = pd.to_datetime(series, utc=True, errors="coerce")
-    text = stamps.dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str.slice(0, 23) + "Z"
-    return [None if value is pd.NA else value for value in text.astype("string").tolist()]
+    # numpy formats in C; pandas' strftime goes through Python for every value.
+    values = stamps.dt.tz_convert(None).to_numpy(dtype="datetime64[ms]")
+    text = pd.Series(np.datetime_as_string(values, unit="ms"), index=series.index, dtype=object) + "Z"
+    return text.where(stamps.notna().to_numpy(), None).tolist()
 
 
 def python_timestamps(series: pd.Series) -> list[datetime | None]:
+    """UTC timestamps as datetime objects (pandas Timestamps), nulls as None."""
     stamps = pd.to_datetime(series, utc=True, errors="coerce")
-    return [None if pd.isna(value) else value.to_pydatetime() for value in stamps]
+    return stamps.astype(object).where(stamps.notna(), None).tolist()
 
 
 def _scalar(value: object) -> object:
@@ -192,26 +196,23 @@ def check_timestamps(stamps: pd.Series, problems: RowProblems, now: datetime, fu
                   + f" is more than {future_tolerance} in the future")
 
 
-def finish(frame: pd.DataFrame, keys: list[str], build: Callable[[int], dict], problems: RowProblems,
+def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], problems: RowProblems,
            id_column: str = "id") -> Mapped:
-    """Assemble payloads for rows without problems and rejections for the rest."""
-    mapped = Mapped()
+    """Pair the payloads of the rows without problems (in row order) with their ledger facts, and
+    turn the other rows into rejections naming the row."""
     ok = problems.ok.to_numpy()
     message_ids = as_text(frame[id_column])
     tables = frame[TABLE].tolist() if TABLE in frame else [""] * len(frame)
     stamps = python_timestamps(frame["timestamp"])
-    reasons = problems.reason.tolist()
-    for position in range(len(frame)):
-        key = keys[position] or message_ids[position] or ""
-        if ok[position]:
-            mapped.keys.append(key)
-            mapped.payloads.append(build(position))
-            mapped.message_ids.append(message_ids[position])
-            mapped.tables.append(tables[position])
-            mapped.timestamps.append(stamps[position])
-        else:
+    keys = [key or message_id or "" for key, message_id in zip(keys, message_ids, strict=True)]
+    mapped = Mapped(keys=list(compress(keys, ok)), payloads=payloads, message_ids=list(compress(message_ids, ok)),
+                    tables=list(compress(tables, ok)), timestamps=list(compress(stamps, ok)))
+    assert len(mapped.keys) == len(payloads), "one payload per row without problems"
+    if not ok.all():
+        reasons = problems.reason.tolist()
+        for position in np.flatnonzero(~ok):
             mapped.rejected.append(Rejection(
-                key=key, message_id=message_ids[position] or "", table=tables[position],
+                key=keys[position], message_id=message_ids[position] or "", table=tables[position],
                 reason=f"{tables[position]} row id={message_ids[position]}: {reasons[position]}",
                 event_timestamp=stamps[position],
             ))

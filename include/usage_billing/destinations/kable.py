@@ -85,13 +85,11 @@ def map_events(frame: pd.DataFrame, settings: KableSettings, now: datetime) -> M
     clients = as_text(client)
     stamps = iso_utc(frame["timestamp"])
     rows = list(zip(*columns, strict=True)) if columns else [()] * len(frame)
-
-    def build(i: int) -> dict:
-        return {
-            "clientId": clients[i],
-            "timestamp": stamps[i],
-            "transactionId": keys[i],
-            "data": {name: value for name, value in zip(names, rows[i], strict=True) if value is not None},
-        }
-
-    return finish(frame, keys, build, problems)
+    ok = problems.ok.to_numpy()
+    payloads = [
+        {"clientId": client, "timestamp": stamp, "transactionId": key,
+         "data": {name: value for name, value in zip(names, row, strict=True) if value is not None}}
+        for good, client, stamp, key, row in zip(ok, clients, stamps, keys, rows, strict=True)
+        if good
+    ]
+    return finish(frame, keys, payloads, problems)

@@ -87,14 +87,11 @@ def map_events(frame: pd.DataFrame, settings: OrbSettings, now: datetime) -> Map
     event_names = as_text(event_name)
     stamps = iso_utc(frame["timestamp"])
     rows = list(zip(*columns, strict=True)) if columns else [()] * len(frame)
-
-    def build(i: int) -> dict:
-        return {
-            "event_name": event_names[i],
-            "idempotency_key": keys[i],
-            "external_customer_id": customers[i],
-            "timestamp": stamps[i],
-            "properties": {name: value for name, value in zip(names, rows[i], strict=True) if value is not None},
-        }
-
-    return finish(frame, keys, build, problems)
+    ok = problems.ok.to_numpy()
+    payloads = [
+        {"event_name": name, "idempotency_key": key, "external_customer_id": customer, "timestamp": stamp,
+         "properties": {prop: value for prop, value in zip(names, row, strict=True) if value is not None}}
+        for good, name, key, customer, stamp, row in zip(ok, event_names, keys, customers, stamps, rows, strict=True)
+        if good
+    ]
+    return finish(frame, keys, payloads, problems)
