@@ -360,6 +360,8 @@ def _known_in_ledger(ledger: Ledger, destination: Destination, retry_rejected: b
         key = table.c[destination.key_column]
         if not isinstance(key.type, sa.String):
             key = sa.cast(key, sa.String)
+        if ledger.engine.dialect.name == "postgresql":
+            key = sa.collate(key, "C")  # the ledger's key collation, so its primary-key index is used
         return sa.exists().where(deliveries.destination == destination.name, deliveries.idempotency_key == key,
                                  deliveries.status.in_(statuses))
     return known
