@@ -9,7 +9,7 @@ import pytest
 from billing_airflow.hooks.kable import KableHook
 from billing_airflow.hooks.orb import OrbHook
 from tests.integration.conftest import FAST_RETRIES, KABLE_CLIENT, KABLE_KEY, ORB_KEY
-from usage_billing.delivery import BatchRejected, FatalDeliveryError, send_resolving
+from usage_billing.delivery import BatchRejected, FatalDeliveryError, TransientDeliveryError, send_resolving
 from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
 from usage_billing.settings import KableSettings, OrbSettings
 
@@ -101,3 +101,20 @@ def test_kable_sends_its_headers_and_no_basic_auth(kable_hook):
     assert headers["Accept"] == headers["Content-Type"] == "application/json"
     assert hook.session().auth is None
     assert hook.url_from_endpoint(hook.endpoint).endswith("/api/v1/events/create")
+
+
+def test_default_backoff_spans_several_rate_limit_windows(orb_hook, monkeypatch):
+    """With the shipped defaults, persistent 429s are retried for minutes, not three times in a second."""
+    hook, sandbox = orb_hook
+    sandbox.inject(Fault.TOO_MANY_REQUESTS, times=100)
+    sleeps: list[float] = []
+    with OrbHook("orb_test", OrbSettings(external_customer_id_field="userId", properties_mapping={}),
+                 sleep=sleeps.append) as default_hook:
+        with pytest.raises(TransientDeliveryError, match="gave up after 8 attempts"):
+            default_hook.send([orb_event("a")], ["a"])
+    assert len(sleeps) == 7
+    assert all(later >= earlier * 1.5 for earlier, later in zip(sleeps[:4], sleeps[1:5], strict=True)), sleeps
+    assert max(sleeps) <= 60 + 1, "capped"
+    assert sum(sleeps) > 120, "the retries span more than two one-minute rate-limit windows"
+    assert len({round(s, 3) for s in sleeps}) == len(sleeps), "jittered"
+    assert not sandbox.accepted_keys()
