@@ -96,6 +96,25 @@ def _proc_status(field_name: str) -> float:
     return 0.0
 
 
+def _malloc_summary() -> str:
+    """glibc's view of the heap: bytes in use vs free but still held (fragmentation), via mallinfo2."""
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return "malloc stats unavailable"
+    return (f"malloc: {info.uordblks / MB:,.0f} MB in use, {info.fordblks / MB:,.0f} MB free but held, "
+            f"{info.hblkhd / MB:,.0f} MB mmapped")
+
+
 def _reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0), so a phase's own peak can be read."""
     try:
@@ -348,13 +367,19 @@ def generate_window(url: str, schema: str, hour: datetime, events: int, seed: in
     results = context.Queue()
     processes = [context.Process(target=_generate_worker, args=(url, schema, hour, jobs[w::workers], results))
                  for w in range(max(1, min(workers, len(jobs))))]
-    for process in processes:
-        process.start()
-    totals = [results.get() for _ in processes]
-    for process in processes:
-        process.join()
-        if process.exitcode:
-            raise RuntimeError(f"sample data generation failed (exit code {process.exitcode})")
+    try:
+        for process in processes:
+            process.start()
+        totals = [results.get() for _ in processes]
+        for process in processes:
+            process.join()
+            if process.exitcode:
+                raise RuntimeError(f"sample data generation failed (exit code {process.exitcode})")
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()
     # A warehouse table is vacuumed and analysed: hint bits set, planner statistics current, so
     # neither the pipeline (which reads first) nor the floor pays for the load.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -564,7 +589,8 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
                 if main_profile is not None:
                     main_profile.disable()
         print(f"  [{result.label.split(':')[0]}] {table}: {report.unique_events:,} events in {report.seconds:.1f} s; "
-              f"VmHWM {_proc_status('VmHWM'):,.0f} MB", file=sys.stderr, flush=True)
+              f"VmHWM {_proc_status('VmHWM'):,.0f} MB, VmRSS {_proc_status('VmRSS'):,.0f} MB; {_malloc_summary()}",
+              file=sys.stderr, flush=True)
         result.stages.update(report.stages)
         for name in ("rows_read", "duplicates_dropped", "unique_events", "mapping_rejected", "already_delivered",
                      "sent", "accepted", "destination_rejected", "batches", "requests",
@@ -834,7 +860,11 @@ def sandbox_capacity(ctx: Context, sandbox: SandboxProcess, concurrency: int) ->
         sent, ok, elapsed = out.get(timeout=args.capacity_seconds + 120)
     except queue.Empty:
         sent, ok, elapsed = 0, 0, args.capacity_seconds
-    process.join()
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.terminate()
+            process.join()
     # CPU includes the child's start-up (~0.1 s of waiting, no sandbox work): a slight underestimate.
     cpu = _process_cpu(sandbox.pid) - cpu0
     sandbox.reset()
@@ -974,8 +1004,15 @@ def at_most(name: str, value: float, limit: float, unit: str) -> Target:
 # ------------------------------------------------------------------------------------------------
 
 
+def _terminated(signum: int, _frame: Any) -> None:
+    # `timeout` and schedulers send SIGTERM: unwind like Ctrl-C so the finally blocks stop the sandbox
+    # process and drop the schemas.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     global MONITOR
+    signal.signal(signal.SIGTERM, _terminated)
     args = build_parser().parse_args(argv)
     if args.events < 3:
         raise SystemExit("--events must be at least 3")
