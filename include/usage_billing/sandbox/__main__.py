@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kable-port", type=int, default=0, help="0 = any free port, -1 = do not run Kable")
     parser.add_argument("--orb-api-key", default="orb-test-key")
     parser.add_argument("--kable-client-id", default="kci_test")
-    parser.add_argument("--kable-api-key", default="sk_test.sandbox")
+    parser.add_argument("--kable-api-key", default="kable-sandbox-key")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each ingest response")
     parser.add_argument("--grace-period-hours", type=float, default=12.0, help="Orb account grace period")
     parser.add_argument(

@@ -88,10 +88,10 @@ class KableSandbox(SandboxServer):
 
     Example::
 
-        with KableSandbox(client_id="kci_test", api_key="sk_test.sandbox") as kable:
+        with KableSandbox(client_id="kci_test", api_key="kable-sandbox-key") as kable:
             requests.post(f"{kable.url}/api/v1/events/create", json=[...],
                           headers={"KABLE-CLIENT-ID": "kci_test",
-                                   "KABLE-CLIENT-SECRET": "sk_test.sandbox"})
+                                   "KABLE-CLIENT-SECRET": "kable-sandbox-key"})
     """
 
     name = "kable"
@@ -101,7 +101,7 @@ class KableSandbox(SandboxServer):
     def __init__(
         self,
         client_id: str = "kci_test",
-        api_key: str = "sk_test.sandbox",
+        api_key: str = "kable-sandbox-key",
         latency: float = 0.0,
         seed: int | None = 0,
         state_file: str | Path | None = None,
