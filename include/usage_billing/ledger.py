@@ -360,17 +360,24 @@ class Ledger:
     def rejected(self, destination: str, reason_contains: str | None = None,
                  limit: int | None = None) -> list[dict]:
         """Rejected events (key, message id, table, timestamp, reason, attempts), oldest first."""
+        params: dict = {}
         query = (f"SELECT idempotency_key, message_id, event_table, event_timestamp, reason, attempts, "
-                 f"last_attempt_at FROM {self._name} WHERE destination = :destination AND status = '{REJECTED}'")
-        params: dict = {"destination": destination}
-        if reason_contains:
-            query += " AND reason LIKE :pattern"
-            params["pattern"] = f"%{reason_contains}%"
-        query += " ORDER BY event_timestamp, idempotency_key"
+                 f"last_attempt_at FROM {self._name} WHERE {self._rejected(params, destination, reason_contains)}"
+                 f" ORDER BY event_timestamp, idempotency_key")
         if limit:
             query += f" LIMIT {int(limit)}"
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(sa.text(query), params)]
+
+    @staticmethod
+    def _rejected(params: dict, destination: str, reason_contains: str | None) -> str:
+        """The WHERE clause of "this destination's rejected events", optionally by reason text."""
+        params["destination"] = destination
+        clause = f"destination = :destination AND status = '{REJECTED}'"
+        if reason_contains:
+            params["pattern"] = f"%{reason_contains}%"
+            clause += " AND reason LIKE :pattern"
+        return clause
 
     def delivered_between(self, destination: str, start: datetime, end: datetime) -> int:
         """Delivered events whose event timestamp lies in ``[start, end)``."""
@@ -382,12 +389,10 @@ class Ledger:
 
     def rejected_tables(self, destination: str, reason_contains: str | None = None) -> list[str]:
         """Event tables that hold rejected events of a destination."""
-        query = (f"SELECT DISTINCT event_table FROM {self._name} WHERE destination = :destination "
-                 f"AND status = '{REJECTED}' AND event_table IS NOT NULL AND event_table <> ''")
-        params: dict = {"destination": destination}
-        if reason_contains:
-            query += " AND reason LIKE :pattern"
-            params["pattern"] = f"%{reason_contains}%"
+        params: dict = {}
+        query = (f"SELECT DISTINCT event_table FROM {self._name} WHERE "
+                 f"{self._rejected(params, destination, reason_contains)} "
+                 f"AND event_table IS NOT NULL AND event_table <> ''")
         with self.engine.connect() as conn:
             return sorted(row[0] for row in conn.execute(sa.text(query), params))
 

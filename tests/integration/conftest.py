@@ -85,21 +85,17 @@ class World:
 
     def deliverable_ids(self) -> set[str]:
         """Warehouse ids that make a valid event: what the destination must end up with, once each."""
-        ids: set[str] = set()
-        with self.engine.connect() as conn:
-            for table in self.settings.source.events:
-                rows = conn.execute(sa.text(
-                    f'SELECT DISTINCT id FROM "{self.schema}".{table} '
-                    f"WHERE user_id IS NOT NULL AND trim(user_id) <> ''"))
-                ids.update(r[0] for r in rows)
-        return ids
+        return self._ids("user_id IS NOT NULL AND trim(user_id) <> ''")
 
     def undeliverable_ids(self) -> set[str]:
+        """Warehouse ids without a customer: what the ledger must hold as rejected."""
+        return self._ids("user_id IS NULL OR trim(user_id) = ''")
+
+    def _ids(self, condition: str) -> set[str]:
         ids: set[str] = set()
         with self.engine.connect() as conn:
             for table in self.settings.source.events:
-                rows = conn.execute(sa.text(
-                    f'SELECT DISTINCT id FROM "{self.schema}".{table} WHERE user_id IS NULL OR trim(user_id) = \'\''))
+                rows = conn.execute(sa.text(f'SELECT DISTINCT id FROM "{self.schema}".{table} WHERE {condition}'))
                 ids.update(r[0] for r in rows)
         return ids
 
