@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -46,11 +46,10 @@ def day_of(moment: datetime) -> datetime:
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def group_by_day(timestamps: Sequence[datetime | None], positions: Sequence[int]) -> dict[datetime, list[int]]:
-    """Positions of late events, grouped by the UTC day of their timestamp."""
+def group_by_day(timestamps: Mapping[int, datetime | None]) -> dict[datetime, list[int]]:
+    """Positions of late events (position -> timestamp), grouped by the UTC day of their timestamp."""
     groups: dict[datetime, list[int]] = defaultdict(list)
-    for position in positions:
-        stamp = timestamps[position]
+    for position, stamp in timestamps.items():
         if stamp is not None:
             groups[day_of(stamp)].append(position)
     return dict(sorted(groups.items()))

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -48,8 +50,9 @@ from usage_billing.warehouse import COPIES, Partition, Window, count_events, rea
 
 log = logging.getLogger(__name__)
 
-# Ledger writes are coalesced up to this many keys; a crash can leave at most this many
-# confirmed-but-unmarked events, which the next attempt re-sends (and the destination de-duplicates).
+# Ledger writes are coalesced up to this many keys and run in a writer thread with at most two
+# writes waiting: a crash can leave at most about four times this many confirmed-but-unmarked events,
+# which the next attempt re-sends (and the destination de-duplicates by idempotency key).
 MARK_EVERY = 5_000
 
 
@@ -126,15 +129,19 @@ class DeliveryReport:
     lateness_seconds: list[float] = field(default_factory=list, repr=False)
     stages: Counter = field(default_factory=Counter)
 
+    _stage_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Add the wall time of the block to ``stages[stage]`` (extract, transform, ledger_filter,
-        deliver, ledger_write)."""
+        deliver, ledger_write). Stages run in three threads at once (reading, sending, ledger
+        writing), so their times add up to more than the task's duration."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.stages[stage] += time.perf_counter() - started
+            with self._stage_lock:
+                self.stages[stage] += time.perf_counter() - started
 
     @property
     def rejected(self) -> int:
@@ -156,7 +163,8 @@ class DeliveryReport:
         return total
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("reasons", "lateness_seconds", "stages")}
+        data = {k: v for k, v in self.__dict__.items()
+                if k not in ("reasons", "lateness_seconds", "stages", "_stage_lock")}
         data["stages"] = {stage: round(seconds, 3) for stage, seconds in self.stages.items()}
         data["top_reasons"] = self.reasons.most_common(5)
         data["lateness"] = lateness_summary(self.lateness_seconds)
@@ -187,7 +195,7 @@ class DeliveryReport:
                          f"p99 {late['p99']}, max {late['max']}")
         lines.append(f"  duration          {self.seconds:.1f} s, {rate:.0f} events/s sent")
         if self.stages:
-            lines.append("  stages            " + ", ".join(f"{stage} {seconds:.1f}s"
+            lines.append("  stages (overlap)  " + ", ".join(f"{stage} {seconds:.1f}s"
                                                           for stage, seconds in self.stages.items()))
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -221,17 +229,14 @@ def _dedupe_keys(mapped: Mapped) -> list[Rejection]:
             drop.append(position)
         else:
             seen[key] = position
-    rejections = []
-    for position in reversed(drop):
-        key = mapped.keys[position]
-        first = mapped.message_ids[seen[key]]
-        rejections.append(Rejection(
-            key=f"{key}#dup:{mapped.message_ids[position]}", message_id=mapped.message_ids[position],
-            table=mapped.tables[position], event_timestamp=mapped.timestamps[position],
-            reason=f"{mapped.tables[position]} row id={mapped.message_ids[position]}: idempotency key {key!r} "
-                   f"is also the key of row id={first}; keys must be unique"))
-        for column in (mapped.keys, mapped.payloads, mapped.message_ids, mapped.tables, mapped.timestamps):
-            del column[position]
+    rejections = [
+        Rejection(key=f"{mapped.keys[p]}#dup:{mapped.message_ids[p]}", message_id=mapped.message_ids[p],
+                  table=mapped.tables[p], event_timestamp=mapped.timestamp(p),
+                  reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: idempotency key {mapped.keys[p]!r} "
+                         f"is also the key of row id={mapped.message_ids[seen[mapped.keys[p]]]}; keys must be unique")
+        for p in drop]
+    if drop:
+        mapped.drop(drop)
     return rejections
 
 
@@ -304,21 +309,23 @@ def deliver_partition(
             if same_database and replace_backfill_id is None and destination.key_column in columns:
                 known = _known_in_ledger(ledger, destination, retry_rejected)
                 with report.timed("ledger_filter"):
-                    already = count_events(conn, schema, partition, window, loaded_at_column, ids, where=known)
-                # Those events stay in the database; they still count as events of the window.
-                report.already_delivered += already
-                report.unique_events += already
-            chunks = iter(read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids,
-                                      where=None if known is None else lambda table: ~known(table)))
-            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool:
-                while True:
-                    with report.timed("extract"):
-                        chunk = next(chunks, None)
-                    if chunk is None:
-                        break
-                    _deliver_chunk(chunk, loaded_at_column, destination, sender, ledger, run, pool,
-                                   concurrency, report, now, replace_backfill_id, retry_rejected,
-                                   filtered=known is not None)
+                    ledger.refresh_statistics()  # the filter's plan depends on them
+                    window_events = count_events(conn, schema, partition, window, loaded_at_column, ids)
+            chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids,
+                                 where=None if known is None else lambda table: ~known(table))
+            prepared = (_prepare_chunk(chunk, loaded_at_column, destination, report, now)
+                        for chunk in _timed_iter(chunks, report, "extract"))
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool, \
+                    _LedgerWriter(ledger, destination.name, run, report, now) as writer:
+                # The next chunk is read and mapped in a thread while this one is sent.
+                for mapped, rejections in _read_ahead(prepared, destination.name):
+                    _deliver_chunk(mapped, rejections, destination, sender, ledger, writer, pool, concurrency,
+                                   report, now, replace_backfill_id, retry_rejected, filtered=known is not None)
+            if known is not None:
+                # The events the filter left in the database are the ones the ledger already has
+                # (max(): rows loaded into the window between the count and the read).
+                report.already_delivered += max(0, window_events - report.unique_events)
+                report.unique_events = max(window_events, report.unique_events)
     finally:
         report.seconds = time.monotonic() - started
     if report.old_events:
@@ -367,10 +374,66 @@ def _known_in_ledger(ledger: Ledger, destination: Destination, retry_rejected: b
     return known
 
 
-def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Destination, sender: Sender,
-                   ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
-                   report: DeliveryReport, now: Callable[[], datetime], replace_backfill_id: str | None,
-                   retry_rejected: bool = True, filtered: bool = False) -> None:
+def _timed_iter(items: Iterator, report: DeliveryReport, stage: str) -> Iterator:
+    """Yield from ``items``, adding the time spent producing each item to ``stage``."""
+    iterator = iter(items)
+    while True:
+        with report.timed(stage):
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
+_DONE = object()
+
+
+def _read_ahead(items: Iterator, name: str, depth: int = 1) -> Iterator:
+    """Yield ``items``, producing up to ``depth`` of them ahead in a background thread.
+
+    The database and the CPU-bound mapping of the next chunk then overlap the sending of this one;
+    ``depth`` bounds the chunks held in memory. An error in the producer is raised here; leaving
+    the loop early stops the producer.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((_DONE, None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            ready.put((_DONE, error))
+
+    producer = threading.Thread(target=produce, name=f"{name}-read", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        producer.join()
+
+
+def _prepare_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Destination, report: DeliveryReport,
+                   now: Callable[[], datetime]) -> tuple[Mapped, list[Rejection]]:
+    """Count a chunk's rows and map it (runs in the read-ahead thread)."""
     report.rows_read += int(chunk[COPIES].sum())
     report.duplicates_dropped += int((chunk[COPIES] - 1).sum())
     report.unique_events += len(chunk)
@@ -379,72 +442,131 @@ def _deliver_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Dest
         report.lateness_seconds.extend(late.sample(min(len(late), 2_000), random_state=0).tolist())
     if destination.old_event_warning is not None:
         report.old_events += int((chunk["timestamp"] < pd.Timestamp(now() - destination.old_event_warning)).sum())
-
     with report.timed("transform"):
         mapped = destination.map_events(chunk, now())
-        rejections = [*mapped.rejected, *_dedupe_keys(mapped)]
+        return mapped, [*mapped.rejected, *_dedupe_keys(mapped)]
+
+
+class _LedgerWriter:
+    """Ledger writes in one background thread, in the order they were submitted.
+
+    The senders keep sending while PostgreSQL records the previous confirmations. At most
+    ``depth`` writes wait; a write that fails is raised in the delivering thread at its next
+    submission or at :meth:`flush`, and leaving the ``with`` block flushes every write.
+    """
+
+    def __init__(self, ledger: Ledger, destination: str, run: RunRef, report: DeliveryReport,
+                 now: Callable[[], datetime], depth: int = 2):
+        self.ledger, self.destination, self.run, self.report, self.now = ledger, destination, run, report, now
+        self.depth = depth
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{destination}-ledger")
+        self._pending: deque[Future] = deque()
+
+    def __enter__(self) -> _LedgerWriter:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        try:
+            if kind is None:
+                self.flush()
+            else:  # already failing: record what can be recorded, keep the original error
+                for future in self._pending:
+                    with contextlib.suppress(Exception):
+                        future.result()
+                self._pending.clear()
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def _submit(self, write: Callable[[], None]) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+
+        def timed() -> None:
+            with self.report.timed("ledger_write"):
+                write()
+        self._pending.append(self._thread.submit(timed))
+
+    def flush(self) -> None:
+        """Wait until every submitted write is in the ledger."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def delivered(self, mapped: Mapped, positions: list[int], backfill_id: str | None, mode: str) -> None:
+        if not positions:
+            return
+        keys = [mapped.keys[p] for p in positions]
+        message_ids = [mapped.message_ids[p] for p in positions]
+        tables = [mapped.tables[p] for p in positions]
+        stamps = mapped.timestamps[positions]
+        self._submit(lambda: self.ledger.mark_delivered(self.destination, self.run, keys, message_ids, tables,
+                                                        stamps, self.now(), backfill_id, mode))
+
+    def rejected(self, rejections: list[Rejection]) -> None:
+        if rejections:
+            self._submit(lambda: self.ledger.mark_rejected(self.destination, self.run, rejections, self.now()))
+
+
+def _deliver_chunk(mapped: Mapped, rejections: list[Rejection], destination: Destination, sender: Sender,
+                   ledger: Ledger, writer: _LedgerWriter, pool: ThreadPoolExecutor, concurrency: int,
+                   report: DeliveryReport, now: Callable[[], datetime], replace_backfill_id: str | None,
+                   retry_rejected: bool = True, filtered: bool = False) -> None:
     if rejections:
-        with report.timed("ledger_write"):
-            ledger.mark_rejected(destination.name, run, rejections, now())
+        writer.rejected(rejections)
         report.mapping_rejected += len(rejections)
         report.reasons.update(_generic(r.reason) for r in rejections)
 
-    send = _Sending(mapped, destination, sender, ledger, run, pool, concurrency, report, now)
+    send = _Sending(mapped, destination, sender, writer, pool, concurrency, report)
+    everything = np.arange(len(mapped.keys))
     if replace_backfill_id:
         # Replace mode re-sends every event of the window into one replacing backfill; the ledger
         # keeps the earlier delivery of each event in delivery_history.
-        send(list(range(len(mapped.keys))), replace_backfill_id, "replace")
+        send(everything.tolist(), replace_backfill_id, "replace")
         return
 
     if filtered:  # the extraction query already left out what the ledger knows
-        todo = list(range(len(mapped.keys)))
+        todo = everything
     else:
+        writer.flush()  # this run's own earlier marks count too
         with report.timed("ledger_filter"):
             known = ledger.known_keys(destination.name, mapped.keys, retry_rejected)
         report.already_delivered += len(known)
-        todo = [i for i, key in enumerate(mapped.keys) if key not in known]
+        todo = np.array([i for i, key in enumerate(mapped.keys) if key not in known], dtype=np.int64)
     cutoff = destination.backfill_cutoff(now())
     if cutoff is None or not hasattr(sender, "open_backfill"):
-        send(todo)
+        send(todo.tolist())
         return
-    send([i for i in todo if mapped.timestamps[i] is None or mapped.timestamps[i] >= cutoff])
-    for day, positions in group_by_day(mapped.timestamps, [i for i in todo if mapped.timestamps[i] is not None
-                                                           and mapped.timestamps[i] < cutoff]).items():
-        start, end = timeframe_for(day, max(mapped.timestamps[i] for i in positions))
-        with backfill_session(ledger, sender, destination.name, run, start, end, replace=False) as backfill:
+    stamps = mapped.timestamps[todo]
+    late = ~np.isnat(stamps) & (stamps < np.datetime64(cutoff.astimezone(UTC).replace(tzinfo=None), "us"))
+    send(todo[~late].tolist())
+    for day, positions in group_by_day({p: mapped.timestamp(p) for p in todo[late].tolist()}).items():
+        start, end = timeframe_for(day, max(mapped.timestamp(p) for p in positions))
+        with backfill_session(ledger, sender, destination.name, run=writer.run, start=start, end=end,
+                              replace=False) as backfill:
             send(positions, backfill["id"], "backfill")
+            writer.flush()  # a closed backfill's events are in the ledger
             report.sent_in_backfills += len(positions)
             report.backfills += 1
-            ledger.record_backfill(destination.name, backfill, run, events_sent=len(positions))
+            ledger.record_backfill(destination.name, backfill, writer.run, events_sent=len(positions))
 
 
 class _Sending:
-    """Sends chosen events of a mapped chunk, timing the deliver stage apart from ledger writes."""
+    """Sends chosen events of a mapped chunk, ``concurrency`` requests at a time."""
 
-    def __init__(self, mapped: Mapped, destination: Destination, sender: Sender, ledger: Ledger, run: RunRef,
-                 pool: ThreadPoolExecutor, concurrency: int, report: DeliveryReport,
-                 now: Callable[[], datetime]):
-        self.mapped, self.destination, self.sender, self.ledger, self.run = mapped, destination, sender, ledger, run
-        self.pool, self.concurrency, self.report, self.now = pool, concurrency, report, now
+    def __init__(self, mapped: Mapped, destination: Destination, sender: Sender, writer: _LedgerWriter,
+                 pool: ThreadPoolExecutor, concurrency: int, report: DeliveryReport):
+        self.mapped, self.destination, self.sender, self.writer = mapped, destination, sender, writer
+        self.pool, self.concurrency, self.report = pool, concurrency, report
 
     def __call__(self, positions: list[int], backfill_id: str | None = None, mode: str = "ingest") -> None:
-        if not positions:
-            return
-        report = self.report
-        writes_before, started = report.stages["ledger_write"], time.perf_counter()
-        try:
-            _send_positions(self.mapped, positions, self.destination, self.sender, self.ledger, self.run,
-                            self.pool, self.concurrency, report, self.now, backfill_id, mode)
-        finally:
-            # Ledger writes happen between sends; count them once, under ledger_write.
-            report.stages["deliver"] += (time.perf_counter() - started
-                                         - (report.stages["ledger_write"] - writes_before))
+        if positions:
+            with self.report.timed("deliver"):
+                _send_positions(self.mapped, positions, self.destination, self.sender, self.writer, self.pool,
+                                self.concurrency, self.report, backfill_id, mode)
 
 
 def _send_positions(mapped: Mapped, positions: list[int], destination: Destination, sender: Sender,
-                    ledger: Ledger, run: RunRef, pool: ThreadPoolExecutor, concurrency: int,
-                    report: DeliveryReport, now: Callable[[], datetime], backfill_id: str | None,
-                    mode: str) -> None:
+                    writer: _LedgerWriter, pool: ThreadPoolExecutor, concurrency: int, report: DeliveryReport,
+                    backfill_id: str | None, mode: str) -> None:
     """Send the events at ``positions`` of a mapped chunk; mark what the destination confirmed."""
     position_of = {mapped.keys[p]: p for p in positions}
     to_mark: list[int] = []
@@ -452,14 +574,8 @@ def _send_positions(mapped: Mapped, positions: list[int], destination: Destinati
     failure: BaseException | None = None
     in_flight: list[_Pending] = []
 
-    def mark(marked: list[int]) -> None:
-        with report.timed("ledger_write"):
-            ledger.mark_delivered(destination.name, run, [mapped.keys[p] for p in marked],
-                                  [mapped.message_ids[p] for p in marked], [mapped.tables[p] for p in marked],
-                                  [mapped.timestamps[p] for p in marked], now(), backfill_id, mode)
-
     def collect(done: _Pending) -> None:
-        nonlocal failure
+        nonlocal failure, to_mark
         try:
             outcome = done.future.result()
         except (TransientDeliveryError, FatalDeliveryError) as error:
@@ -476,18 +592,16 @@ def _send_positions(mapped: Mapped, positions: list[int], destination: Destinati
         report.accepted += len(outcome.accepted)
         to_mark.extend(position_of[k] for k in outcome.accepted if k in position_of)
         if outcome.rejected:
-            rejections = [Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
-                                    table=mapped.tables[position_of[k]],
-                                    event_timestamp=mapped.timestamps[position_of[k]],
-                                    reason=f"{destination.name} rejected event {k}: {message}")
-                          for k, message in outcome.rejected.items() if k in position_of]
-            with report.timed("ledger_write"):
-                ledger.mark_rejected(destination.name, run, rejections, now())
-            report.destination_rejected += len(rejections)
+            writer.rejected([Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
+                                       table=mapped.tables[position_of[k]],
+                                       event_timestamp=mapped.timestamp(position_of[k]),
+                                       reason=f"{destination.name} rejected event {k}: {message}")
+                             for k, message in outcome.rejected.items() if k in position_of])
+            report.destination_rejected += sum(1 for k in outcome.rejected if k in position_of)
             report.reasons.update(f"{destination.name}: {message}" for message in outcome.rejected.values())
         if len(to_mark) >= MARK_EVERY:
-            mark(to_mark)
-            to_mark.clear()
+            writer.delivered(mapped, to_mark, backfill_id, mode)
+            to_mark = []
 
     try:
         for start in range(0, len(positions), destination.batch_size):
@@ -512,7 +626,7 @@ def _send_positions(mapped: Mapped, positions: list[int], destination: Destinati
             collect(pending)
         in_flight.clear()
     finally:
-        mark(to_mark)
+        writer.delivered(mapped, to_mark, backfill_id, mode)
     if failure is not None:
         report.notes.append(f"{len(unconfirmed)} events not confirmed: {failure}")
         raise DeliveryFailed(f"{destination.name}: {len(unconfirmed)} events of partition {report.partition} "

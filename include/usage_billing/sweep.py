@@ -84,7 +84,8 @@ def tally(engine: Engine, schema: str, tables: Sequence[str], window: Window, lo
             for chunk in read_events(conn, schema, Partition(table), window, loaded_at_column, wanted, chunk_size):
                 mapped = destination.map_events(chunk, now)
                 keys = mapped.keys + [r.key for r in mapped.rejected]
-                stamps = mapped.timestamps + [r.event_timestamp for r in mapped.rejected]
+                stamps = [mapped.timestamp(i) for i in range(len(mapped))] + [r.event_timestamp
+                                                                               for r in mapped.rejected]
                 statuses = ledger.status_of(destination.name, keys) if keys else {}
                 counts: Counter = Counter()
                 for key, stamp in zip(keys, stamps, strict=True):

@@ -104,6 +104,26 @@ def test_a_quote_or_backslash_in_a_key_survives_the_array_encoding(ledger):
     assert ledger.known_keys("orb", keys) == set(keys)
 
 
+@pytest.mark.parametrize("keys", [
+    ["plain-1", "plain-2"],                    # the one-join fast path
+    ["a", 'b","c'],                            # a key that looks like the separator
+    ["", "x"],                                 # an empty key between quotes
+    ['ends with a quote"', "next"],
+])
+def test_array_literals_round_trip_exactly(ledger, keys):
+    deliver(ledger, RUN_A, keys)
+    assert ledger.known_keys("orb", keys + ["absent"]) == set(keys)
+    assert {row(ledger, key)["message_id"] for key in keys} == {f"msg-{key}" for key in keys}
+
+
+def test_event_timestamps_keep_microseconds_and_nulls(ledger):
+    stamps = [datetime(2026, 11, 23, 12, 34, 56, 123456, tzinfo=UTC), None, datetime(1999, 12, 31, 23, 59, tzinfo=UTC)]
+    ledger.mark_delivered("orb", RUN_A, ["k1", "k2", "k3"], ["m1", "m2", "m3"], ["t"] * 3, stamps, T0)
+    recorded = [row(ledger, key)["event_timestamp"] for key in ("k1", "k2", "k3")]
+    as_utc = [None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC)) for value in recorded]
+    assert as_utc == stamps
+
+
 def test_the_partition_lock_lets_one_run_in_at_a_time(ledger):
     """Overlapping runs of one partition take turns; other partitions are not held up."""
     inside, overlaps = [], []
@@ -131,3 +151,20 @@ def test_ten_runs_marking_the_same_keys_at_once_leave_one_row_per_key(ledger):
     with ThreadPoolExecutor(max_workers=10) as pool:
         list(pool.map(lambda r: deliver(ledger, r, keys), runs))
     assert ledger.counts("orb") == {"orb": {"delivered": 2000}}
+
+
+def test_stale_statistics_are_refreshed_once(ledger):
+    if ledger.engine.dialect.name != "postgresql":
+        assert ledger.refresh_statistics() is False
+        return
+    deliver(ledger, RUN_A, [f"k{i}" for i in range(2_000)])
+    # PostgreSQL publishes a backend's row counts within about a second of its transaction.
+    deadline = time.monotonic() + 10
+    while not ledger.refresh_statistics():
+        assert time.monotonic() < deadline, "2,000 rows changed on an empty table must count as stale"
+        time.sleep(0.2)
+    assert ledger.refresh_statistics() is False
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:t AS regclass)"),
+                            {"t": f'"{ledger.schema}".deliveries'}).scalar_one()
+    assert rows == 2_000

@@ -74,3 +74,23 @@ def test_limits_in_redis_hold_across_workers_together():
                          ids=["seconds", "fraction", "empty", "garbage", "http-date-in-the-past"])
 def test_parse_retry_after(value, seconds):
     assert parse_retry_after(value) == seconds
+
+
+def test_a_large_events_limit_is_counted_in_units_and_still_enforced():
+    settings = DeliverySettings(requests_per_second=1_000_000, events_per_minute=30_000)
+    pacer = Pacer(f"t-{uuid.uuid4()}", settings)
+    assert pacer.unit == 3 and pacer.events.amount == 10_000
+    pacer.acquire(29_000)
+    blocked = threading.Thread(target=pacer.acquire, args=(2_000,), daemon=True)
+    blocked.start()
+    blocked.join(timeout=1.0)
+    assert blocked.is_alive(), "29,000 + 2,000 events would exceed 30,000 events per minute"
+
+
+def test_an_unlimited_benchmark_setting_keeps_the_window_small():
+    settings = DeliverySettings(requests_per_second=1_000_000, events_per_minute=1_000_000_000)
+    pacer = Pacer(f"t-{uuid.uuid4()}", settings)
+    for _ in range(2_000):
+        pacer.acquire(500)
+    assert pacer.waited == 0.0
+    assert pacer.limiter.get_window_stats(pacer.events, pacer.key).remaining == Pacer.MAX_ENTRIES - 2_000
