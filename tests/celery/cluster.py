@@ -5,10 +5,17 @@ processes (api-server, scheduler, dag-processor, Celery workers, the sandboxes),
 session so that its whole process tree shares one process group. Leaving the ``with`` block, also
 on an error, stops every group it started, by PID: SIGTERM, a grace period, then SIGKILL for
 whatever is left (Celery pool children, uvicorn workers, log servers included).
+
+A process that listens on a port the test picks (the api-server, a Celery worker's log server) is
+started with :meth:`Cluster.start_listening`: the port was free when :func:`free_port` picked it,
+but another process on the machine can take it before the server binds it (uvicorn then logs
+"address already in use" and exits with code 3; a Celery worker carries on without its log server).
+Such a start is stopped and tried again on a fresh port, a bounded number of times.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -16,13 +23,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Self
 
+import psutil
+
+log = logging.getLogger(__name__)
+
 #: `python -m airflow` of the interpreter running the tests (the project's .venv).
 AIRFLOW = (sys.executable, "-m", "airflow")
+
+#: What a server logs when its port is taken: uvicorn's "[Errno 98] error while attempting to bind on
+#: address ('127.0.0.1', 8080): address already in use", Python's "OSError: [Errno 98] Address already in use".
+PORT_IN_USE = re.compile(r"address already in use", re.IGNORECASE)
 
 
 def free_port() -> int:
@@ -45,6 +60,27 @@ class Started:
     def pid(self) -> int:
         return self.popen.pid
 
+    @property
+    def stopped(self) -> bool:
+        """Stopped by :meth:`Cluster.stop` (its log stream is closed then)."""
+        return self.stream.closed
+
+    def listening_ports(self) -> set[int]:
+        """The TCP ports this process or one of its descendants listens on."""
+        try:
+            leader = psutil.Process(self.pid)
+            tree = [leader, *leader.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return set()
+        ports = set()
+        for process in tree:
+            try:
+                connections = process.net_connections(kind="tcp")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
+                continue
+            ports.update(c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN)
+        return ports
+
     def tail(self, lines: int = 40) -> str:
         try:
             text = self.log.read_text(errors="replace")
@@ -64,6 +100,8 @@ class Cluster:
         self.logs = logs
         self.env = dict(env)
         self.processes: list[Started] = []
+        #: One line for each start that failed and was tried again (see start_listening).
+        self.retries: list[str] = []
         logs.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> Self:
@@ -106,9 +144,60 @@ class Cluster:
         """Start ``airflow <args>``; named after its first argument unless ``name`` is given."""
         return self.start(name or args[0], [*AIRFLOW, *args], env)
 
-    def check_running(self) -> None:
-        """Raise ClusterError if a started process has exited."""
+    def start_listening(self, name: str, command: Callable[[int], Sequence[str]], *,
+                        env: Callable[[int], Mapping[str, str]] | None = None,
+                        ready: Callable[[Started, int], bool] | None = None,
+                        attempts: int = 3, timeout: float = 180,
+                        choose_port: Callable[[], int] = free_port) -> tuple[Started, int]:
+        """Start a process that listens on a port ``choose_port()`` picks; the process and its port.
+
+        ``command(port)`` is started with ``env(port)`` added to the cluster's environment. It is up once
+        its process tree listens on the port and ``ready(process, port)``, if given, is true. An attempt
+        that exits, logs "address already in use" or is not up within ``timeout`` seconds is stopped and
+        logged, with the tail of its log, and the start tried again on a fresh port: ``attempts`` times
+        in all, then ClusterError with every attempt's reason and log tail. Another started process
+        exiting meanwhile raises ClusterError at once (see check_running): no reason to retry this one.
+        """
+        failures = []
+        for attempt in range(1, attempts + 1):
+            port = choose_port()
+            process = self.start(name if attempt == 1 else f"{name}-attempt{attempt}", command(port),
+                                 env(port) if env else None)
+            problem = self._await_listening(process, port, ready, timeout)
+            if problem is None:
+                return process, port
+            self.stop([process], grace=10)
+            failures.append(f"{name}, attempt {attempt} of {attempts}, port {port}: {problem}; "
+                            f"the tail of {process.log}:\n{process.tail()}")
+            if attempt < attempts:
+                self.retries.append(f"{name} on port {port}: {problem}")
+                log.warning("%s; starting it again on a fresh port", failures[-1])
+        raise ClusterError(f"{name} did not start in {attempts} attempts:\n" + "\n\n".join(failures))
+
+    def _await_listening(self, process: Started, port: int, ready: Callable[[Started, int], bool] | None,
+                         timeout: float) -> str | None:
+        """None once ``process`` listens on ``port`` and is ready, else what went wrong."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if PORT_IN_USE.search(process.log.read_text(errors="replace")):
+                return "the port was already in use"
+            code = process.popen.poll()
+            if code is not None:
+                return f"exited with code {code} during start-up"
+            self.check_running(ignore=process)
+            listening = port in process.listening_ports()
+            if listening and (ready is None or ready(process, port)):
+                return None
+            if time.monotonic() >= deadline:
+                return (f"not ready within {timeout} s" if listening else
+                        f"not listening on the port within {timeout} s")
+            time.sleep(0.5)
+
+    def check_running(self, ignore: Started | None = None) -> None:
+        """Raise ClusterError if a started process (not stopped on purpose, not ``ignore``) has exited."""
         for process in self.processes:
+            if process.stopped or process is ignore:
+                continue
             code = process.popen.poll()
             if code is not None:
                 raise ClusterError(f"{process.name} (pid {process.pid}) exited with {code}:\n{process.tail()}")
@@ -128,9 +217,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ teardown
 
-    def stop(self, grace: float = 20) -> None:
-        """SIGTERM every process group started, wait up to ``grace`` seconds, SIGKILL what is left."""
-        running = [p for p in self.processes if not p.stream.closed]  # not stopped yet
+    def stop(self, processes: Sequence[Started] | None = None, grace: float = 20) -> None:
+        """SIGTERM the process groups (all started), wait up to ``grace`` seconds, SIGKILL what is left."""
+        running = [p for p in (self.processes if processes is None else processes) if not p.stopped]
         groups = [p for p in running if _signal_group(p.pid, signal.SIGTERM)]
         deadline = time.monotonic() + grace
         for process in groups:

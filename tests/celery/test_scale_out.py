@@ -21,6 +21,10 @@ Celery: ... ti=TaskInstanceDTO(id=UUID('<task instance id>'), ...`` to its own l
 maps every task instance id to the worker whose log holds it, and checks that the Celery task id
 on that line is the ``task_instance.external_executor_id`` the scheduler recorded when it queued it.
 
+The api-server and the workers' log servers listen on ports picked at random; a start that fails
+because another process on the machine took the port first is tried again on a fresh one
+(:meth:`Cluster.start_listening`). The api-server starts first: the others need its port.
+
 Skipped, saying why, when Redis at 127.0.0.1:6379 does not answer PING. PostgreSQL must be up
 (``TEST_DATABASE_URL``). Every process started is stopped by process group (SIGTERM, then SIGKILL),
 also on failure, when the tails of their logs are printed.
@@ -35,6 +39,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,7 +48,7 @@ import requests
 import sqlalchemy as sa
 import yaml
 
-from tests.celery.cluster import Cluster, ClusterError, free_port
+from tests.celery.cluster import AIRFLOW, Cluster, ClusterError, Started
 from tests.conftest import PROJECT
 from tests.integration.conftest import ORB_KEY, config, connection_env
 from usage_billing import sample_data
@@ -93,9 +98,12 @@ def metadata_url(redis_url: str, pg_url: str) -> str:
         admin.dispose()
 
 
-def airflow_env(home: Path, metadata_url: str, redis_url: str, api_port: int, config_path: Path,
+def airflow_env(home: Path, metadata_url: str, redis_url: str, config_path: Path,
                 warehouse_url: str) -> dict[str, str]:
-    """The environment the cluster's processes share (the test's own Airflow settings left out)."""
+    """The environment the cluster's processes share (the test's own Airflow settings left out).
+
+    The api-server's port is added by :func:`api_env` once the api-server listens on it.
+    """
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "USAGE_BILLING"))}
     return {
         **inherited,
@@ -106,14 +114,12 @@ def airflow_env(home: Path, metadata_url: str, redis_url: str, api_port: int, co
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__PARALLELISM": "8",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
         "AIRFLOW__CELERY__BROKER_URL": redis_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{metadata_url}",
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__WORKERS": "1",
         # Task processes talk to the api-server; on a busy 2-core machine 5 s (the default) is tight.
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
@@ -128,6 +134,22 @@ def airflow_env(home: Path, metadata_url: str, redis_url: str, api_port: int, co
         "USAGE_BILLING_CONFIG": str(config_path),
         "AIRFLOW_CONN_SEGMENT_WAREHOUSE": warehouse_url,
     }
+
+
+def api_env(port: int) -> dict[str, str]:
+    """Where the api-server listens: for itself, and for the task processes calling the Execution API."""
+    return {"AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/"}
+
+
+def worker_command(name: str) -> Callable[[int], list[str]]:
+    """``command`` for start_listening: a Celery worker named ``<name>@<host>``, two slots."""
+    return lambda _port: [*AIRFLOW, "celery", "worker", "--celery-hostname", f"{name}@%h", "--concurrency", "2"]
+
+
+def log_server_env(port: int) -> dict[str, str]:
+    """A worker's log server port: two workers on one machine cannot share the default one."""
+    return {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(port)}
 
 
 @pytest.mark.timeout(20 * 60)
@@ -147,8 +169,7 @@ def test_backfill_spreads_over_two_celery_workers_and_delivers_each_event_once(
     config_path.write_text(yaml.safe_dump(settings))
     warehouse_url = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
     home = tmp_path / "airflow"
-    api_port = free_port()
-    env = airflow_env(home, metadata_url, redis_url, api_port, config_path, warehouse_url)
+    env = airflow_env(home, metadata_url, redis_url, config_path, warehouse_url)
     metadata = sa.create_engine(metadata_url)
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -159,6 +180,7 @@ def test_backfill_spreads_over_two_celery_workers_and_delivers_each_event_once(
     with Cluster(tmp_path / "logs", env) as cluster:
         try:
             # The sandbox keeps events up to 48 h old: the windows reach back 18 h (12 runs + lookback).
+            # It binds port 0 itself and prints its URL: no port to lose to another process.
             sandbox = cluster.start("sandbox", [sys.executable, "-m", "usage_billing.sandbox", "--orb-port", "0",
                                                 "--kable-port", "-1", "--orb-api-key", ORB_KEY,
                                                 "--grace-period-hours", "48"])
@@ -166,12 +188,15 @@ def test_backfill_spreads_over_two_celery_workers_and_delivers_each_event_once(
             cluster.env.update(connection_env("orb", orb_url))
             cluster.run("db", "migrate", timeout=300)
             mark("db migrate")
-            for command in ("api-server", "scheduler", "dag-processor"):
+            _, api_port = cluster.start_listening("api-server", lambda _port: [*AIRFLOW, "api-server"],
+                                                  env=api_env, ready=api_answers)
+            cluster.env.update(api_env(api_port))
+            mark("api-server up")
+            for command in ("scheduler", "dag-processor"):
                 cluster.start_airflow(command)
-            workers = {name: cluster.start_airflow(
-                "celery", "worker", "--celery-hostname", f"{name}@%h", "--concurrency", "2", name=name,
-                env={"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}) for name in WORKERS}
-            wait_for_api(cluster, f"http://127.0.0.1:{api_port}")
+            # start_listening returns once a worker's log server listens; "ready." (Celery) comes later.
+            workers = {name: cluster.start_listening(name, worker_command(name), env=log_server_env)[0]
+                       for name in WORKERS}
             wait_for_dag(cluster, metadata)
             for name, worker in workers.items():
                 cluster.wait_for_log(worker, rf"{name}@\S+ ready\.", timeout=180)
@@ -211,29 +236,24 @@ def test_backfill_spreads_over_two_celery_workers_and_delivers_each_event_once(
             assert ledger["rejected"] == anonymous
             mark("asserted")
         except BaseException:
-            print(f"\n=== failed after {time.monotonic() - started:.0f} s ({timings}); process logs ===\n"
+            print(f"\n=== failed after {time.monotonic() - started:.0f} s ({timings}; start-up retries: "
+                  f"{cluster.retries or 'none'}); process logs ===\n"
                   f"{cluster.log_tails(60)}")
             raise
         finally:
             metadata.dispose()
     mark("stopped")
     print(f"\nscale-out timings (s since start): {timings}; task instances per worker: {dict(per_worker)}; "
-          f"{len(deliverable)} events delivered once each")
+          f"{len(deliverable)} events delivered once each; start-up retries: {cluster.retries or 'none'}")
 
 
-def wait_for_api(cluster: Cluster, url: str, timeout: float = 180) -> None:
-    """Wait until the api-server answers, Execution API included (its workers start slowly)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        cluster.check_running()
-        try:
-            if all(requests.get(f"{url}{path}", timeout=5).ok for path in ("/api/v2/monitor/health",
-                                                                            "/execution/health")):
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise ClusterError(f"the api-server at {url} did not answer within {timeout} s")
+def api_answers(_api_server: Started, port: int) -> bool:
+    """``ready`` for start_listening: the api-server answers, Execution API included."""
+    try:
+        return all(requests.get(f"http://127.0.0.1:{port}{path}", timeout=5).ok
+                   for path in ("/api/v2/monitor/health", "/execution/health"))
+    except requests.RequestException:
+        return False
 
 
 def wait_for_dag(cluster: Cluster, metadata: sa.Engine, timeout: float = 180) -> None:
