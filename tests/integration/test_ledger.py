@@ -112,7 +112,7 @@ def test_a_quote_or_backslash_in_a_key_survives_the_array_encoding(ledger):
 ])
 def test_array_literals_round_trip_exactly(ledger, keys):
     deliver(ledger, RUN_A, keys)
-    assert ledger.known_keys("orb", keys + ["absent"]) == set(keys)
+    assert ledger.known_keys("orb", [*keys, "absent"]) == set(keys)
     assert {row(ledger, key)["message_id"] for key in keys} == {f"msg-{key}" for key in keys}
 
 
