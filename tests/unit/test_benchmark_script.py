@@ -42,7 +42,7 @@ def test_every_stage_the_floor_and_peak_memory_are_reported(run):
     out = run.stdout
     for stage in STAGES:
         assert re.search(rf"^\s+{stage}\s+\d+\.\d+\s", out, re.MULTILINE), f"no {stage} line in:\n{out}"
-    assert re.search(r"^\s+total\s+\d+\.\d+\s", out, re.MULTILINE), out
+    assert re.search(r"^\s+total \(wall\)\s+\d+\.\d+\s", out, re.MULTILINE), out
     assert re.search(r"^\s+floor: \d+\.\d+ s for [\d,]+ rows read", out, re.MULTILINE), out
     assert re.search(r"ratio pipeline / floor: \d+\.\d+", out), out
     assert re.search(r"peak memory: [\d,]+ MB ru_maxrss", out), out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 import requests
 
 from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
+from usage_billing.sandbox.orb import EVENT_FIELDS, FUTURE_TOLERANCE, _plainly_valid, parse_timestamp
+from usage_billing.sandbox.server import BadBody, parse_json
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1135,6 +1138,187 @@ def test_control_requests_endpoint_lists_log(kable: KableSandbox) -> None:
     assert record["path"] == KABLE_CREATE and record["status"] == 200 and record["n_events"] == 1
 
 
+# ============================================================================ hot paths
+# The ingest path has fast paths (msgspec parsing, a cheap validity check, canonical texts only for
+# repeated keys, counting events from the parsed body); they must answer exactly like the slow ones.
+
+
+def test_orb_conflicting_duplicate_found_as_2nd_and_500th_event(orb: OrbSandbox) -> None:
+    events = [orb_event(f"k{i}") for i in range(500)]
+    events[499] = orb_event("k1", properties={"units": 4})
+    resp = ingest(orb, events)
+    assert resp.status_code == 400
+    assert [e["idempotency_key"] for e in resp.json()["validation_errors"]] == ["k1"]
+    assert orb.accepted() == [] and orb.requests[-1].n_events == 500
+
+
+def test_orb_identical_duplicate_as_2nd_and_500th_event_is_deduplicated(orb: OrbSandbox) -> None:
+    events = [orb_event(f"k{i}") for i in range(500)]
+    events[499] = dict(events[1])
+    assert ingest(orb, events).status_code == 200
+    assert len(orb.accepted()) == 499 and orb.duplicates == 1
+
+
+def test_orb_conflicts_are_listed_in_order_and_type_sensitive(orb: OrbSandbox) -> None:
+    a, b, c = orb_event("a", properties={"units": 1}), orb_event("b"), orb_event("c")
+    events = [a, b, c, {**b, "event_name": "other"}, {**a, "properties": {"units": 1.0}}, dict(c)]
+    # {"units": 1.0} == {"units": 1} in Python, but the JSON bodies differ.
+    resp = ingest(orb, events)
+    assert resp.status_code == 400
+    assert [e["idempotency_key"] for e in resp.json()["validation_errors"]] == ["b", "a"]
+
+
+def _orb_variants(now_: datetime) -> list[Any]:
+    """Valid events and one-field mutations of them, for comparing the fast and the full check."""
+    base = orb_event("k", properties={"s": "x", "i": 1, "f": 0.5, "b": True})
+    values: list[Any] = [None, "", "  ", "x", 7, 1.5, True, [], {}, [1], {"a": 1}]
+    timestamps = [
+        iso(now_),
+        iso(now_ + FUTURE_TOLERANCE),
+        iso(now_ + FUTURE_TOLERANCE + timedelta(microseconds=1)),
+        iso(now_ - timedelta(hours=12)),
+        iso(now_ - timedelta(hours=12, microseconds=1)),
+        now_.replace(microsecond=0).isoformat(),
+        now_.strftime("%Y-%m-%dT%H:%M:%S+02:00"),
+        iso(now_)[:-1],
+        now_.strftime("%Y-%m-%d"),
+        "2026-02-30T00:00:00Z",
+        "yesterday",
+    ]
+    properties = [*values, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, float("inf"), float("nan"), -0.0]
+    variants: list[Any] = [base, [base], "event", None]
+    for name in [*EVENT_FIELDS, "extra"]:
+        variants.append(without(base, name))
+        variants.extend({**base, name: value} for value in values)
+    variants.extend({**base, "timestamp": value} for value in timestamps)
+    variants.extend({**base, "properties": {"p": value}} for value in properties)
+    variants.extend({**base, "properties": {"ok": 1, "p": value}} for value in properties)
+    variants.append({**without(base, "external_customer_id"), "customer_id": "cus_1"})
+    variants.append({**base, "customer_id": None})
+    variants.append({**base, "customer_id": "cus_1", "external_customer_id": None})
+    return variants
+
+
+def test_orb_fast_validity_check_agrees_with_full_validation(orb: OrbSandbox) -> None:
+    now_ = now()
+    variants = _orb_variants(now_)
+    window = (now_ - orb.grace_period, now_ + FUTURE_TOLERANCE)
+    verdicts = [_plainly_valid(event, *window) for event in variants]
+    assert verdicts == [orb._event_errors(event, now_, None) == [] for event in variants]
+    assert sum(verdicts) > 20  # the fast path does take the valid ones
+
+
+def test_orb_request_log_counts_events_of_parsed_and_unparsed_bodies(orb: OrbSandbox) -> None:
+    def post(data: bytes, headers: dict[str, str] = ORB_AUTH) -> int:
+        resp = requests.post(f"{orb.url}/v1/ingest", data=data, headers=headers, timeout=5)
+        record = orb.requests[-1]
+        assert record.status == resp.status_code
+        return record.n_events
+
+    three = json.dumps({"events": [orb_event(f"k{i}") for i in range(3)]}).encode()
+    assert post(three) == 3
+    assert post(three, {"Authorization": "Bearer wrong"}) == 3
+    # Refused before parsing: counted leniently, as before (Python's json reads NaN).
+    assert post(b'{"events": [{"v": NaN}, {}]}', {"Authorization": "Bearer wrong"}) == 2
+    assert post(b'{"events": [{"v": NaN}, {}]}') == 0
+    assert post(b'{"events": [{}, {}') == 0
+    assert post(b"[{}, {}]") == 0
+    assert post(b'{"events": [{}, {}], "debug": true}') == 2
+    assert post(b'{"events": [{}, {}, {}, {}]}') == 4
+    orb.inject(Fault.TOO_MANY_REQUESTS)
+    assert post(three) == 3 and orb.requests[-1].fault == "too_many_requests"
+
+
+def test_kable_request_log_counts_events_of_parsed_and_unparsed_bodies(kable: KableSandbox) -> None:
+    three = [kable_event(f"t{i}") for i in range(3)]
+    requests.post(f"{kable.url}{KABLE_CREATE}", json=three, headers={}, timeout=5)
+    kable_post(kable, three)
+    requests.post(f"{kable.url}{KABLE_CREATE}", data=b"[{oops", headers=KABLE_AUTH, timeout=5)
+    kable_post(kable, [kable_event("x"), kable_event("y", clientId="")])
+    assert [(r.status, r.n_events) for r in kable.requests] == [(401, 3), (200, 3), (400, 0), (400, 2)]
+
+
+def test_orb_json_numbers_keep_their_python_types(orb: OrbSandbox) -> None:
+    properties = {"i": 1, "f": 1.0, "e": 1e-7, "max": 2**63 - 1, "min": -(2**63), "z": -0.0}
+    assert ingest(orb, [orb_event("k", properties=properties)]).status_code == 200
+    accepted = orb.accepted()[0]["properties"]
+    assert accepted == properties
+    assert {name: type(value) for name, value in accepted.items()} == {
+        name: type(value) for name, value in properties.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("literal", "status", "message"),
+    [
+        (b"1e400", 400, "Property 'v' must be a finite number"),  # json reads it as inf
+        (b"123456789012345678901234567890", 400, "does not fit in a 64-bit signed integer"),
+        (b'"\\ud800"', 200, None),  # a lone surrogate escape: json accepts it
+        (b"Infinity", 400, "request body is not valid JSON: Infinity is not valid JSON"),
+        (b"-Infinity", 400, "request body is not valid JSON: -Infinity is not valid JSON"),
+        (b'"\xff"', 400, "request body is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+    ],
+    ids=["float_overflow", "huge_int", "lone_surrogate", "infinity", "minus_infinity", "invalid_utf8"],
+)
+def test_orb_body_parsing_matches_python_json(
+    orb: OrbSandbox, literal: bytes, status: int, message: str | None
+) -> None:
+    event = json.dumps(orb_event("k", properties={"v": "PLACEHOLDER"})).encode()
+    data = b'{"events": [' + event.replace(b'"PLACEHOLDER"', literal) + b"]}"
+    resp = requests.post(f"{orb.url}/v1/ingest", data=data, headers=ORB_AUTH, timeout=5)
+    assert resp.status_code == status, resp.text
+    if message is not None:
+        assert message in resp.text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[1, 1.0, -0, -0.0, 1e5, 0.1, 18446744073709551616]",
+        b'{"a": 1, "a": 2}',
+        b' {"s": "\\u00e9\\n", "t": "\xc3\xa9"} ',
+    ],
+    ids=["numbers", "repeated_name", "escapes"],
+)
+def test_parse_json_equals_python_json(raw: bytes) -> None:
+    parsed = parse_json(raw)
+    expected = json.loads(raw)
+    assert parsed == expected and repr(parsed) == repr(expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"[NaN]", "NaN is not valid JSON"),
+        (b"[1,]", "Expecting value: line 1 column 4 (char 3)"),
+        (b"\xef\xbb\xbf[1]", "Unexpected UTF-8 BOM"),
+    ],
+    ids=["nan", "trailing_comma", "bom"],
+)
+def test_parse_json_errors_are_python_json_errors(raw: bytes, message: str) -> None:
+    with pytest.raises(BadBody, match=re.escape(f"request body is not valid JSON: {message}")):
+        parse_json(raw)
+
+
+def test_orb_timestamp_cache_keeps_only_the_parse() -> None:
+    two_hours_ago = iso(now() - timedelta(hours=2))
+    with OrbSandbox(api_key=ORB_KEY) as lenient, OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(hours=1)) as strict:
+        assert ingest(lenient, [orb_event("k", timestamp=two_hours_ago)]).status_code == 200
+        resp = ingest(strict, [orb_event("k", timestamp=two_hours_ago)])
+        assert resp.status_code == 400 and "account grace period" in resp.text
+    for _ in range(2):  # failures are not cached: raised again, with the same message
+        with pytest.raises(ValueError, match="not a valid ISO 8601 date-time"):
+            parse_timestamp("2026-02-30T00:00:00Z")
+    assert parse_timestamp(two_hours_ago) is parse_timestamp(two_hours_ago)
+
+
+def test_kable_timestamp_verdicts_repeat(kable: KableSandbox) -> None:
+    messages = [kable_post(kable, [kable_event("t", timestamp="2022-13-09T09:32:01Z")]).json() for _ in range(2)]
+    assert messages[0] == messages[1] and "not a valid date-time" in messages[0]["message"]
+    events = [kable_event(f"t{i}", timestamp="2022-01-09T09:32:01Z") for i in range(3)]
+    assert kable_post(kable, events).status_code == 200
+
+
 # ============================================================================ CLI
 
 
@@ -1199,3 +1383,23 @@ def test_cli_runs_both_sandboxes_until_sigterm(tmp_path: Path) -> None:
         proc.stderr.close()
     assert (tmp_path / "orb-events.jsonl").read_text().count("\n") == 1
     assert (tmp_path / "kable-events.jsonl").read_text().count("\n") == 1
+
+
+def test_cli_gc_freezes_survivors_and_still_collects_new_cycles() -> None:
+    include = Path(__file__).resolve().parents[2] / "include"
+    code = """
+import gc
+from usage_billing.sandbox.__main__ import freeze_survivors
+freeze_survivors()
+frozen = gc.get_freeze_count()
+kept = [{"n": i, "properties": {}} for i in range(5000)]
+gc.collect()
+assert gc.get_freeze_count() >= frozen + 5000, (frozen, gc.get_freeze_count())
+cycle = []
+cycle.append(cycle)
+del cycle
+assert gc.collect() >= 1
+"""
+    env = {**os.environ, "PYTHONPATH": str(include)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr

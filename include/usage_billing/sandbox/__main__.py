@@ -17,6 +17,7 @@ SIGINT, then shuts both servers down and exits 0. Control the sandboxes through 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -63,6 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def freeze_survivors() -> None:
+    """Make the cyclic garbage collector examine each object once, soon after its creation.
+
+    Accepted events live until a reset, and CPython's collections of older generations walk every
+    live object again and again: with a few hundred thousand events held that was 40% of the
+    ingest CPU. After one full collection now, the survivors of every collection are frozen
+    (moved to the permanent generation), so a collection only examines objects made since the
+    previous one. Frozen objects are still freed by reference counting when they die; only a
+    reference cycle among them would never be collected, and the sandbox makes none (checked
+    with all faults, bad bodies and control calls). Process-wide, so done only by this dedicated
+    process, never by an in-process sandbox.
+    """
+
+    def freeze(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop":
+            gc.freeze()
+
+    gc.collect()
+    gc.freeze()
+    gc.callbacks.append(freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the requested sandboxes, announce their URLs, and serve until signalled."""
     args = build_parser().parse_args(argv)
@@ -102,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to run: both --orb-port and --kable-port are -1", file=sys.stderr)
         return 2
 
+    freeze_survivors()
     stop = threading.Event()
     # Handlers only set a flag: shutting the servers down inside a signal handler could deadlock.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

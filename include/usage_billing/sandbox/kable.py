@@ -21,6 +21,7 @@ Node and Python SDKs enforce; and a 429 fault answers ``{"message": "Too Many Re
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 import uuid
@@ -49,12 +50,20 @@ _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+
 
 
 def _timestamp_problem(value: Any) -> str | None:
-    if not isinstance(value, str) or not _RFC3339.match(value):
+    if not isinstance(value, str):
         return f"timestamp must be an RFC 3339 date-time such as 2022-01-09T09:32:01Z, got {value!r}"
+    return _text_timestamp_problem(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_timestamp_problem(text: str) -> str | None:
+    """The verdict on a timestamp string, memoised: it does not depend on the clock."""
+    if not _RFC3339.match(text):
+        return f"timestamp must be an RFC 3339 date-time such as 2022-01-09T09:32:01Z, got {text!r}"
     try:
-        datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+        datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
     except ValueError:
-        return f"timestamp {value!r} is not a valid date-time"
+        return f"timestamp {text!r} is not a valid date-time"
     return None
 
 
@@ -97,6 +106,7 @@ class KableSandbox(SandboxServer):
     name = "kable"
     ingest_paths = frozenset({"/api/v1/events/create", "/api/v1/events/create/"})
     request_id_header = "X-REQUEST-ID"
+    key_field = "transactionId"
 
     def __init__(
         self,
@@ -122,10 +132,6 @@ class KableSandbox(SandboxServer):
         self.api_key = api_key
         self.max_events = int(max_events)
 
-    def _event_key(self, event: Mapping[str, Any]) -> str | None:
-        key = event.get("transactionId")
-        return key if isinstance(key, str) else None
-
     def _new_request_id(self) -> str | None:
         return str(uuid.uuid4())
 
@@ -150,9 +156,8 @@ class KableSandbox(SandboxServer):
         return ok_id and ok_secret
 
     def _ingest(self, headers: Mapping[str, str], path: str, query: dict[str, list[str]], raw: bytes) -> IngestResult:
-        n_events = self._count_events(raw)
         if not self._authorized(headers):
-            return IngestResult(Response(401, {"message": "Unauthorized"}), n_events)
+            return IngestResult(Response(401, {"message": "Unauthorized"}), self._count_events(raw))
         try:
             body = parse_json(raw)
         except BadBody as exc:

@@ -30,9 +30,11 @@ Sandbox simplifications (documented deviations from the real service):
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,6 +49,7 @@ from usage_billing.sandbox.server import (
     Response,
     SandboxServer,
     canonical,
+    count_events,
     parse_json,
     utcnow,
 )
@@ -70,6 +73,7 @@ MAX_BACKFILL_DURATION = timedelta(days=31)
 DEFAULT_BACKFILL_CLOSE_AFTER = timedelta(days=1)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_ZERO_OFFSET = timedelta(0)
 
 EVENT_FIELDS = frozenset(
     {"event_name", "timestamp", "properties", "idempotency_key", "customer_id", "external_customer_id"}
@@ -109,6 +113,22 @@ def parse_timestamp(value: Any, *, require_utc: bool = True) -> datetime:
     Raises:
         ValueError: with an Orb-style message.
     """
+    if require_utc and isinstance(value, str):
+        return _parse_utc_timestamp(value)
+    return _parse_timestamp(value, require_utc)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_utc_timestamp(text: str) -> datetime:
+    """``parse_timestamp(text)``, memoised: the events of a batch often share timestamps.
+
+    Only the parse is cached, never a verdict against "now"; failures are not cached at all
+    (``lru_cache`` does not store exceptions), and datetimes are immutable.
+    """
+    return _parse_timestamp(text, True)
+
+
+def _parse_timestamp(value: Any, require_utc: bool) -> datetime:
     # Wrong JSON type and bad text are both "invalid value" to the client: one exception type.
     text = value if isinstance(value, str) else None
     try:
@@ -125,7 +145,7 @@ def parse_timestamp(value: Any, *, require_utc: bool = True) -> datetime:
                 f"Timestamp '{value}' has no timezone designator; it must be in UTC (a 'Z' suffix or a +00:00 offset)"
             )
         return parsed.replace(tzinfo=UTC)
-    if require_utc and parsed.utcoffset() != timedelta(0):
+    if require_utc and parsed.utcoffset() != _ZERO_OFFSET:
         raise ValueError(f"Timestamp '{value}' must be in UTC (a 'Z' suffix or a +00:00 offset), not a local offset")
     return parsed.astimezone(UTC)
 
@@ -159,6 +179,43 @@ def _property_errors(properties: Any) -> list[str]:
         else:  # pragma: no cover - JSON cannot produce other types
             errors.append(f"Property '{name}' has an unsupported type")
     return errors
+
+
+def _plainly_valid(event: Any, earliest: datetime, latest: datetime) -> bool:
+    """Cheap check that an event outside any backfill is valid, ``earliest <= timestamp <= latest``.
+
+    Only ever ``True`` when :meth:`OrbSandbox._event_errors` would find no error; ``False``
+    means "look closer", so the full check (and its messages) stays the authority.
+    """
+    if type(event) is not dict or not event.keys() <= EVENT_FIELDS:
+        return False
+    name, key = event.get("event_name"), event.get("idempotency_key")
+    if type(name) is not str or type(key) is not str or not name.strip() or not key.strip():
+        return False
+    cid, ext = event.get("customer_id"), event.get("external_customer_id")
+    if (cid is None) == (ext is None):
+        return False
+    customer = ext if cid is None else cid
+    if type(customer) is not str or not customer.strip():
+        return False
+    properties = event.get("properties")
+    if type(properties) is not dict:
+        return False
+    for value in properties.values():
+        kind = type(value)
+        if kind is int:
+            if not INT64_MIN <= value <= INT64_MAX:
+                return False
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif kind is not str and kind is not bool:
+            return False
+    try:
+        timestamp = parse_timestamp(event.get("timestamp"))
+    except ValueError:
+        return False
+    return earliest <= timestamp <= latest
 
 
 def _customer_of(event: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -228,6 +285,7 @@ class OrbSandbox(SandboxServer):
 
     name = "orb"
     ingest_paths = frozenset({"/v1/ingest", "/v1/ingest/"})
+    key_field = "idempotency_key"
 
     def __init__(
         self,
@@ -271,10 +329,6 @@ class OrbSandbox(SandboxServer):
             return [bf.to_json() for bf in self._backfills.values()]
 
     # ------------------------------------------------------------------ hooks
-
-    def _event_key(self, event: Mapping[str, Any]) -> str | None:
-        key = event.get("idempotency_key")
-        return key if isinstance(key, str) else None
 
     def _reset_vendor_state(self) -> None:
         self._backfills = {}
@@ -332,14 +386,14 @@ class OrbSandbox(SandboxServer):
     # ------------------------------------------------------------------ ingest
 
     def _ingest(self, headers: Mapping[str, str], path: str, query: dict[str, list[str]], raw: bytes) -> IngestResult:
-        n_events = self._count_events(raw)
         denied = self._authorized(headers)
         if denied is not None:
-            return IngestResult(denied, n_events)
+            return IngestResult(denied, self._count_events(raw))
         try:
             body = parse_json(raw)
         except BadBody as exc:
             return IngestResult(self._request_invalid(str(exc)), 0)
+        n_events = count_events(body)
         if not isinstance(body, dict) or "events" not in body:
             return IngestResult(self._request_invalid('body must be a JSON object {"events": [...]}'), 0)
         extra = sorted(set(body) - {"events"})
@@ -390,7 +444,12 @@ class OrbSandbox(SandboxServer):
 
             valid: list[dict[str, Any]] = []
             failed: list[dict[str, Any]] = []
+            # The window an event outside a backfill must fall in; None for backfill ingestion.
+            window = None if backfill is not None else (now - self.grace_period, now + FUTURE_TOLERANCE)
             for event in events:
+                if window is not None and _plainly_valid(event, *window):
+                    valid.append(event)
+                    continue
                 errors = self._event_errors(event, now, backfill)
                 if errors:
                     key = event.get("idempotency_key") if isinstance(event, dict) else None
@@ -427,19 +486,24 @@ class OrbSandbox(SandboxServer):
         return problem(400, TYPE_VALIDATION, "Request validation errors", detail, validation_errors=[])
 
     def _conflicting_duplicates(self, events: list[Any]) -> Response | None:
-        """Whole-batch 400 when one key carries two different bodies (per the spec)."""
-        seen: dict[str, str] = {}
+        """Whole-batch 400 when one key carries two different bodies (per the spec).
+
+        Bodies are compared as :func:`canonical` texts, computed only for keys that occur more
+        than once: a batch of distinct keys costs one set.
+        """
+        keys = [self._event_key(event) if isinstance(event, dict) else None for event in events]
+        named = [key for key in keys if key is not None]
+        if len(set(named)) == len(named):
+            return None
+        repeated = {key for key, count in Counter(named).items() if count > 1}
+        first_text: dict[str, str] = {}
         conflicts: list[str] = []
-        for event in events:
-            if not isinstance(event, dict):
-                continue
-            key = event.get("idempotency_key")
-            if not isinstance(key, str):
+        for event, key in zip(events, keys, strict=True):
+            if key not in repeated:
                 continue
             text = canonical(event)
-            if key in seen and seen[key] != text and key not in conflicts:
+            if first_text.setdefault(key, text) != text and key not in conflicts:
                 conflicts.append(key)
-            seen.setdefault(key, text)
         if not conflicts:
             return None
         return problem(

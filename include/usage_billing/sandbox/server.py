@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import IO, Any, Self
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
+
 log = logging.getLogger(__name__)
 
 #: Only ever bind loopback: the sandboxes have no real security and control endpoints are open.
@@ -51,6 +53,10 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_SLOW_DELAY = 5.0
 
 _REMOVED_MARKER = "_sandbox_removed"
+
+#: Encodes ``state_file`` lines, like ``json.dumps(item, separators=(",", ":"))`` minus building
+#: an encoder per line.
+_STATE_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class Fault(enum.StrEnum):
@@ -152,15 +158,35 @@ def _reject_constant(name: str) -> Any:
 def parse_json(raw: bytes) -> Any:
     """Parse a request body strictly (UTF-8, no NaN/Infinity).
 
+    msgspec decodes the common case about twice as fast as :mod:`json`. Whatever it refuses
+    (malformed bodies, but also ``1e400`` or lone surrogate escapes, which :mod:`json` reads) is
+    parsed again by :mod:`json`, so results and error messages are exactly :mod:`json`'s.
+
     Raises:
         BadBody: when the body is empty or not valid JSON.
     """
     if not raw.strip():
         raise BadBody("request body is empty")
     try:
+        return msgspec.json.decode(raw)
+    except (ValueError, RecursionError):  # msgspec.DecodeError is a ValueError
+        pass
+    try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadBody(f"request body is not valid JSON: {exc}") from None
+
+
+def count_events(body: Any) -> int:
+    """Number of events in a parsed body, for the request log.
+
+    The length of a JSON array, or of the ``"events"`` array of an object; 0 otherwise.
+    """
+    if isinstance(body, list):
+        return len(body)
+    if isinstance(body, dict) and isinstance(body.get("events"), list):
+        return len(body["events"])
+    return 0
 
 
 def canonical(obj: Any) -> str:
@@ -220,7 +246,7 @@ class _Server(ThreadingHTTPServer):
 class SandboxServer:
     """Base class of :class:`~usage_billing.sandbox.OrbSandbox` and ``KableSandbox``.
 
-    Subclasses set :attr:`name` and :attr:`ingest_paths` and implement :meth:`_event_key`,
+    Subclasses set :attr:`name`, :attr:`ingest_paths` and :attr:`key_field` and implement
     :meth:`_ingest`, :meth:`_fault_response` and optionally :meth:`_route`.
 
     All shared state is guarded by one lock; handler threads hold it only briefly (never
@@ -232,6 +258,8 @@ class SandboxServer:
     ingest_paths: frozenset[str] = frozenset()
     #: Response header carrying a fresh request id on every response, if the vendor has one.
     request_id_header: str | None = None
+    #: Event field holding the idempotency key events are de-duplicated on (string values only).
+    key_field: str = ""
 
     def __init__(
         self,
@@ -591,8 +619,7 @@ class SandboxServer:
         if self._state_fh is None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             self._state_fh = self.state_file.open("a", encoding="utf-8")
-        for item in items:
-            self._state_fh.write(json.dumps(item, separators=(",", ":")) + "\n")
+        self._state_fh.write("".join(_STATE_ENCODER.encode(item) + "\n" for item in items))
         self._state_fh.flush()
 
     # ------------------------------------------------------------------ accepting events
@@ -604,15 +631,16 @@ class SandboxServer:
         """
         new: list[dict[str, Any]] = []
         dups = 0
+        keys, key_field = self._keys, self.key_field
         for event in events:
-            key = self._event_key(event)
-            if key is not None:
-                if key in self._keys:
+            key = event.get(key_field)  # inlined _event_key: this loop runs for every event
+            if isinstance(key, str):
+                if key in keys:
                     dups += 1
                     continue
-                self._keys[key] = event
-            self._accepted.append(event)
+                keys[key] = event
             new.append(event)
+        self._accepted.extend(new)
         self._duplicates += dups
         self._state_write(new)
         return len(new), dups
@@ -631,8 +659,9 @@ class SandboxServer:
     # ------------------------------------------------------------------ hooks
 
     def _event_key(self, event: Mapping[str, Any]) -> str | None:
-        """Return the event's idempotency key, or ``None`` when it has none."""
-        raise NotImplementedError
+        """Return the event's idempotency key (its string :attr:`key_field`), or ``None``."""
+        key = event.get(self.key_field)
+        return key if isinstance(key, str) else None
 
     def _ingest(self, headers: Mapping[str, str], path: str, query: dict[str, list[str]], raw: bytes) -> IngestResult:
         """Authenticate, validate and accept one ingest request."""
@@ -656,17 +685,13 @@ class SandboxServer:
     def _not_found(self, path: str) -> Response:
         return Response(404, {"message": "Not Found"})
 
-    def _count_events(self, raw: bytes) -> int:
-        """Best-effort number of events in a body, for the request log."""
+    @staticmethod
+    def _count_events(raw: bytes) -> int:
+        """:func:`count_events` of a body nobody parsed (faults, refused auth); lenient, 0 if unreadable."""
         try:
-            body = json.loads(raw)
+            return count_events(json.loads(raw))
         except ValueError:
             return 0
-        if isinstance(body, list):
-            return len(body)
-        if isinstance(body, dict) and isinstance(body.get("events"), list):
-            return len(body["events"])
-        return 0
 
     def _tick(self) -> None:
         """Hook: time-driven state changes (e.g. backfill auto-close); called under the lock."""
