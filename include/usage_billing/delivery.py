@@ -456,10 +456,10 @@ class _LedgerWriter:
     """
 
     def __init__(self, ledger: Ledger, destination: str, run: RunRef, report: DeliveryReport,
-                 now: Callable[[], datetime], depth: int = 2):
+                 now: Callable[[], datetime], depth: int = 3):
         self.ledger, self.destination, self.run, self.report, self.now = ledger, destination, run, report, now
         self.depth = depth
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{destination}-ledger")
+        self._thread = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{destination}-ledger")
         self._pending: deque[Future] = deque()
 
     def __enter__(self) -> _LedgerWriter:

@@ -14,6 +14,9 @@ not grow with the window.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -194,6 +197,8 @@ def read_events(
     chunk_size: int,
     ids: Sequence[str] | None = None,
     where: Callable[[sa.Table], sa.ColumnElement[bool]] | None = None,
+    *,
+    copy: bool = True,
 ) -> Iterator[pd.DataFrame]:
     """Yield the window's rows of one event table in chunks, one row per ``id``.
 
@@ -201,7 +206,8 @@ def read_events(
     the ``_copies`` column says how many copies the window held, so duplicates can be counted.
     Timestamp columns come back as UTC-aware pandas timestamps on every dialect. With ``ids``
     (a replay of rejected events) those rows are read whatever their load time. ``where`` adds a
-    condition on the table (the ledger filter: leave out what was delivered).
+    condition on the table (the ledger filter: leave out what was delivered). On PostgreSQL, with
+    ``copy`` and columns of plain types, rows are streamed by ``COPY`` (:func:`_read_by_copy`).
     """
     table = sa.Table(partition.table, sa.MetaData(), schema=schema, autoload_with=conn)
     loaded_at = table.c[loaded_at_column]
@@ -220,14 +226,108 @@ def read_events(
     statement = sa.select(*[ranked.c[c.name] for c in wanted], ranked.c[COPIES]).where(ranked.c["_rank"] == 1)
 
     names = [c.name for c in wanted] + [COPIES]
+    if copy and conn.dialect.name == "postgresql" and all(_copy_type(c.type) for c in wanted):
+        chunks = _read_by_copy(conn, ranked, wanted, chunk_size)
+    else:
+        chunks = _read_by_cursor(conn, statement, wanted, names, chunk_size)
+    for chunk in chunks:
+        chunk[TABLE] = partition.table
+        yield chunk
+
+
+def _read_by_cursor(conn: Connection, statement: sa.Select, wanted: list[sa.Column], names: list[str],
+                    chunk_size: int) -> Iterator[pd.DataFrame]:
+    """Rows as Python values from a server-side cursor, each column converted by its SQL type."""
     converters = [_converter(c.type) for c in wanted] + [_converter(sa.Integer())]
     result = conn.execution_options(stream_results=True, max_row_buffer=chunk_size).execute(statement)
     while rows := result.fetchmany(chunk_size):
         values = list(zip(*rows, strict=True))
-        chunk = pd.DataFrame({name: _convert(convert, list(column)) for name, convert, column
-                              in zip(names, converters, values, strict=True)})
-        chunk[TABLE] = partition.table
-        yield chunk
+        yield pd.DataFrame({name: _convert(convert, list(column)) for name, convert, column
+                            in zip(names, converters, values, strict=True)})
+
+
+def _copy_type(sql_type: sa.types.TypeEngine) -> str | None:
+    """The pandas dtype a column is parsed into from PostgreSQL's CSV, or None when the column
+    needs the cursor path (NUMERIC kept as Decimal, JSON, arrays, anything else)."""
+    if isinstance(sql_type, sa.DateTime | sa.Date):
+        return "timestamp"
+    if isinstance(sql_type, sa.Boolean):
+        return "boolean"
+    if isinstance(sql_type, sa.Integer):
+        return "Int64"
+    if isinstance(sql_type, sa.Float):
+        return "float64"
+    if isinstance(sql_type, sa.String | sa.Text | sa.Enum):
+        return "string"
+    return None
+
+
+def _read_by_copy(conn: Connection, ranked: sa.Subquery, wanted: list[sa.Column],
+                  chunk_size: int) -> Iterator[pd.DataFrame]:
+    """The same rows as :func:`_read_by_cursor`, streamed as CSV by ``COPY ... TO STDOUT`` and
+    parsed by pandas' C parser: about three times less Python work per row than a cursor, which
+    builds a Python object per value.
+
+    NULL is written as a random token that no value can be expected to equal, so NULL and the
+    empty string stay apart. Timestamps travel as UTC text with microseconds. A thread runs the
+    COPY into a pipe and pandas reads the other end in ``chunk_size`` rows, so memory stays flat.
+    """
+    null = f"usage_billing_null_{uuid.uuid4().hex}"
+    columns, dtypes = [], {}
+    for column in wanted:
+        value = ranked.c[column.name]
+        kind = _copy_type(column.type)
+        if kind == "timestamp":
+            if getattr(column.type, "timezone", False):
+                value = sa.func.timezone("UTC", value)
+            value = sa.func.to_char(value, 'YYYY-MM-DD"T"HH24:MI:SS.US')
+        columns.append(value.label(column.name))
+        dtypes[column.name] = "string" if kind == "timestamp" else kind
+    columns.append(ranked.c[COPIES])
+    dtypes[COPIES] = "Int64"
+    query = sa.select(*columns).where(ranked.c["_rank"] == 1).compile(
+        dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    dbapi = conn.connection.dbapi_connection
+    with dbapi.cursor() as cursor:
+        sql = cursor.mogrify(str(query), query.params).decode()
+    copy = f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, NULL '{null}')"
+
+    read_end, write_end = os.pipe()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_end, "wb") as sink, dbapi.cursor() as cursor:
+                cursor.copy_expert(copy, sink, size=1 << 16)
+        except BaseException as error:  # raised in the reading thread below
+            failure.append(error)
+
+    writer = threading.Thread(target=produce, name="usage-billing-copy", daemon=True)
+    writer.start()
+    finished = False
+    try:
+        with os.fdopen(read_end, "rb") as source:
+            frames = pd.read_csv(source, header=None, names=list(dtypes), dtype=dtypes, chunksize=chunk_size,
+                                 na_values={name: [null, "NaN"] if kind == "float64" else [null]
+                                            for name, kind in dtypes.items()},
+                                 keep_default_na=False, true_values=["t"], false_values=["f"])
+            for frame in frames:
+                for column in wanted:
+                    if _copy_type(column.type) == "timestamp":
+                        frame[column.name] = pd.to_datetime(frame[column.name], format="%Y-%m-%dT%H:%M:%S.%f",
+                                                            utc=True, errors="coerce")
+                    elif _copy_type(column.type) == "float64":
+                        frame[column.name] = frame[column.name].astype("Float64")
+                yield frame
+            finished = True
+    finally:
+        if not finished and writer.is_alive():
+            dbapi.cancel()  # the reader stopped early: stop the COPY, the pipe is closed
+        writer.join()
+        if not finished:
+            conn.invalidate()  # a COPY cut short leaves the connection unusable
+    if failure:
+        raise failure[0]
 
 
 def _convert(convert, values: list) -> object:

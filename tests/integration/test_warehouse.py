@@ -81,3 +81,71 @@ def test_replay_reads_ids_whatever_their_load_time(source):
         ids = [r[0] for r in conn.execute(sa.text(f'SELECT id FROM "{schema}".tokens_used LIMIT 5'))]
         frame = pd.concat(read_events(conn, schema, Partition("tokens_used"), None, "received_at", ["id"], 100, ids=ids))
     assert sorted(frame["id"]) == sorted(set(ids))
+
+
+EDGE_ROWS = [
+    # id, text, integer, big integer, float, boolean, timestamptz, naive timestamp, copies
+    ("a", "plain", 1, 2**63 - 1, 1.5, True, datetime(2026, 11, 20, 6, 30, 1, 123456, tzinfo=UTC),
+     datetime(2026, 11, 20, 6, 0), 1),
+    ("b", "", None, -(2**63), float("nan"), False, None, None, 1),
+    ("c", None, 0, None, float("inf"), None, datetime(2026, 11, 20, 6, 59, 59, 999999, tzinfo=UTC),
+     datetime(1999, 12, 31, 23, 59, 59), 1),
+    ("d", 'comma, "quotes"\nand a newline', -5, 7, float("-inf"), True,
+     datetime(2026, 11, 20, 6, 0, tzinfo=UTC), None, 1),
+    ("e", "\\N", 3, 3, None, False, datetime(2026, 11, 20, 6, 15, tzinfo=UTC), None, 1),
+    ("f", "NaN", 4, 4, -0.0, True, datetime(2026, 11, 20, 6, 16, tzinfo=UTC), None, 1),
+    ("g", "usage_billing_null_", 5, 5, 1e300, True, datetime(2026, 11, 20, 6, 17, tzinfo=UTC), None, 1),
+    ("h", "ünïcødé ✓", 6, 6, 2.5, False, datetime(2026, 11, 20, 6, 18, tzinfo=UTC), None, 1),
+]
+
+
+def test_the_copy_read_returns_exactly_what_the_cursor_read_returns(pg_url, schemas, monkeypatch):
+    """On PostgreSQL the window is streamed with COPY and parsed by pandas; every type and edge
+    value must come back as the row-by-row cursor read returns it."""
+    from usage_billing import warehouse
+
+    read_by_copy = warehouse._read_by_copy
+    engine, schema = create_engine(pg_url), schemas[0]
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table("edge_events", metadata, sa.Column("id", sa.Text), sa.Column("note", sa.Text),
+                     sa.Column("small", sa.Integer), sa.Column("big", sa.BigInteger),
+                     sa.Column("ratio", sa.Float), sa.Column("flag", sa.Boolean),
+                     sa.Column("timestamp", sa.DateTime(timezone=True)), sa.Column("naive_at", sa.DateTime),
+                     sa.Column("received_at", sa.DateTime(timezone=True)))
+    with engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema, if_not_exists=True))
+        metadata.create_all(conn)
+        conn.execute(table.insert(), [
+            dict(zip(["id", "note", "small", "big", "ratio", "flag", "timestamp", "naive_at"], row[:8], strict=True))
+            | {"received_at": START + timedelta(hours=6, minutes=i)} for i, row in enumerate(EDGE_ROWS)])
+    window = Window(START + timedelta(hours=6), START + timedelta(hours=7))
+    names = ["id", "note", "small", "big", "ratio", "flag", "timestamp", "naive_at", "received_at"]
+    copies = []
+    monkeypatch.setattr(warehouse, "_read_by_copy", lambda *args: copies.append(args) or read_by_copy(*args))
+    with engine.connect() as conn:
+        by_copy = pd.concat(read_events(conn, schema, Partition("edge_events"), window, "received_at", names,
+                                        chunk_size=3))
+        assert copies, "PostgreSQL with plain column types reads by COPY"
+        by_cursor = pd.concat(read_events(conn, schema, Partition("edge_events"), window, "received_at", names,
+                                          chunk_size=3, copy=False))
+    engine.dispose()
+    by_copy = by_copy.sort_values("id").reset_index(drop=True)
+    by_cursor = by_cursor.sort_values("id").reset_index(drop=True)
+    assert len(by_copy) == len(EDGE_ROWS)
+    pd.testing.assert_frame_equal(by_copy, by_cursor)
+    assert by_copy.loc[1, "note"] == "" and by_copy.loc[2, "note"] is pd.NA, "empty string and NULL stay apart"
+    assert by_copy.loc[4, "note"] == "\\N" and by_copy.loc[5, "note"] == "NaN"
+    assert by_copy.loc[0, "big"] == 2**63 - 1 and by_copy.loc[0, "timestamp"].microsecond == 123456
+
+
+def test_a_copy_read_stopped_early_leaves_the_engine_usable(source):
+    engine, schema = source
+    window = Window(START, START + timedelta(hours=10))
+    with engine.connect() as conn:
+        chunks = read_events(conn, schema, Partition("api_call"), window, "received_at", ["id", "received_at"],
+                             chunk_size=10)
+        first = next(chunks)
+        chunks.close()  # the consumer failed or stopped: the COPY is cancelled, not left half read
+    assert len(first) == 10
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
