@@ -50,8 +50,8 @@ from usage_billing.warehouse import COPIES, Partition, Window, count_events, rea
 
 log = logging.getLogger(__name__)
 
-# Ledger writes are coalesced up to this many keys and run in a writer thread with at most two
-# writes waiting: a crash can leave at most about four times this many confirmed-but-unmarked events,
+# Ledger writes are coalesced up to this many keys and run in writer threads with at most three
+# writes waiting: a crash can leave at most about five times this many confirmed-but-unmarked events,
 # which the next attempt re-sends (and the destination de-duplicates by idempotency key).
 MARK_EVERY = 5_000
 
@@ -310,22 +310,24 @@ def deliver_partition(
                 known = _known_in_ledger(ledger, destination, retry_rejected)
                 with report.timed("ledger_filter"):
                     ledger.refresh_statistics()  # the filter's plan depends on them
-                    window_events = count_events(conn, schema, partition, window, loaded_at_column, ids)
             chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids,
                                  where=None if known is None else lambda table: ~known(table))
             prepared = (_prepare_chunk(chunk, loaded_at_column, destination, report, now)
                         for chunk in _timed_iter(chunks, report, "extract"))
             with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool, \
                     _LedgerWriter(ledger, destination.name, run, report, now) as writer:
+                # The events the filter leaves in the database are the window's events it did
+                # not read: counted on another connection while the read starts.
+                window_events = None if known is None else pool.submit(
+                    _count_window_events, engine, report, schema, partition, window, loaded_at_column, ids)
                 # The next chunk is read and mapped in a thread while this one is sent.
                 for mapped, rejections in _read_ahead(prepared, destination.name):
                     _deliver_chunk(mapped, rejections, destination, sender, ledger, writer, pool, concurrency,
                                    report, now, replace_backfill_id, retry_rejected, filtered=known is not None)
-            if known is not None:
-                # The events the filter left in the database are the ones the ledger already has
-                # (max(): rows loaded into the window between the count and the read).
-                report.already_delivered += max(0, window_events - report.unique_events)
-                report.unique_events = max(window_events, report.unique_events)
+                if window_events is not None:
+                    # max(): rows loaded into the window between the count and the read
+                    report.already_delivered += max(0, window_events.result() - report.unique_events)
+                    report.unique_events = max(window_events.result(), report.unique_events)
     finally:
         report.seconds = time.monotonic() - started
     if report.old_events:
@@ -338,6 +340,11 @@ def deliver_partition(
         report.notes.append(f"{len(set(ids)) - report.unique_events} rejected events are no longer in "
                             f"{schema}.{partition.table}")
     return report
+
+
+def _count_window_events(engine: Engine, report: DeliveryReport, *arguments) -> int:
+    with report.timed("ledger_filter"), engine.connect() as conn:
+        return count_events(conn, *arguments)
 
 
 def replay_rejected(*, ledger: Ledger, destination: Destination, table: str, reason_contains: str | None = None,
@@ -448,18 +455,21 @@ def _prepare_chunk(chunk: pd.DataFrame, loaded_at_column: str, destination: Dest
 
 
 class _LedgerWriter:
-    """Ledger writes in one background thread, in the order they were submitted.
+    """Ledger writes in two background threads (two database sessions).
 
-    The senders keep sending while PostgreSQL records the previous confirmations. At most
-    ``depth`` writes wait; a write that fails is raised in the delivering thread at its next
-    submission or at :meth:`flush`, and leaving the ``with`` block flushes every write.
+    The senders keep sending while PostgreSQL records the previous confirmations; a write is one
+    upsert of up to MARK_EVERY keys, and two run at once because one session alone cannot keep up
+    with the senders. Writes touch disjoint keys (an event is either confirmed or rejected once per
+    run), so their order does not matter. At most ``depth`` writes wait; a write that fails is
+    raised in the delivering thread at its next submission or at :meth:`flush`, and leaving the
+    ``with`` block flushes every write.
     """
 
     def __init__(self, ledger: Ledger, destination: str, run: RunRef, report: DeliveryReport,
                  now: Callable[[], datetime], depth: int = 3):
         self.ledger, self.destination, self.run, self.report, self.now = ledger, destination, run, report, now
         self.depth = depth
-        self._thread = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{destination}-ledger")
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{destination}-ledger")
         self._pending: deque[Future] = deque()
 
     def __enter__(self) -> _LedgerWriter:
@@ -475,7 +485,7 @@ class _LedgerWriter:
                         future.result()
                 self._pending.clear()
         finally:
-            self._thread.shutdown(wait=True)
+            self._threads.shutdown(wait=True)
 
     def _submit(self, write: Callable[[], None]) -> None:
         while len(self._pending) >= self.depth:
@@ -484,7 +494,7 @@ class _LedgerWriter:
         def timed() -> None:
             with self.report.timed("ledger_write"):
                 write()
-        self._pending.append(self._thread.submit(timed))
+        self._pending.append(self._threads.submit(timed))
 
     def flush(self) -> None:
         """Wait until every submitted write is in the ledger."""

@@ -332,10 +332,19 @@ class Ledger:
                        :now, :now, :now, :dag_id, :run_id, :backfill_id, :mode
                 FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
                             CAST(:stamps AS bigint[])) AS u(k, m, t, micros)
-                ORDER BY k  -- one lock order for every writer: concurrent upserts cannot deadlock
-                {upsert}"""
+                ORDER BY k  -- one lock order for every writer: concurrent writes cannot deadlock"""
             params.update(keys=self._array(keys), ids=self._array(message_ids), tables=self._array(tables),
                           stamps=self._timestamps(timestamps))
+            if mode != "replace":
+                # Usually none of the keys is in the ledger yet, and a plain INSERT costs PostgreSQL
+                # about a third less than an upsert; if one is there, the batch is upserted instead.
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(sa.text(sql), params)
+                    return
+                except sa.exc.IntegrityError:
+                    pass
+            sql += upsert
         with self.engine.begin() as conn:
             conn.execute(sa.text(sql), params)
 
@@ -370,6 +379,7 @@ class Ledger:
                 SELECT :destination, k, '{REJECTED}', r, 1, m, t, ts, :now, :now, :dag_id, :run_id
                 FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
                             CAST(:stamps AS timestamptz[]), CAST(:reasons AS text[])) AS u(k, m, t, ts, r)
+                ORDER BY k  -- the same lock order as mark_delivered: writers cannot deadlock
                 {upsert}"""
             keys, ids, tables, stamps, reasons = (list(c) for c in zip(*rows, strict=True))
             params.update(keys=self._array(keys), ids=self._array(ids), tables=self._array(tables),
