@@ -900,8 +900,8 @@ def print_pipeline(result: PipelineResult, ctx: Context) -> None:
               f"{_rate(counts[stage], seconds):>10}  {meaning[stage]}")
     print(f"  {'total (wall)':<16}{u.seconds:>9.2f}{100.0:>7.1f}%{_n(unique):>12}  {_rate(unique, u.seconds):>10}  "
           f"unique events in the window, end to end")
-    print("  (stages overlap: the next chunk is extracted and mapped in a read-ahead thread while this one is "
-          "sent, and\n   ledger writes run in a writer thread, so busy times add up to more than the wall time)")
+    print("  (stages overlap: the next chunks are extracted and mapped in two read-ahead threads while this one is "
+          "sent, and\n   ledger writes run in two writer threads, so busy times add up to more than the wall time)")
     print(f"  peak memory: {u.maxrss_mb:,.0f} MB ru_maxrss of this process so far; {u.peak_hwm_mb:,.0f} MB VmHWM "
           f"during this run; {u.peak_sampled_mb:,.0f} MB sampled VmRSS max")
     print(f"  {u.cpu_line()}")

@@ -312,16 +312,19 @@ def deliver_partition(
                     ledger.refresh_statistics()  # the filter's plan depends on them
             chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids,
                                  where=None if known is None else lambda table: ~known(table))
-            prepared = (_prepare_chunk(chunk, loaded_at_column, destination, report, now)
-                        for chunk in _timed_iter(chunks, report, "extract"))
-            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool, \
+            # Reading, mapping and sending each run in their own thread, one chunk apart; both
+            # readers are closed before the connection is (which cancels an unfinished COPY).
+            read = _read_ahead(_timed_iter(chunks, report, "extract"), f"{destination.name}-read")
+            ready = _read_ahead((_prepare_chunk(chunk, loaded_at_column, destination, report, now) for chunk in read),
+                                f"{destination.name}-map")
+            with contextlib.closing(read), contextlib.closing(ready), \
+                    ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=destination.name) as pool, \
                     _LedgerWriter(ledger, destination.name, run, report, now) as writer:
                 # The events the filter leaves in the database are the window's events it did
                 # not read: counted on another connection while the read starts.
                 window_events = None if known is None else pool.submit(
                     _count_window_events, engine, report, schema, partition, window, loaded_at_column, ids)
-                # The next chunk is read and mapped in a thread while this one is sent.
-                for mapped, rejections in _read_ahead(prepared, destination.name):
+                for mapped, rejections in ready:
                     _deliver_chunk(mapped, rejections, destination, sender, ledger, writer, pool, concurrency,
                                    report, now, replace_backfill_id, retry_rejected, filtered=known is not None)
                 if window_events is not None:
@@ -383,13 +386,22 @@ def _known_in_ledger(ledger: Ledger, destination: Destination, retry_rejected: b
 
 def _timed_iter(items: Iterator, report: DeliveryReport, stage: str) -> Iterator:
     """Yield from ``items``, adding the time spent producing each item to ``stage``."""
-    iterator = iter(items)
-    while True:
-        with report.timed(stage):
-            item = next(iterator, None)
-        if item is None:
-            return
-        yield item
+    try:
+        while True:
+            with report.timed(stage):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
+    finally:
+        _close(items)
+
+
+def _close(items: Iterator) -> None:
+    """Close a generator now (its ``finally`` blocks run: a COPY is cancelled), not when collected."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 _DONE = object()
@@ -399,8 +411,8 @@ def _read_ahead(items: Iterator, name: str, depth: int = 1) -> Iterator:
     """Yield ``items``, producing up to ``depth`` of them ahead in a background thread.
 
     The database and the CPU-bound mapping of the next chunk then overlap the sending of this one;
-    ``depth`` bounds the chunks held in memory. An error in the producer is raised here; leaving
-    the loop early stops the producer.
+    ``depth`` bounds the chunks held in memory. An error in the producer is raised here; closing
+    this generator early stops the producer, which closes ``items``.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -419,8 +431,10 @@ def _read_ahead(items: Iterator, name: str, depth: int = 1) -> Iterator:
             ready.put((_DONE, None))
         except BaseException as error:  # handed to the consumer, which raises it
             ready.put((_DONE, error))
+        finally:
+            _close(items)
 
-    producer = threading.Thread(target=produce, name=f"{name}-read", daemon=True)
+    producer = threading.Thread(target=produce, name=name, daemon=True)
     producer.start()
     try:
         while True:
