@@ -204,14 +204,31 @@ def scalar_column(
     return values
 
 
+def without_nulls(names: Sequence[str], columns: Sequence[list], rows: int) -> list[dict]:
+    """One dict per row (``rows`` of them) mapping ``names`` to the row's values from ``columns``,
+    leaving out None values.
+
+    ``dict(zip())`` runs in C; only rows holding a None (values are JSON scalars, lists or dicts,
+    so ``None in row`` compares safely) pay for the filtering comprehension.
+    """
+    if not columns:
+        return [{} for _ in range(rows)]
+    return [dict(zip(names, row, strict=True)) if None not in row
+            else {n: v for n, v in zip(names, row, strict=True) if v is not None}
+            for row in zip(*columns, strict=True)]
+
+
 def _check_text(text: pd.Series, name: str, problems: RowProblems, max_length: int | None) -> None:
     if max_length is not None:
         lengths = text.str.len()
         too_long = (lengths > max_length).fillna(False)
         problems.flag(too_long, lambda idx: f"property {name}: string of " + lengths[idx].astype(str)
                       + f" characters exceeds max_string_length {max_length}")
-    invalid = text.str.contains(_SURROGATES, regex=True).fillna(False)
-    problems.flag(invalid, f"property {name}: text is not valid UTF-8")
+    try:  # one encode of the whole column finds no lone surrogate in the common case
+        "".join(text.dropna().tolist()).encode("utf-8")
+    except UnicodeEncodeError:
+        invalid = text.str.contains(_SURROGATES, regex=True).fillna(False)
+        problems.flag(invalid, f"property {name}: text is not valid UTF-8")
 
 
 def check_timestamps(stamps: pd.Series, problems: RowProblems, now: datetime, future_tolerance: timedelta) -> None:

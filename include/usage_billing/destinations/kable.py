@@ -30,6 +30,7 @@ from usage_billing.destinations.base import (
     finish,
     iso_utc,
     scalar_column,
+    without_nulls,
 )
 from usage_billing.settings import KableSettings
 from usage_billing.warehouse import column_for, is_property_column, property_column
@@ -84,12 +85,11 @@ def map_events(frame: pd.DataFrame, settings: KableSettings, now: datetime) -> M
     keys = as_text(frame["id"])
     clients = as_text(client)
     stamps = iso_utc(frame["timestamp"])
-    rows = list(zip(*columns, strict=True)) if columns else [()] * len(frame)
+    data = without_nulls(names, columns, len(frame))
     ok = problems.ok.to_numpy()
     payloads = [
-        {"clientId": client, "timestamp": stamp, "transactionId": key,
-         "data": {name: value for name, value in zip(names, row, strict=True) if value is not None}}
-        for good, client, stamp, key, row in zip(ok, clients, stamps, keys, rows, strict=True)
+        {"clientId": client, "timestamp": stamp, "transactionId": key, "data": values}
+        for good, client, stamp, key, values in zip(ok, clients, stamps, keys, data, strict=True)
         if good
     ]
     return finish(frame, keys, payloads, problems)

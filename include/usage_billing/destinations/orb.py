@@ -31,6 +31,7 @@ from usage_billing.destinations.base import (
     finish,
     iso_utc,
     scalar_column,
+    without_nulls,
 )
 from usage_billing.settings import OrbSettings
 from usage_billing.warehouse import column_for, property_column
@@ -86,12 +87,13 @@ def map_events(frame: pd.DataFrame, settings: OrbSettings, now: datetime) -> Map
     customers = as_text(customer)
     event_names = as_text(event_name)
     stamps = iso_utc(frame["timestamp"])
-    rows = list(zip(*columns, strict=True)) if columns else [()] * len(frame)
+    properties = without_nulls(names, columns, len(frame))
     ok = problems.ok.to_numpy()
     payloads = [
         {"event_name": name, "idempotency_key": key, "external_customer_id": customer, "timestamp": stamp,
-         "properties": {prop: value for prop, value in zip(names, row, strict=True) if value is not None}}
-        for good, name, key, customer, stamp, row in zip(ok, event_names, keys, customers, stamps, rows, strict=True)
+         "properties": props}
+        for good, name, key, customer, stamp, props in zip(ok, event_names, keys, customers, stamps, properties,
+                                                            strict=True)
         if good
     ]
     return finish(frame, keys, payloads, problems)
