@@ -138,8 +138,8 @@ class DeliveryReport:
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Add the wall time of the block to ``stages[stage]`` (extract, transform, ledger_filter,
-        deliver, ledger_write). Stages run in three threads at once (reading, sending, ledger
-        writing), so their times add up to more than the task's duration."""
+        deliver, ledger_write). Stages run in their own threads at once (reading, mapping, sending,
+        ledger writing), so their times add up to more than the task's duration."""
         started = time.perf_counter()
         try:
             yield
@@ -476,7 +476,7 @@ class _LedgerWriter:
     """Ledger writes in two background threads (two database sessions).
 
     The senders keep sending while PostgreSQL records the previous confirmations; a write is one
-    upsert of up to MARK_EVERY keys, and two run at once because one session alone cannot keep up
+    statement of up to MARK_EVERY keys, and two run at once because one session alone cannot keep up
     with the senders. Writes touch disjoint keys (an event is either confirmed or rejected once per
     run), so their order does not matter. At most ``depth`` writes wait; a write that fails is
     raised in the delivering thread at its next submission or at :meth:`flush`, and leaving the
@@ -620,12 +620,13 @@ def _send_positions(mapped: Mapped, positions: list[int], destination: Destinati
         report.accepted += len(outcome.accepted)
         to_mark.extend(position_of[k] for k in outcome.accepted if k in position_of)
         if outcome.rejected:
-            writer.rejected([Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
-                                       table=mapped.tables[position_of[k]],
-                                       event_timestamp=mapped.timestamp(position_of[k]),
-                                       reason=f"{destination.name} rejected event {k}: {message}")
-                             for k, message in outcome.rejected.items() if k in position_of])
-            report.destination_rejected += sum(1 for k in outcome.rejected if k in position_of)
+            rejections = [Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
+                                    table=mapped.tables[position_of[k]],
+                                    event_timestamp=mapped.timestamp(position_of[k]),
+                                    reason=f"{destination.name} rejected event {k}: {message}")
+                          for k, message in outcome.rejected.items() if k in position_of]
+            writer.rejected(rejections)
+            report.destination_rejected += len(rejections)
             report.reasons.update(f"{destination.name}: {message}" for message in outcome.rejected.values())
         if len(to_mark) >= MARK_EVERY:
             writer.delivered(mapped, to_mark, backfill_id, mode)

@@ -39,6 +39,8 @@ from usage_billing.naming import check_identifier
 
 DELIVERED, REJECTED = "delivered", "rejected"
 MAX_REASON = 2000
+# Event timestamps travel as epoch microseconds (Ledger._timestamps); this turns them back in SQL.
+_FROM_MICROS = "TIMESTAMPTZ 'epoch' + micros * INTERVAL '1 microsecond'"
 
 
 def _key_type(length: int) -> sa.types.TypeEngine:
@@ -328,8 +330,8 @@ class Ledger:
                                                  strict=True)))
         else:
             sql = f"""INSERT INTO {self._name} ({columns})
-                SELECT :destination, k, '{DELIVERED}', 1, m, t, TIMESTAMPTZ 'epoch' + micros * INTERVAL '1 microsecond',
-                       :now, :now, :now, :dag_id, :run_id, :backfill_id, :mode
+                SELECT :destination, k, '{DELIVERED}', 1, m, t, {_FROM_MICROS}, :now, :now, :now, :dag_id, :run_id,
+                       :backfill_id, :mode
                 FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
                             CAST(:stamps AS bigint[])) AS u(k, m, t, micros)
                 ORDER BY k  -- one lock order for every writer: concurrent writes cannot deadlock"""
@@ -351,11 +353,12 @@ class Ledger:
     def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime) -> None:
         """Record rejected events with their reason; a delivered event is never downgraded."""
         # One row per key: a key twice in one statement would make ON CONFLICT fail.
-        latest = {r.key: r for r in rejections}
-        rows = [(r.key, r.message_id, r.table, None if r.event_timestamp is None else self._t(r.event_timestamp),
-                 r.reason[:MAX_REASON]) for r in latest.values()]
-        if not rows:
+        latest = list({r.key: r for r in rejections}.values())
+        if not latest:
             return
+        keys, ids, tables = [r.key for r in latest], [r.message_id for r in latest], [r.table for r in latest]
+        reasons = [r.reason[:MAX_REASON] for r in latest]
+        stamps = self._timestamps([r.event_timestamp for r in latest])
         params = {"destination": destination, "now": self._t(now), "dag_id": run.dag_id, "run_id": run.run_id}
         upsert = f"""
             ON CONFLICT (destination, idempotency_key) DO UPDATE SET
@@ -373,17 +376,15 @@ class Ledger:
                        json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'),
                        :now, :now, :dag_id, :run_id
                 FROM json_each(:rows) WHERE true {upsert}"""
-            params["rows"] = json.dumps(rows)
+            params["rows"] = json.dumps(list(zip(keys, ids, tables, stamps, reasons, strict=True)))
         else:
             sql = f"""INSERT INTO {self._name} ({columns})
-                SELECT :destination, k, '{REJECTED}', r, 1, m, t, ts, :now, :now, :dag_id, :run_id
+                SELECT :destination, k, '{REJECTED}', r, 1, m, t, {_FROM_MICROS}, :now, :now, :dag_id, :run_id
                 FROM unnest(CAST(:keys AS text[]), CAST(:ids AS text[]), CAST(:tables AS text[]),
-                            CAST(:stamps AS timestamptz[]), CAST(:reasons AS text[])) AS u(k, m, t, ts, r)
+                            CAST(:stamps AS bigint[]), CAST(:reasons AS text[])) AS u(k, m, t, micros, r)
                 ORDER BY k  -- the same lock order as mark_delivered: writers cannot deadlock
                 {upsert}"""
-            keys, ids, tables, stamps, reasons = (list(c) for c in zip(*rows, strict=True))
-            params.update(keys=self._array(keys), ids=self._array(ids), tables=self._array(tables),
-                          stamps=self._array([None if t is None else t.isoformat() for t in stamps]),
+            params.update(keys=self._array(keys), ids=self._array(ids), tables=self._array(tables), stamps=stamps,
                           reasons=self._array(reasons))
         with self.engine.begin() as conn:
             conn.execute(sa.text(sql), params)

@@ -168,3 +168,12 @@ def test_stale_statistics_are_refreshed_once(ledger):
         rows = conn.execute(sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:t AS regclass)"),
                             {"t": f'"{ledger.schema}".deliveries'}).scalar_one()
     assert rows == 2_000
+
+
+def test_rejected_event_timestamps_keep_microseconds_and_nulls(ledger):
+    stamps = [datetime(2026, 11, 23, 12, 34, 56, 123456, tzinfo=UTC), None]
+    ledger.mark_rejected("orb", RUN_A, [Rejection(f"r{i}", f"m{i}", "t", "bad", stamp)
+                                        for i, stamp in enumerate(stamps)], T0)
+    recorded = [row(ledger, key)["event_timestamp"] for key in ("r0", "r1")]
+    assert [None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
+            for value in recorded] == stamps
