@@ -1,0 +1,70 @@
+"""Airflow connection -> SQLAlchemy engine, for the SQL source and for the ledger.
+
+Secrets stay in the Airflow connection: the URL is built in memory and never logged (SQLAlchemy
+renders it with the password masked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from usage_billing.naming import check_identifier
+
+POSTGRES_TYPES = ("postgres", "postgresql", "redshift")
+
+
+def sqlalchemy_url(conn_id: str) -> sa.URL:
+    """A SQLAlchemy URL for an Airflow connection (PostgreSQL, Redshift-compatible, or SQLite).
+
+    SQLite connections name the database file in ``host`` (``{"conn_type": "sqlite", "host": "/path/wh.db"}``).
+    """
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    conn_type = (conn.conn_type or "").lower()
+    if conn_type in POSTGRES_TYPES:
+        return sa.URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
+                             host=conn.host or None, port=conn.port or None, database=conn.schema or None)
+    if conn_type == "sqlite":
+        return sa.URL.create("sqlite", database=conn.host or conn.schema)
+    raise ValueError(f"connection {conn_id!r}: conn_type {conn.conn_type!r} is not a SQL database this project "
+                     f"reads (use postgres, or sqlite for the embedded warehouse)")
+
+
+def connection_type(conn_id: str) -> str:
+    """The Airflow connection's type, lower-case (it picks the source kind)."""
+    from airflow.sdk import BaseHook
+
+    return (BaseHook.get_connection(conn_id).conn_type or "").lower()
+
+
+def _sqlite_attach(engine: Engine, database: Path, schemas: Sequence[str]) -> None:
+    """SQLite has no schemas: attach one file per schema next to the main database."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _attach(dbapi_connection, _record) -> None:  # pragma: no cover - exercised via SQLite tests
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        for schema in schemas:
+            path = database.with_name(f"{database.stem}.{schema}{database.suffix or '.db'}")
+            cursor.execute(f"ATTACH DATABASE ? AS \"{check_identifier(schema, 'schema')}\"", (str(path),))
+        cursor.execute("PRAGMA journal_mode = WAL")
+        for schema in schemas:
+            cursor.execute(f'PRAGMA "{schema}".journal_mode = WAL')
+        cursor.close()
+
+
+def create_engine(url: str | sa.URL, schemas: Sequence[str] = ()) -> Engine:
+    """An engine for a warehouse or ledger URL; on SQLite the named schemas are attached files."""
+    url = sa.make_url(url)
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise ValueError("the embedded SQLite warehouse needs a file path, not an in-memory database")
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        _sqlite_attach(engine, Path(url.database), schemas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8)
