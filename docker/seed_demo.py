@@ -56,7 +56,7 @@ def seed(args: argparse.Namespace, now: datetime) -> tuple[datetime, datetime] |
     from billing_airflow.operators.deliver import sqlalchemy_url
     from usage_billing import sample_data
     from usage_billing.settings import load_settings
-    from usage_billing.warehouse import create_engine
+    from usage_billing.sources.postgres import create_engine
 
     settings = load_settings()
     schema = settings.source.schema_

@@ -8,7 +8,7 @@
    memory measures the pipeline only;
 2. starts the Orb / Kable sandbox as a separate process (``python -m usage_billing.sandbox``), so it
    does not share this process's GIL, once per latency (by default 0 and ``--latency``);
-3. runs the real pipeline (``usage_billing.delivery.deliver_partition`` with the real Airflow hook,
+3. runs the real pipeline (``usage_billing.delivery.deliver_window`` with the real Airflow hook,
    pacing and retries, and the PostgreSQL ledger) once per event table, sequentially, like the DAG's
    deliver tasks, and prints per stage the wall time and events/s, the total, and the peak memory;
 4. with ``--rerun``, runs the same window again under a new run id: the ledger skips everything;
@@ -335,7 +335,7 @@ class WindowCounts:
 def _generate_worker(url: str, schema: str, hour: datetime, jobs: list[tuple[int, int]], out: Any) -> None:
     """Child process: generate and COPY the sample rows of ``jobs`` = [(seed, events per type)]."""
     from usage_billing import sample_data
-    from usage_billing.warehouse import create_engine
+    from usage_billing.sources.postgres import create_engine
 
     engine = create_engine(url)
     rows = unique = 0
@@ -355,7 +355,7 @@ def generate_window(url: str, schema: str, hour: datetime, events: int, seed: in
     import sqlalchemy as sa
 
     from usage_billing import sample_data
-    from usage_billing.warehouse import create_engine
+    from usage_billing.sources.postgres import create_engine
 
     engine = create_engine(url)
     sample_data.create_tables(engine, schema)  # once, before the workers race for the catalog
@@ -558,13 +558,13 @@ class Context:
 
 def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str, label: str,
                  profile: bool = False) -> PipelineResult:
-    from billing_airflow.hooks.kable import KableHook
-    from billing_airflow.hooks.orb import OrbHook
-    from usage_billing.delivery import deliver_partition
+    from billing_airflow.operators.deliver import hook_class as registered_hook
+    from usage_billing.delivery import DeliveryJob, deliver_window
     from usage_billing.ledger import RunRef
-    from usage_billing.warehouse import Partition
+    from usage_billing.sources import Partition
+    from usage_billing.sources.postgres import SqlSource
 
-    hook_class = OrbHook if ctx.destination.name == "orb" else KableHook
+    hook_class = registered_hook(ctx.destination.name)
     settings = ctx.destination.settings
     result = PipelineResult(label)
     profiles: list[cProfile.Profile] | None = [] if profile else None
@@ -580,11 +580,9 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
                 main_profile.enable()
             try:
                 with hook:
-                    report = deliver_partition(
-                        engine=ctx.engine, schema=ctx.schema, partition=Partition(table), window=ctx.window,
-                        loaded_at_column=ctx.settings.source.loaded_at_column,
-                        chunk_size=ctx.settings.source.chunk_size, destination=ctx.destination, sender=sender,
-                        ledger=ledger, run=RunRef("benchmark", run_id), concurrency=settings.concurrency)
+                    job = DeliveryJob.from_settings(ctx.settings, ctx.destination, SqlSource(ctx.engine, ctx.schema),
+                                                    ledger, sender, RunRef("benchmark", run_id))
+                    report = deliver_window(job, Partition(table), ctx.window)
             finally:
                 if main_profile is not None:
                     main_profile.disable()
@@ -644,7 +642,7 @@ class FloorResult:
 def _floor_builder(ctx: Context, columns: list[str]) -> tuple[str, Callable[[tuple], dict | None], str]:
     """The SELECT list, a row -> event function in plain Python, and the request body wrapper."""
     from usage_billing.destinations import kable
-    from usage_billing.warehouse import column_for, property_column
+    from usage_billing.sources.layout import column_for, property_column
 
     settings = ctx.destination.settings
     if ctx.destination.name == "orb":
@@ -691,7 +689,7 @@ def run_floor(ctx: Context, sandbox: SandboxProcess) -> FloorResult:
     import requests
     import sqlalchemy as sa
 
-    from usage_billing.warehouse import table_columns
+    from usage_billing.sources.postgres.reader import table_columns
 
     args = ctx.args
     url = sa.make_url(ctx.engine.url)
@@ -1049,7 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
         from usage_billing.destinations import get_destination
         from usage_billing.ledger import Ledger
         from usage_billing.settings import parse_settings
-        from usage_billing.warehouse import Window, column_for, create_engine
+        from usage_billing.sources import Window
+        from usage_billing.sources.layout import column_for
+        from usage_billing.sources.postgres import create_engine
 
         overrides = {"batch_size": args.batch_size, "concurrency": args.concurrency,
                      "requests_per_second": args.requests_per_second, "events_per_minute": args.events_per_minute}

@@ -67,7 +67,7 @@ def schemas(pg_url: str) -> Iterator[tuple[str, str]]:
 
 @pytest.fixture
 def pg_engine(pg_url: str, schemas: tuple[str, str]):
-    from usage_billing.warehouse import create_engine
+    from usage_billing.sources.postgres import create_engine
 
     engine = create_engine(pg_url)
     yield engine

@@ -15,9 +15,10 @@ import argparse
 import os
 import sys
 
+from usage_billing.destinations import DESTINATIONS
 from usage_billing.ledger import Ledger
 from usage_billing.settings import load_settings
-from usage_billing.warehouse import create_engine
+from usage_billing.sources.postgres import create_engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger-url", default=os.environ.get("USAGE_BILLING_LEDGER_URL"))
     commands = parser.add_subparsers(dest="command", required=True)
     rejected = commands.add_parser("rejected", help="list rejected events, grouped by reason")
-    rejected.add_argument("--destination", required=True, choices=["orb", "kable"])
+    rejected.add_argument("--destination", required=True, choices=list(DESTINATIONS))
     rejected.add_argument("--reason-contains")
     rejected.add_argument("--limit", type=int, default=50, help="events to list (0: only the reasons)")
     commands.add_parser("summary", help="events per destination and status")

@@ -71,7 +71,7 @@ def _summary_lines(title: str, events: list[dict], customer_key: str, name_of) -
 
 def _ledger_counts(warehouse_db: Path, settings) -> dict:
     from usage_billing.ledger import Ledger
-    from usage_billing.warehouse import create_engine
+    from usage_billing.sources.postgres import create_engine
 
     engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
     try:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from usage_billing import sample_data
     from usage_billing.sandbox import KableSandbox, OrbSandbox
     from usage_billing.settings import load_settings
-    from usage_billing.warehouse import create_engine
+    from usage_billing.sources.postgres import create_engine
 
     settings = load_settings()
     warehouse_db = state / "warehouse.db"

@@ -104,6 +104,26 @@ def _backfill_columns() -> list[sa.Column]:
 
 
 @dataclass(frozen=True)
+class EventRefs:
+    """The events a mark records, column-wise."""
+
+    keys: Sequence[str]
+    message_ids: Sequence[str]
+    tables: Sequence[str]
+    timestamps: np.ndarray | Sequence[datetime | None]
+    customer_ids: Sequence[str | None] | None = None
+    event_names: Sequence[str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """How events reached the destination: ``ingest`` (live), ``backfill`` or ``replace``."""
+
+    mode: str = "ingest"
+    backfill_id: str | None = None
+
+
+@dataclass(frozen=True)
 class RunRef:
     """Who is delivering: written on every ledger row the run touches."""
 
@@ -160,12 +180,12 @@ class Ledger:
         # pool the lock holder needs for its ledger writes.
         locks = sa.create_engine(self.engine.url, poolclass=sa.pool.NullPool)
         with locks.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:name))"), {"name": name})
+            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext(:name))"), {"name": f"{self.schema}:{name}"})
             conn.commit()
             try:
                 yield
             finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:name))"), {"name": name})
+                conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext(:name))"), {"name": f"{self.schema}:{name}"})
                 conn.commit()
         locks.dispose()
 
@@ -297,14 +317,26 @@ class Ledger:
             return "idempotency_key IN (SELECT value FROM json_each(:keys))"
         return "idempotency_key = ANY(CAST(:keys AS text[]))"
 
-    def mark_delivered(self, destination: str, run: RunRef, keys: Sequence[str], message_ids: Sequence[str],
-                       tables: Sequence[str], timestamps: Sequence[datetime | None] | np.ndarray, now: datetime,
-                       backfill_id: str | None = None, mode: str = "ingest") -> None:
+    def known_clause(self, destination: str, key: sa.ColumnElement, retry_rejected: bool = True
+                     ) -> sa.ColumnElement[bool]:
+        """"The ledger already has this event" (delivered, or also rejected), for a warehouse query."""
+        deliveries = self.table.c
+        if not isinstance(key.type, sa.String):
+            key = sa.cast(key, sa.String)
+        if self.engine.dialect.name == "postgresql":
+            key = sa.collate(key, "C")  # the ledger's key collation, so its primary-key index is used
+        return sa.exists().where(deliveries.destination == destination, deliveries.idempotency_key == key,
+                                 deliveries.status.in_(self.skipped_statuses(retry_rejected)))
+
+    def mark_delivered(self, destination: str, run: RunRef, events: EventRefs, now: datetime,
+                       route: Route = Route()) -> None:
         """Record events the destination accepted. Call only after the destination confirmed them.
 
         ``mode`` says how: ``ingest`` (live), ``backfill`` (inside an Orb backfill, for events past
         the grace period) or ``replace`` (a replace-mode backfill: the earlier delivery of each key
         is first copied into ``delivery_history``)."""
+        keys, message_ids, tables, timestamps = events.keys, events.message_ids, events.tables, events.timestamps
+        backfill_id, mode = route.backfill_id, route.mode
         if not keys:
             return
         if mode == "replace":

@@ -14,49 +14,26 @@ at load time with a message naming the setting and the file, for example::
 from __future__ import annotations
 
 import os
-import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
+from usage_billing.destinations import DESTINATIONS
 from usage_billing.naming import check_identifier
+from usage_billing.settings_base import ConfigError, DeliverySettings, StrictSettings, parse_duration
+
+__all__ = ["ConfigError", "DeliverySettings", "Settings", "SourceSettings", "load_settings", "parse_duration",
+           "parse_settings"]
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "usage_billing.yaml"
 CONFIG_ENV_VAR = "USAGE_BILLING_CONFIG"
 # Deployment-specific override of airflow.rate_limit_storage (e.g. redis://redis:6379/1 in compose).
 RATE_LIMIT_ENV_VAR = "USAGE_BILLING_RATE_LIMIT_STORAGE"
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-class ConfigError(ValueError):
-    """The configuration file is missing, unreadable or invalid; the message names the setting."""
-
-
-def parse_duration(value: Any) -> timedelta:
-    """Parse ``90s``, ``30m``, ``6h``, ``7d`` (or a number of seconds) into a timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 6h, got {value!r}")
-    if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"expected a duration like 90s, 30m, 6h or 7d, got {value!r}")
-    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-
-
-class _Settings(BaseModel):
-    # Unknown keys are typos until proven otherwise: a misspelt mapping must not silently bill wrong.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-
-
-class SourceSettings(_Settings):
+class SourceSettings(StrictSettings):
     """Where the Segment track events are: one warehouse table per event (Segment Warehouses)."""
 
     conn_id: str = "segment_warehouse"
@@ -66,7 +43,6 @@ class SourceSettings(_Settings):
     loaded_at_column: str = "received_at"
     lookback: timedelta = timedelta(hours=6)
     chunk_size: int = Field(default=50_000, ge=100, le=1_000_000)
-    max_event_age_warning: timedelta = timedelta(days=3)
 
     @field_validator("schema_", "loaded_at_column")
     @classmethod
@@ -82,13 +58,13 @@ class SourceSettings(_Settings):
             raise ValueError("event tables are listed more than once")
         return value
 
-    @field_validator("lookback", "max_event_age_warning", mode="before")
+    @field_validator("lookback", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> timedelta:
         return parse_duration(value)
 
 
-class LedgerSettings(_Settings):
+class LedgerSettings(StrictSettings):
     """Where the delivered / rejected record lives (schema ``usage_billing`` of that database)."""
 
     conn_id: str = "segment_warehouse"
@@ -100,114 +76,21 @@ class LedgerSettings(_Settings):
         return check_identifier(value, "identifier")
 
 
-class DeliverySettings(_Settings):
-    """Transport settings shared by every destination: batching, concurrency, pacing, retries."""
-
-    batch_size: int = Field(default=500, ge=1, le=500)
-    concurrency: int = Field(default=4, ge=1, le=64)
-    requests_per_second: float = Field(default=100.0, gt=0)
-    events_per_minute: float = Field(default=10_000.0, gt=0)
-    timeout: float = Field(default=30.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1, le=50)
-    backoff_initial: float = Field(default=1.0, ge=0)
-    backoff_max: float = Field(default=60.0, ge=0)
-    retry_budget: timedelta = timedelta(minutes=10)
-    max_string_length: int = Field(default=512, ge=1)
-
-    @field_validator("retry_budget", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> timedelta:
-        return parse_duration(value)
-
-
-def _check_mapping(mapping: dict[str, str], setting: str) -> dict[str, str]:
-    for source, target in mapping.items():
-        if not isinstance(source, str) or not source.strip():
-            raise ValueError(f"{setting}: every key must be a non-empty string, got {source!r}")
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"{setting}: the value for {source!r} must be a non-empty string, got {target!r}")
-    targets = list(mapping.values())
-    duplicated = sorted({t for t in targets if targets.count(t) > 1})
-    if duplicated:
-        raise ValueError(f"{setting}: several keys map to the same name {duplicated}")
-    return mapping
-
-
-class OrbSettings(DeliverySettings):
-    """Orb destination, with the settings of Segment's Orb destination."""
-
-    conn_id: str = "orb_default"
-    event_name_field: str = "event"
-    external_customer_id_field: str
-    idempotency_key_field: str = "messageId"
-    # Strict types: Segment's Orb destination says every key and value of this map is a string.
-    properties_mapping: dict[str, str]
-    # Orb's account grace period: older events are delivered inside Orb backfills. The margin sends
-    # events close to the boundary through a backfill too, since retries may delay them.
-    grace_period: timedelta = timedelta(hours=12)
-    grace_margin: timedelta = timedelta(hours=1)
-
+class _AtLeastOne(StrictSettings):
     @model_validator(mode="after")
-    def _margin_below_grace(self) -> OrbSettings:
-        if self.grace_margin >= self.grace_period:
-            raise ValueError(f"grace_margin ({self.grace_margin}) must be shorter than grace_period "
-                             f"({self.grace_period})")
-        return self
-
-    @field_validator("properties_mapping", mode="before")
-    @classmethod
-    def _strings_only(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping like {{amount: amount}}, got {value!r}")
-        return _check_mapping(value, "properties_mapping")
-
-    @field_validator("grace_period", "grace_margin", mode="before")
-    @classmethod
-    def _grace(cls, value: Any) -> timedelta:
-        return parse_duration(value)
-
-
-class KableSettings(DeliverySettings):
-    """Kable destination, with the settings of Segment's Kable destination."""
-
-    conn_id: str = "kable_default"
-    client_id_field: str = "userId"
-    properties_mappings: dict[str, str] = Field(default_factory=dict)
-    # Kable events have no event-name field; when set, the Segment event name is added to `data`
-    # under this key so several event types can share one Kable account.
-    event_name_key: str | None = None
-    # Kable's SDKs never retry forever and document no rate limit; 20 requests/s is a polite default.
-    requests_per_second: float = Field(default=20.0, gt=0)
-    events_per_minute: float = Field(default=300_000.0, gt=0)
-    late_event_warning: timedelta = timedelta(hours=24)
-
-    @field_validator("properties_mappings", mode="before")
-    @classmethod
-    def _strings_only(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping like {{statusCode: status}}, got {value!r}")
-        return _check_mapping(value, "properties_mappings")
-
-    @field_validator("late_event_warning", mode="before")
-    @classmethod
-    def _late(cls, value: Any) -> timedelta:
-        return parse_duration(value)
-
-
-class DestinationsSettings(_Settings):
-    orb: OrbSettings | None = None
-    kable: KableSettings | None = None
-
-    @model_validator(mode="after")
-    def _at_least_one(self) -> DestinationsSettings:
-        if self.orb is None and self.kable is None:
-            raise ValueError("configure at least one destination (orb or kable)")
+    def _at_least_one(self) -> _AtLeastOne:
+        if all(getattr(self, name) is None for name in DESTINATIONS):
+            raise ValueError(f"configure at least one destination ({' or '.join(DESTINATIONS)})")
         return self
 
 
-class AirflowSettings(_Settings):
+# One optional section per registered destination (usage_billing.destinations.DESTINATIONS).
+DestinationsSettings = create_model(
+    "DestinationsSettings", __base__=_AtLeastOne,
+    **{name: (kind.settings_model | None, None) for name, kind in DESTINATIONS.items()})
+
+
+class AirflowSettings(StrictSettings):
     """How the DAGs run: schedule, retries, parallelism and shared pacing."""
 
     schedule: str = "0 * * * *"
@@ -233,7 +116,7 @@ class AirflowSettings(_Settings):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class SweepSettings(_Settings):
+class SweepSettings(StrictSettings):
     """The daily completeness sweep (DAG ``usage_billing_sweep``)."""
 
     schedule: str = "30 3 * * *"
@@ -245,7 +128,7 @@ class SweepSettings(_Settings):
         return parse_duration(value)
 
 
-class Settings(_Settings):
+class Settings(StrictSettings):
     """The whole configuration file."""
 
     source: SourceSettings
@@ -255,9 +138,9 @@ class Settings(_Settings):
     sweep: SweepSettings = Field(default_factory=SweepSettings)
 
     def configured_destinations(self) -> list[str]:
-        return [name for name in ("orb", "kable") if getattr(self.destinations, name) is not None]
+        return [name for name in DESTINATIONS if getattr(self.destinations, name) is not None]
 
-    def destination(self, name: str) -> OrbSettings | KableSettings:
+    def destination(self, name: str) -> DeliverySettings:
         """The settings of one destination, or a ConfigError naming the missing section."""
         found = getattr(self.destinations, name, None)
         if found is None:

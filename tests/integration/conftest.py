@@ -10,11 +10,13 @@ import pytest
 import sqlalchemy as sa
 
 from usage_billing import sample_data
+from usage_billing.delivery import DeliveryJob
 from usage_billing.destinations import Destination, get_destination
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.sandbox import KableSandbox, OrbSandbox
 from usage_billing.settings import parse_settings
-from usage_billing.warehouse import Partition, Window
+from usage_billing.sources import Partition, Window
+from usage_billing.sources.postgres import SqlSource
 
 ORB_KEY = "orb-test-key-not-a-secret-123"
 KABLE_CLIENT, KABLE_KEY = "kci_test", "sk_test.sandbox-secret-456"
@@ -46,7 +48,7 @@ def config(schema: str, ledger_schema: str, **destination_overrides) -> dict:
 
 @dataclass
 class World:
-    """A warehouse with sample data, a sandbox and everything deliver_partition needs."""
+    """A warehouse with sample data, a sandbox and everything a delivery job needs."""
 
     name: str
     engine: sa.Engine
@@ -64,24 +66,26 @@ class World:
         return Window(self.now - timedelta(days=3), self.now + timedelta(days=2), timedelta(0))
 
     def hook(self, **overrides):
-        from billing_airflow.operators.deliver import HOOKS
+        from billing_airflow.operators.deliver import hook_class
 
         settings = self.destination.settings.model_copy(update=overrides)
-        return HOOKS[self.name](settings.conn_id, settings, sleep=self.sleeps.append)
+        return hook_class(self.name)(settings.conn_id, settings, sleep=self.sleeps.append)
 
-    def deliver(self, run: str = "run-1", hook=None, tables=None, window: Window | None = None, **kwargs):
-        from usage_billing.delivery import deliver_partition
+    def job(self, hook, run: str = "run-1", **overrides) -> DeliveryJob:
+        """The delivery job a task of this world would build (the ledger shares the warehouse's engine)."""
+        fields = dict(destination=self.destination, sender=hook, source=SqlSource(self.engine, self.schema),
+                      ledger=self.ledger, run=RunRef("test_dag", run), loaded_at_column="received_at",
+                      chunk_size=self.settings.source.chunk_size, concurrency=self.destination.settings.concurrency)
+        return DeliveryJob(**{**fields, **overrides})
+
+    def deliver(self, run: str = "run-1", hook=None, tables=None, window: Window | None = None, **overrides):
+        from usage_billing.delivery import deliver_window
 
         hook = hook or self.hook()
-        reports = []
         with hook:
-            for table in tables or self.settings.source.events:
-                reports.append(deliver_partition(
-                    engine=self.engine, schema=self.schema, partition=Partition(table), window=window or self.window(),
-                    loaded_at_column="received_at", chunk_size=self.settings.source.chunk_size,
-                    destination=self.destination, sender=hook, ledger=self.ledger,
-                    run=RunRef("test_dag", run), concurrency=self.destination.settings.concurrency, **kwargs))
-        return reports
+            job = self.job(hook, run, **overrides)
+            return [deliver_window(job, Partition(table), window or self.window())
+                    for table in tables or self.settings.source.events]
 
     def deliverable_ids(self) -> set[str]:
         """Warehouse ids that make a valid event: what the destination must end up with, once each."""

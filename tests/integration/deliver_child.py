@@ -11,24 +11,25 @@ import sys
 
 def main() -> None:
     args = json.loads(sys.argv[1])
-    from billing_airflow.operators.deliver import HOOKS
-    from usage_billing.delivery import deliver_partition
+    from billing_airflow.operators.deliver import hook_class
+    from usage_billing.delivery import DeliveryJob, deliver_window
     from usage_billing.destinations import get_destination
     from usage_billing.ledger import Ledger, RunRef
     from usage_billing.settings import parse_settings
-    from usage_billing.warehouse import Partition, Window, create_engine
+    from usage_billing.sources import Partition, Window
+    from usage_billing.sources.postgres import SqlSource, create_engine
 
     settings = parse_settings(args["config"])
     destination = get_destination(args["destination"], settings)
     engine = create_engine(args["database_url"])
     ledger = Ledger(engine, settings.ledger.schema_)
     window = Window.from_dict(args["window"])
-    with HOOKS[destination.name](destination.settings.conn_id, destination.settings) as hook:
+    with hook_class(destination.name)(destination.settings.conn_id, destination.settings) as hook:
+        job = DeliveryJob(destination=destination, sender=hook, source=SqlSource(engine, settings.source.schema_),
+                          ledger=ledger, run=RunRef("test_dag", args["run_id"]), loaded_at_column="received_at",
+                          chunk_size=100, concurrency=2)
         for table in settings.source.events:
-            deliver_partition(engine=engine, schema=settings.source.schema_, partition=Partition(table),
-                              window=window, loaded_at_column="received_at", chunk_size=100,
-                              destination=destination, sender=hook, ledger=ledger,
-                              run=RunRef("test_dag", args["run_id"]), concurrency=2)
+            deliver_window(job, Partition(table), window)
     print("finished", flush=True)
 
 

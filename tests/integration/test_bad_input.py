@@ -80,15 +80,11 @@ def test_a_missing_event_table_is_reported_not_fatal(bad_world):
 
 def test_a_missing_loaded_at_column_names_the_setting(bad_world):
     world = bad_world
-    from usage_billing.delivery import deliver_partition
-    from usage_billing.ledger import RunRef
-    from usage_billing.warehouse import Partition
+    from usage_billing.delivery import deliver_window
+    from usage_billing.sources import Partition
 
     with pytest.raises(ValueError, match=r"source\.loaded_at_column: column .loaded_at. does not exist"):
-        deliver_partition(engine=world.engine, schema=world.schema, partition=Partition("tokens_used"),
-                          window=world.window(), loaded_at_column="loaded_at", chunk_size=100,
-                          destination=world.destination, sender=world.hook(), ledger=world.ledger,
-                          run=RunRef("d", "r"), concurrency=1)
+        deliver_window(world.job(world.hook(), loaded_at_column="loaded_at"), Partition("tokens_used"), world.window())
 
 
 def test_sql_identifiers_from_the_config_are_validated(bad_world):

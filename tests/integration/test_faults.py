@@ -23,7 +23,7 @@ from tests.integration.conftest import KABLE_KEY, ORB_KEY, config, connection_en
 from tests.integration.test_delivery import assert_exactly_once
 from usage_billing.delivery import DeliveryFailed
 from usage_billing.sandbox import Fault
-from usage_billing.warehouse import Window
+from usage_billing.sources import Window
 
 
 @pytest.mark.parametrize("name", ["orb", "kable"])

@@ -9,9 +9,11 @@ import pytest
 from billing_airflow.hooks.kable import KableHook
 from billing_airflow.hooks.orb import OrbHook
 from tests.integration.conftest import FAST_RETRIES, KABLE_CLIENT, KABLE_KEY, ORB_KEY
-from usage_billing.delivery import BatchRejected, FatalDeliveryError, TransientDeliveryError, send_resolving
+from usage_billing.delivery.contract import BatchRejected, FatalDeliveryError, TransientDeliveryError
+from usage_billing.delivery.sending import send_resolving
+from usage_billing.destinations.kable import KableSettings
+from usage_billing.destinations.orb import OrbSettings
 from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
-from usage_billing.settings import KableSettings, OrbSettings
 
 ORB_SETTINGS = OrbSettings(external_customer_id_field="userId", properties_mapping={}, **FAST_RETRIES)
 

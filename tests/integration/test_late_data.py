@@ -13,11 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from tests.integration.conftest import make_world
-from usage_billing.delivery import replace_window
+from usage_billing.delivery import replace_window, sweep
 from usage_billing.destinations import get_destination
-from usage_billing.ledger import RunRef
-from usage_billing.sweep import sweep
-from usage_billing.warehouse import Window
+from usage_billing.sources import Window
 
 DAYS = 10
 
@@ -90,10 +88,8 @@ def test_replace_mode_re_bills_a_period_with_a_changed_mapping(pg_engine, schema
         destination = get_destination("orb", world.settings.model_copy(update={
             "destinations": world.settings.destinations.model_copy(update={"orb": changed})}))
         with world.hook() as hook:
-            report = replace_window(ledger=world.ledger, destination=destination, sender=hook,
-                                    run=RunRef("test_dag", "replace-1"), tables=world.settings.source.events,
-                                    window=period, engine=world.engine, schema=world.schema, chunk_size=100,
-                                    concurrency=2)
+            job = world.job(hook, "replace-1", destination=destination, chunk_size=100, concurrency=2)
+            report = replace_window(job, world.settings.source.events, period)
         in_period = [e for e in world.sandbox.accepted() if period.start.isoformat()[:13] == e["timestamp"][:13]]
         assert in_period and report.accepted == len(in_period)
         api_calls = [e for e in in_period if e["event_name"] == "API Call"]
@@ -124,18 +120,14 @@ def test_the_sweep_delivers_rows_loaded_behind_the_lookback(pg_engine, schemas, 
         assert len(missing) == 7
         horizon = Window(world.now - timedelta(days=7), world.now + timedelta(hours=1))
         with world.hook() as hook:
-            report = sweep(engine=world.engine, schema=world.schema, tables=world.settings.source.events,
-                           window=horizon, loaded_at_column="received_at", destination=world.destination,
-                           ledger=world.ledger, chunk_size=200, now=world.now, sender=hook,
-                           run=RunRef("usage_billing_sweep", "s1"), concurrency=2)
+            report = sweep(world.job(hook, "s1", chunk_size=200, concurrency=2, now=lambda: world.now),
+                           world.settings.source.events, horizon)
         assert report.missing_before == 7 and report.delivered_by_sweep == 7 and report.missing_after == 0
         assert "still missing" in report.render()
         assert world.sandbox.accepted_keys() >= missing
         with world.hook() as hook:
-            again = sweep(engine=world.engine, schema=world.schema, tables=world.settings.source.events,
-                          window=horizon, loaded_at_column="received_at", destination=world.destination,
-                          ledger=world.ledger, chunk_size=200, now=world.now, sender=hook,
-                          run=RunRef("usage_billing_sweep", "s2"), concurrency=2)
+            again = sweep(world.job(hook, "s2", chunk_size=200, concurrency=2, now=lambda: world.now),
+                           world.settings.source.events, horizon)
         assert again.missing_before == 0 and again.delivered_by_sweep == 0
 
 

@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from usage_billing.destinations.base import Rejection
-from usage_billing.ledger import Ledger, RunRef
-from usage_billing.warehouse import create_engine
+from usage_billing.ledger import EventRefs, Ledger, Route, RunRef
+from usage_billing.sources.postgres import create_engine
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 RUN_A = RunRef("segment_to_orb", "scheduled__A")
@@ -34,9 +34,10 @@ def ledger(request, schemas, pg_url, tmp_path):
     engine.dispose()
 
 
-def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", **kwargs) -> None:
-    book.mark_delivered(destination, run, keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys),
-                        [T0] * len(keys), T0, **kwargs)
+def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", mode: str = "ingest",
+            backfill_id: str | None = None) -> None:
+    events = EventRefs(keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys), [T0] * len(keys))
+    book.mark_delivered(destination, run, events, T0, Route(mode, backfill_id))
 
 
 def reject(book: Ledger, run: RunRef, key: str, reason: str) -> None:
@@ -118,7 +119,7 @@ def test_array_literals_round_trip_exactly(ledger, keys):
 
 def test_event_timestamps_keep_microseconds_and_nulls(ledger):
     stamps = [datetime(2026, 11, 23, 12, 34, 56, 123456, tzinfo=UTC), None, datetime(1999, 12, 31, 23, 59, tzinfo=UTC)]
-    ledger.mark_delivered("orb", RUN_A, ["k1", "k2", "k3"], ["m1", "m2", "m3"], ["t"] * 3, stamps, T0)
+    ledger.mark_delivered("orb", RUN_A, EventRefs(["k1", "k2", "k3"], ["m1", "m2", "m3"], ["t"] * 3, stamps), T0)
     recorded = [row(ledger, key)["event_timestamp"] for key in ("k1", "k2", "k3")]
     as_utc = [None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC)) for value in recorded]
     assert as_utc == stamps

@@ -10,21 +10,16 @@ from tests.integration.conftest import config, make_world
 from usage_billing import cli
 from usage_billing.delivery import replay_rejected
 from usage_billing.destinations import get_destination
-from usage_billing.ledger import RunRef
 
 
 def replay(world, destination=None, reason_contains=None):
-    from billing_airflow.operators.deliver import HOOKS
+    from billing_airflow.operators.deliver import hook_class
 
     destination = destination or world.destination
-    reports = []
-    with HOOKS[world.name](destination.settings.conn_id, destination.settings) as hook:
-        for table in world.ledger.rejected_tables(world.name, reason_contains):
-            reports.append(replay_rejected(
-                ledger=world.ledger, destination=destination, table=table, reason_contains=reason_contains,
-                engine=world.engine, schema=world.schema, loaded_at_column="received_at", chunk_size=100,
-                sender=hook, run=RunRef("test_dag", "replay"), concurrency=2))
-    return reports
+    with hook_class(world.name)(destination.settings.conn_id, destination.settings) as hook:
+        job = world.job(hook, "replay", destination=destination, chunk_size=100, concurrency=2)
+        return [replay_rejected(job, table, reason_contains)
+                for table in world.ledger.rejected_tables(world.name, reason_contains)]
 
 
 def test_fixed_data_is_replayed_with_the_original_keys(world):

@@ -17,7 +17,7 @@ from itertools import compress
 import numpy as np
 import pandas as pd
 
-from usage_billing.warehouse import TABLE
+from usage_billing.sources.layout import TABLE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _SURROGATES = r"[\ud800-\udfff]"

@@ -32,8 +32,8 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
-from usage_billing.delivery import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
-from usage_billing.settings import DeliverySettings
+from usage_billing.delivery.contract import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
+from usage_billing.settings_base import DeliverySettings
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,11 @@ class BillingApiHook(HttpHook):
             raise FatalDeliveryError(f"{self.destination}: {self.error_message(response)} "
                                      f"(check the connection {self.http_conn_id!r}: host and credentials)")
         else:
-            outcome = self.refused(response, events, keys, backfill_id)
+            try:
+                outcome = self.refused(response, events, keys, backfill_id)
+            except BatchRejected as refusal:  # the core bisects: it counts what this batch cost first
+                refusal.requests, refusal.retries = retries + 1, retries
+                raise
         outcome.retries += retries
+        outcome.requests = retries + 1
         return outcome

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import requests
 
 from billing_airflow.hooks.base import BillingApiHook
-from usage_billing.delivery import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
+from usage_billing.delivery.contract import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
 
 
 class OrbHook(BillingApiHook):
@@ -76,7 +76,7 @@ class OrbHook(BillingApiHook):
             outcome = outcome.merge(self.send([e for e, _ in rest], [k for _, k in rest], backfill_id))
         return outcome
 
-    # -- backfills (usage_billing.backfills.BackfillApi) -----------------------------------------------
+    # -- backfills (usage_billing.delivery.contract.BackfillApi) -----------------------------------------------
 
     def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
         """Create a pending backfill for ``[start, end)``; reuse a pending one that covers it.

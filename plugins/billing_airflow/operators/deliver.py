@@ -1,7 +1,7 @@
-"""Operators that wire the delivery core to Airflow: context -> window, connections -> engines and hooks.
+"""Operators that wire the delivery core to Airflow: context -> window, connections -> a delivery job.
 
 Like the HTTP provider's ``HttpOperator``, these only gather arguments and wire the hook; the work
-is in ``usage_billing.delivery`` (pure core) and the destination hooks (transport).
+is in ``usage_billing.delivery`` (the core) and the destination hooks (transport).
 
 * :class:`PlanPartitionsOperator` validates the configuration, counts the window's rows per event
   table and returns the partitions to deliver (a small list, the only data passed through XCom);
@@ -11,40 +11,52 @@ is in ``usage_billing.delivery`` (pure core) and the destination hooks (transpor
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
-from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk import BaseOperator
 
 from billing_airflow.hooks.base import BillingApiHook
-from billing_airflow.hooks.kable import KableHook
-from billing_airflow.hooks.orb import OrbHook
-from usage_billing.delivery import deliver_partition, replace_window, replay_rejected
-from usage_billing.destinations import get_destination
+from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, sweep
+from usage_billing.destinations import DESTINATIONS, Destination, get_destination
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import Settings, load_settings
-from usage_billing.sweep import sweep
-from usage_billing.warehouse import Partition, Window, count_window, create_engine, table_columns
+from usage_billing.sources import Partition, Source, Window, kind_for
+from usage_billing.sources.postgres import create_engine, sqlalchemy_url
+from usage_billing.sources.postgres.connection import connection_type
 
-HOOKS: dict[str, type[BillingApiHook]] = {"orb": OrbHook, "kable": KableHook}
+
+def hook_class(destination: str) -> type[BillingApiHook]:
+    """The Airflow hook of a registered destination."""
+    module, _, name = DESTINATIONS[destination].hook.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
-def sqlalchemy_url(conn_id: str) -> sa.URL:
-    """A SQLAlchemy URL for an Airflow connection (PostgreSQL, Redshift-compatible, or SQLite).
+def open_hook(destination: Destination, settings: Settings) -> BillingApiHook:
+    return hook_class(destination.name)(destination.settings.conn_id, destination.settings,
+                                        rate_limit_storage=settings.airflow.rate_limit_storage)
 
-    SQLite connections name the database file in ``host`` (``{"conn_type": "sqlite", "host": "/path/wh.db"}``).
-    """
-    conn = BaseHook.get_connection(conn_id)
-    conn_type = (conn.conn_type or "").lower()
-    if conn_type in ("postgres", "postgresql"):
-        return sa.URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
-                             host=conn.host or None, port=conn.port or None, database=conn.schema or None)
-    if conn_type == "sqlite":
-        return sa.URL.create("sqlite", database=conn.host or conn.schema)
-    raise ValueError(f"connection {conn_id!r}: conn_type {conn.conn_type!r} is not supported "
-                     f"(use postgres, or sqlite for the embedded warehouse)")
+
+@contextlib.contextmanager
+def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
+    """The source (its kind picked by the connection's type) and the ledger, closed afterwards.
+
+    The ledger shares the source's engine when both name the same connection and the source can
+    host it, so the "already delivered" filter runs inside the extraction query."""
+    source = kind_for(connection_type(settings.source.conn_id)).open(settings.source)
+    shared = settings.ledger.conn_id == settings.source.conn_id and source.kind.hosts_ledger
+    engine = source.engine if shared else create_engine(sqlalchemy_url(settings.ledger.conn_id),
+                                                        [settings.ledger.schema_])
+    try:
+        yield source, Ledger(engine, settings.ledger.schema_)
+    finally:
+        source.close()
+        if not shared:
+            engine.dispose()
 
 
 def window_from_context(context: Any, settings: Settings) -> Window:
@@ -79,62 +91,46 @@ class _ConfiguredOperator(BaseOperator):
     def settings(self) -> Settings:
         return load_settings(self.config_path)
 
-    def engines(self, settings: Settings) -> tuple[sa.Engine, sa.Engine]:
-        """Warehouse and ledger engines; one engine when both live in the same connection."""
-        schemas = [settings.source.schema_, settings.ledger.schema_]
-        warehouse = create_engine(sqlalchemy_url(settings.source.conn_id), schemas)
-        if settings.ledger.conn_id == settings.source.conn_id:
-            return warehouse, warehouse
-        return warehouse, create_engine(sqlalchemy_url(settings.ledger.conn_id), [settings.ledger.schema_])
-
 
 class PlanPartitionsOperator(_ConfiguredOperator):
     """Validate the configuration and list the window's partitions (event table x hash bucket)."""
 
     def execute(self, context: Any) -> list[dict]:
         settings = self.settings()
-        get_destination(self.destination, settings)  # fail here, once, on a missing destination section
+        destination = get_destination(self.destination, settings)  # fails here, once, on a missing section
         mode, reason_contains = run_mode(context)
         window = window_from_context(context, settings)
-        warehouse, ledger_engine = self.engines(settings)
-        ledger = Ledger(ledger_engine, settings.ledger.schema_)
-        ledger.create()
-        source = settings.source
-        if mode == REPLAY_REJECTED:
-            tables = ledger.rejected_tables(self.destination, reason_contains)
-            self.log.info("plan: replay of rejected %s events%s in tables %s", self.destination,
-                          f" whose reason contains {reason_contains!r}" if reason_contains else "", tables)
-            warehouse.dispose()
-            ledger_engine.dispose()
-            return [Partition(table).to_dict() for table in tables]
-        if mode == REPLACE:
-            if self.destination != "orb":
-                raise ValueError("mode=replace exists only for Orb: Kable has no backfills to replace a period")
-            self.log.warning("plan: REPLACE MODE for %s: one task re-sends every event with a timestamp in "
-                             "[%s, %s) inside one replacing Orb backfill", self.destination,
-                             window.start.isoformat(), window.end.isoformat())
-            warehouse.dispose()
-            ledger_engine.dispose()
-            return [Partition(ALL_TABLES).to_dict()]
-        partitions, lines = [], []
-        with warehouse.connect() as conn:
-            for table in source.events:
-                if table_columns(conn, source.schema_, table) is None:
-                    lines.append(f"  {source.schema_}.{table:<24} missing (no event of this type loaded yet)")
+        with open_warehouse(settings) as (source, ledger):
+            ledger.create()
+            if mode == REPLAY_REJECTED:
+                tables = ledger.rejected_tables(self.destination, reason_contains)
+                self.log.info("plan: replay of rejected %s events%s in tables %s", self.destination,
+                              f" whose reason contains {reason_contains!r}" if reason_contains else "", tables)
+                return [Partition(table).to_dict() for table in tables]
+            if mode == REPLACE:
+                if not destination.capabilities.backfills:
+                    raise ValueError(f"mode=replace needs backfills, which {self.destination} does not have")
+                self.log.warning("plan: REPLACE MODE for %s: one task re-sends every event with a timestamp in "
+                                 "[%s, %s) inside one replacing backfill", self.destination,
+                                 window.start.isoformat(), window.end.isoformat())
+                return [Partition(ALL_TABLES).to_dict()]
+            partitions, lines = [], []
+            config = settings.source
+            for table in config.events:
+                if source.table_columns(table) is None:
+                    lines.append(f"  {config.schema_}.{table:<24} missing (no event of this type loaded yet)")
                     continue
-                rows = count_window(conn, source.schema_, table, window, source.loaded_at_column)
-                lines.append(f"  {source.schema_}.{table:<24} {rows} rows")
+                rows = source.count_rows(table, window, config.loaded_at_column)
+                lines.append(f"  {config.schema_}.{table:<24} {rows} rows")
                 buckets = settings.airflow.partitions_per_table
                 partitions += [Partition(table, bucket, buckets).to_dict() for bucket in range(buckets)]
-        warehouse.dispose()
-        ledger_engine.dispose()
         self.log.info("plan: destination=%s window %s on %s\n%s\n  -> %d partitions",
-                      self.destination, window, source.loaded_at_column, "\n".join(lines), len(partitions))
+                      self.destination, window, config.loaded_at_column, "\n".join(lines), len(partitions))
         return partitions
 
 
 class SegmentDeliveryOperator(_ConfiguredOperator):
-    """Deliver one partition of the run's window to one destination (Orb or Kable)."""
+    """Deliver one partition of the run's window to one destination."""
 
     template_fields = ("partition",)
 
@@ -147,33 +143,22 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         destination = get_destination(self.destination, settings)
         partition = Partition.from_dict(self.partition or {"table": settings.source.events[0]})
         window = window_from_context(context, settings)
-        run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
-        warehouse, ledger_engine = self.engines(settings)
-        ledger = Ledger(ledger_engine, settings.ledger.schema_)
-        hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
-                                       rate_limit_storage=settings.airflow.rate_limit_storage)
         mode, reason_contains = run_mode(context)
-        common = dict(engine=warehouse, schema=settings.source.schema_,
-                      loaded_at_column=settings.source.loaded_at_column, chunk_size=settings.source.chunk_size,
-                      destination=destination, sender=hook, ledger=ledger, run=run,
-                      concurrency=destination.settings.concurrency)
-        try:
-            with hook:
+        run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
+        hook = open_hook(destination, settings)
+        with open_warehouse(settings) as (source, ledger), hook:
+            job = DeliveryJob.from_settings(settings, destination, source, ledger, hook, run)
+            try:
                 if mode == REPLAY_REJECTED:
-                    report = replay_rejected(table=partition.table, reason_contains=reason_contains, **common)
+                    report = replay_rejected(job, partition.table, reason_contains)
                 elif mode == REPLACE:
-                    report = replace_window(tables=settings.source.events,
-                                            window=window, **{k: v for k, v in common.items()
-                                                              if k != "loaded_at_column"})
+                    report = replace_window(job, settings.source.events, window)
                 else:
-                    report = deliver_partition(partition=partition, window=window, **common)
-        except Exception:
-            self.log.error("delivery failed: destination=%s partition=%s window %s", self.destination,
-                           partition, window)
-            raise
-        finally:
-            warehouse.dispose()
-            ledger_engine.dispose()
+                    report = deliver_window(job, partition, window)
+            except Exception:
+                self.log.error("delivery failed: destination=%s partition=%s mode=%s window %s", self.destination,
+                               partition, mode, window)
+                raise
         self.log.info("%s", report.render())
         if report.lateness_seconds and max(report.lateness_seconds) > settings.source.lookback.total_seconds():
             self.log.warning("some rows were loaded more than source.lookback (%s) after their event time; "
@@ -201,9 +186,11 @@ class DeliveryReportOperator(_ConfiguredOperator):
         reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
         total: Counter = Counter()
         reasons: Counter = Counter()
-        keys = ("rows_read", "duplicates_dropped", "unique_events", "already_delivered",
-                "sent", "accepted", "mapping_rejected", "destination_rejected", "retries", "bisections")
-        lines = [f"{'partition':<28}" + "".join(f"{k.split('_')[0][:9]:>10}" for k in keys)]
+        columns = {"unique_events": "events", "already_delivered": "skipped", "sent": "sent", "accepted": "accepted",
+                   "rejected": "rejected", "rejected_before": "known rej", "requests": "requests",
+                   "retries": "retries", "bisections": "bisects"}
+        keys = tuple(columns)
+        lines = [f"{'partition':<28}" + "".join(f"{header:>10}" for header in columns.values())]
         for report in reports:
             total.update({k: report.get(k, 0) for k in keys})
             reasons.update({reason: count for reason, count in report.get("top_reasons", [])})
@@ -211,7 +198,9 @@ class DeliveryReportOperator(_ConfiguredOperator):
         lines.append(f"{'TOTAL':<28}" + "".join(f"{total[k]:>10}" for k in keys))
         self.log.info("run report: destination=%s, %d of %d partitions reported\n%s%s", self.destination,
                       len(reports), len(planned), "\n".join(lines),
-                      "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5)))
+                      "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5))
+                      + "\n  (rejected: this run's rejections; known rej: of those, events already rejected by an "
+                        "earlier run)")
         if len(reports) < len(planned):
             raise RuntimeError(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
                                f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
@@ -227,21 +216,11 @@ class CompletenessSweepOperator(_ConfiguredOperator):
         end = datetime.fromtimestamp(context["data_interval_end"].timestamp(), UTC)
         window = Window(end - settings.sweep.horizon, end)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
-        warehouse, ledger_engine = self.engines(settings)
-        ledger = Ledger(ledger_engine, settings.ledger.schema_)
-        ledger.create()
-        hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
-                                       rate_limit_storage=settings.airflow.rate_limit_storage)
-        try:
-            with hook:
-                report = sweep(engine=warehouse, schema=settings.source.schema_, tables=settings.source.events,
-                               window=window, loaded_at_column=settings.source.loaded_at_column,
-                               destination=destination, ledger=ledger, chunk_size=settings.source.chunk_size,
-                               now=datetime.now(UTC), sender=hook, run=run,
-                               concurrency=destination.settings.concurrency)
-        finally:
-            warehouse.dispose()
-            ledger_engine.dispose()
+        hook = open_hook(destination, settings)
+        with open_warehouse(settings) as (source, ledger), hook:
+            ledger.create()
+            report = sweep(DeliveryJob.from_settings(settings, destination, source, ledger, hook, run),
+                           settings.source.events, window)
         for delivery in report.deliveries:
             self.log.info("%s", delivery.render())
         self.log.info("%s", report.render())

@@ -8,7 +8,7 @@ import pytest
 
 from tests.unit.destinations.conftest import segment_frame
 from usage_billing.destinations import kable
-from usage_billing.settings import KableSettings
+from usage_billing.destinations.kable import KableSettings
 
 
 def settings(**overrides) -> KableSettings:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.destinations.conftest import segment_frame
 from usage_billing.destinations import orb
-from usage_billing.settings import OrbSettings
+from usage_billing.destinations.orb import OrbSettings
 
 
 def settings(**overrides) -> OrbSettings:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from billing_airflow.hooks.base import Pacer, parse_retry_after
-from usage_billing.settings import DeliverySettings
+from usage_billing.settings_base import DeliverySettings
 
 REDIS = "redis://127.0.0.1:6379/7"
 

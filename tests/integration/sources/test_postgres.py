@@ -1,4 +1,4 @@
-"""Windowed, chunked, deduplicated reads of Segment event tables on PostgreSQL and SQLite."""
+"""The SQL source: windowed, chunked, deduplicated reads of Segment event tables on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import sqlalchemy as sa
 
 from usage_billing import sample_data
-from usage_billing.warehouse import Partition, Window, count_window, create_engine, read_events, table_columns
+from usage_billing.sources import Partition, ReadRequest, Window
+from usage_billing.sources.postgres import create_engine
+from usage_billing.sources.postgres.reader import count_window, read_events, table_columns
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 START = datetime(2026, 11, 20, 0, 0, tzinfo=UTC)
@@ -27,6 +29,11 @@ def source(request, pg_url, schemas, tmp_path):
     engine.dispose()
 
 
+def request(partition: Partition, window: Window | None, loaded_at: str, columns: list[str], chunk_size: int,
+            ids: list[str] | None = None) -> ReadRequest:
+    return ReadRequest(partition, window, columns, loaded_at, chunk_size, ids)
+
+
 def expected(engine, schema, window: Window) -> pd.DataFrame:
     table = sample_data.event_table(sa.MetaData(), schema, "api_call")
     with engine.connect() as conn:
@@ -42,8 +49,8 @@ def test_window_lookback_dedup_and_chunks(source):
     assert truth["id"].duplicated().any(), "the sample holds duplicate rows in this window"
     with engine.connect() as conn:
         columns = table_columns(conn, schema, "api_call")
-        chunks = list(read_events(conn, schema, Partition("api_call"), window, "received_at",
-                                  ["id", "user_id", "timestamp", "latency_ms", "received_at"], chunk_size=40))
+        chunks = list(read_events(conn, schema, request(Partition("api_call"), window, "received_at",
+                                  ["id", "user_id", "timestamp", "latency_ms", "received_at"], chunk_size=40)))
         total = count_window(conn, schema, "api_call", window, "received_at")
     frame = pd.concat(chunks)
     assert len(chunks) > 2, "read in bounded chunks"
@@ -61,9 +68,10 @@ def test_hash_buckets_partition_a_window_exactly(source):
     engine, schema = source
     window = Window(START, START + timedelta(hours=10))
     with engine.connect() as conn:
-        whole = set(pd.concat(read_events(conn, schema, Partition("api_call"), window, "received_at", ["id"], 500))["id"])
-        parts = [set(pd.concat(read_events(conn, schema, Partition("api_call", b, 3), window, "received_at", ["id"],
-                                           500))["id"]) for b in range(3)]
+        whole = set(pd.concat(read_events(conn, schema, request(Partition("api_call"), window, "received_at", ["id"],
+                                                                500)))["id"])
+        parts = [set(pd.concat(read_events(conn, schema, request(Partition("api_call", b, 3), window, "received_at",
+                                                                 ["id"], 500)))["id"]) for b in range(3)]
     assert set.union(*parts) == whole
     assert sum(len(p) for p in parts) == len(whole), "buckets do not overlap"
     assert all(parts)
@@ -79,7 +87,8 @@ def test_replay_reads_ids_whatever_their_load_time(source):
     engine, schema = source
     with engine.connect() as conn:
         ids = [r[0] for r in conn.execute(sa.text(f'SELECT id FROM "{schema}".tokens_used LIMIT 5'))]
-        frame = pd.concat(read_events(conn, schema, Partition("tokens_used"), None, "received_at", ["id"], 100, ids=ids))
+        frame = pd.concat(read_events(conn, schema, request(Partition("tokens_used"), None, "received_at", ["id"], 100,
+                                                            ids=ids)))
     assert sorted(frame["id"]) == sorted(set(ids))
 
 
@@ -102,9 +111,9 @@ EDGE_ROWS = [
 def test_the_copy_read_returns_exactly_what_the_cursor_read_returns(pg_url, schemas, monkeypatch):
     """On PostgreSQL the window is streamed with COPY and parsed by pandas; every type and edge
     value must come back as the row-by-row cursor read returns it."""
-    from usage_billing import warehouse
+    from usage_billing.sources.postgres import reader
 
-    read_by_copy = warehouse._read_by_copy
+    read_by_copy = reader._read_by_copy
     engine, schema = create_engine(pg_url), schemas[0]
     metadata = sa.MetaData(schema=schema)
     table = sa.Table("edge_events", metadata, sa.Column("id", sa.Text), sa.Column("note", sa.Text),
@@ -121,13 +130,13 @@ def test_the_copy_read_returns_exactly_what_the_cursor_read_returns(pg_url, sche
     window = Window(START + timedelta(hours=6), START + timedelta(hours=7))
     names = ["id", "note", "small", "big", "ratio", "flag", "timestamp", "naive_at", "received_at"]
     copies = []
-    monkeypatch.setattr(warehouse, "_read_by_copy", lambda *args: copies.append(args) or read_by_copy(*args))
+    monkeypatch.setattr(reader, "_read_by_copy", lambda *args: copies.append(args) or read_by_copy(*args))
     with engine.connect() as conn:
-        by_copy = pd.concat(read_events(conn, schema, Partition("edge_events"), window, "received_at", names,
-                                        chunk_size=3))
+        by_copy = pd.concat(read_events(conn, schema, request(Partition("edge_events"), window, "received_at", names,
+                                                              chunk_size=3)))
         assert copies, "PostgreSQL with plain column types reads by COPY"
-        by_cursor = pd.concat(read_events(conn, schema, Partition("edge_events"), window, "received_at", names,
-                                          chunk_size=3, copy=False))
+        by_cursor = pd.concat(read_events(conn, schema, request(Partition("edge_events"), window, "received_at", names,
+                                                                chunk_size=3), copy=False))
     engine.dispose()
     by_copy = by_copy.sort_values("id").reset_index(drop=True)
     by_cursor = by_cursor.sort_values("id").reset_index(drop=True)
@@ -142,8 +151,8 @@ def test_a_copy_read_stopped_early_leaves_the_engine_usable(source):
     engine, schema = source
     window = Window(START, START + timedelta(hours=10))
     with engine.connect() as conn:
-        chunks = read_events(conn, schema, Partition("api_call"), window, "received_at", ["id", "received_at"],
-                             chunk_size=10)
+        chunks = read_events(conn, schema, request(Partition("api_call"), window, "received_at", ["id", "received_at"],
+                                                   chunk_size=10))
         first = next(chunks)
         chunks.close()  # the consumer failed or stopped: the COPY is cancelled, not left half read
     assert len(first) == 10

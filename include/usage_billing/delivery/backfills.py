@@ -23,23 +23,13 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
-from typing import Protocol
 
+from usage_billing.delivery.contract import BackfillApi
 from usage_billing.ledger import Ledger, RunRef
 
 log = logging.getLogger(__name__)
 
 DAY = timedelta(days=1)
-
-
-class BackfillApi(Protocol):
-    """What the destination hook offers (implemented by OrbHook)."""
-
-    def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
-        """Create a pending backfill for ``[start, end)``, or reuse a pending one covering it."""
-
-    def close_backfill(self, backfill_id: str) -> dict:
-        """Close a backfill so Orb reflects its events; returns the backfill object."""
 
 
 def day_of(moment: datetime) -> datetime:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from usage_billing.warehouse import column_for, is_property_column, property_column
+from usage_billing.sources.layout import column_for, is_property_column, property_column
 
 
 @pytest.mark.parametrize(("field", "column"), [

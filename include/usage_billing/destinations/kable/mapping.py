@@ -32,12 +32,9 @@ from usage_billing.destinations.base import (
     scalar_column,
     without_nulls,
 )
-from usage_billing.settings import KableSettings
-from usage_billing.warehouse import column_for, is_property_column, property_column
+from usage_billing.destinations.kable.settings import KableSettings
+from usage_billing.sources.layout import column_for, is_property_column, property_column
 
-NAME = "kable"
-# Kable documents no per-request limit; its Node and Python SDKs cap batches at 500.
-MAX_BATCH = 500
 # Kable documents no future limit; refuse clock-skewed events the same way Orb does.
 FUTURE_TOLERANCE = timedelta(minutes=5)
 

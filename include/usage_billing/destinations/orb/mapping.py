@@ -33,12 +33,9 @@ from usage_billing.destinations.base import (
     scalar_column,
     without_nulls,
 )
-from usage_billing.settings import OrbSettings
-from usage_billing.warehouse import column_for, property_column
+from usage_billing.destinations.orb.settings import OrbSettings
+from usage_billing.sources.layout import column_for, property_column
 
-NAME = "orb"
-# Orb's documented cap per POST /v1/ingest (orb-api-notes.md 1.4).
-MAX_BATCH = 500
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
 

@@ -1,0 +1,193 @@
+"""The entry points: deliver a window, replay rejections, replace a period — each for one job.
+
+For one partition of one window (an event table, optionally one hash bucket of it), :func:`deliver`:
+
+1. reads the window's rows in bounded chunks, one row per ``id``, from the job's source;
+2. maps each chunk with the destination's pure mapping; rows that cannot make an event are
+   recorded as rejected with their reason;
+3. leaves out the events the ledger has as delivered: inside the extraction query when the source
+   shares the ledger's database, else with one batched ledger lookup per chunk, before any batch is
+   built (overlapping runs of a partition take turns under a lock in the ledger database);
+4. sends the rest in batches, ``concurrency`` requests at a time, through the destination's hook;
+5. marks each event delivered once the destination confirmed it, or rejected with its message.
+
+Reading, mapping, sending and ledger writing overlap (:mod:`usage_billing.delivery.pipeline`).
+What is retried, what is terminal: see :mod:`usage_billing.delivery.contract`. Nothing is marked
+delivered that the destination did not confirm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pandas as pd
+
+from usage_billing.delivery.backfills import backfill_session
+from usage_billing.delivery.job import DeliveryJob, Scope
+from usage_billing.delivery.pipeline import LedgerWriter, read_ahead, timed_iter
+from usage_billing.delivery.report import DeliveryReport
+from usage_billing.delivery.sending import Sending, dedupe_keys
+from usage_billing.destinations.base import Mapped, Rejection
+from usage_billing.sources import Partition, ReadRequest, Window
+from usage_billing.sources.layout import COPIES
+
+log = logging.getLogger(__name__)
+
+# A replay reads its rejected events back by message id, this many per query.
+REPLAY_BATCH = 10_000
+# Orb backfills span at most 31 days (orb-api-notes.md).
+MAX_REPLACE = timedelta(days=31)
+
+
+def deliver_window(job: DeliveryJob, partition: Partition, window: Window) -> DeliveryReport:
+    """Deliver one partition of one window (the hourly run, a backfill run, the sweep)."""
+    return deliver(job, Scope(partition, window=window, label=str(window)))
+
+
+def replay_rejected(job: DeliveryJob, table: str, reason_contains: str | None = None) -> DeliveryReport:
+    """Re-send the rejected events of one event table, read again from the warehouse and mapped
+    with the current settings, under their original idempotency keys.
+
+    Use it after fixing the mapping or the data; events still invalid are rejected again with the
+    current reason. ``reason_contains`` narrows the replay to one kind of rejection.
+    """
+    name = job.destination.name
+    rows = [r for r in job.ledger.rejected(name, reason_contains) if r["event_table"] == table]
+    message_ids = list(dict.fromkeys(r["message_id"] for r in rows if r["message_id"]))
+    label = f"replay of {len(message_ids)} rejected events" + (
+        f" whose reason contains {reason_contains!r}" if reason_contains else "")
+    reports = [deliver(job, Scope(Partition(table), ids=message_ids[start:start + REPLAY_BATCH], label=label))
+               for start in range(0, len(message_ids), REPLAY_BATCH)]
+    return DeliveryReport.combine(reports, DeliveryReport(name, table, label, mode="replay_rejected"))
+
+
+def replace_window(job: DeliveryJob, tables: list[str], window: Window) -> DeliveryReport:
+    """Replace mode: re-send every event whose *timestamp* lies in the window into one backfill with
+    ``replace_existing_events: true``, so a changed mapping re-bills the period.
+
+    Everything the destination holds in that timeframe, for all customers, is replaced by what this
+    run sends when the backfill closes; the ledger keeps each event's earlier delivery in
+    delivery_history. Run it for periods whose data is complete: an event loaded later and delivered
+    live into the timeframe while the backfill is open would be replaced away.
+    """
+    destination, ledger = job.destination, job.ledger
+    if not destination.capabilities.backfills:
+        raise ValueError(f"mode=replace needs backfills, which {destination.name} does not have")
+    if window.end - window.start > MAX_REPLACE:
+        raise ValueError("mode=replace: backfills span at most 31 days; use a shorter window")
+    before = ledger.delivered_between(destination.name, window.start, window.end)
+    log.warning("REPLACE MODE: every %s event with a timestamp in [%s, %s), for all customers, is replaced by "
+                "the events this run sends (the ledger counts %d delivered there now; their earlier deliveries "
+                "are kept in %s.delivery_history)", destination.name, window.start.isoformat(),
+                window.end.isoformat(), before, ledger.schema)
+    by_time = Window(window.start, window.end)
+    with backfill_session(ledger, job.sender, destination.name, job.run, window.start, window.end,
+                          replace=True) as backfill:
+        label = (f"REPLACE [{window.start:%Y-%m-%d %H:%M}, {window.end:%Y-%m-%d %H:%M}) UTC by event timestamp, "
+                 f"backfill {backfill['id']}")
+        reports = [deliver(job, Scope(Partition(table), window=by_time, replace_backfill_id=backfill["id"],
+                                      label=label)) for table in tables]
+        ledger.record_backfill(destination.name, backfill, job.run, events_sent=sum(r.accepted for r in reports))
+    report = DeliveryReport.combine(reports, DeliveryReport(destination.name, ",".join(tables), label, mode="replace"))
+    report.backfills = 1
+    report.sent_in_backfills = report.accepted
+    report.notes.append(f"replaced {before} previously delivered events of this timeframe with {report.accepted} "
+                        f"events (backfill {backfill['id']}, replace_existing_events=true)")
+    log.warning("REPLACE MODE: backfill %s closed; %s now holds %d events for [%s, %s)", backfill["id"],
+                destination.name, report.accepted, window.start.isoformat(), window.end.isoformat())
+    return report
+
+
+def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
+    """Deliver one scope (a partition's window, or chosen ids); see the module docstring."""
+    started = time.monotonic()
+    source, destination, ledger = job.source, job.destination, job.ledger
+    report = DeliveryReport(destination=destination.name, partition=str(scope.partition),
+                            window=scope.label or str(scope.window), mode=scope.mode)
+    # Replace mode selects by event time: the events of a billing period, whenever they were loaded.
+    loaded_at = "timestamp" if scope.replace_backfill_id else job.loaded_at_column
+    table = f"{source.schema}.{scope.partition.table}"
+    try:
+        # Overlapping runs of this partition take turns, so each sees what the other delivered.
+        with ledger.lock(f"{destination.name}:{source.schema}.{scope.partition}"):
+            columns = source.table_columns(scope.partition.table)
+            if columns is None:
+                report.notes.append(f"event table {table} does not exist yet (source.events lists it); "
+                                    f"nothing to read")
+                return report
+            if loaded_at not in columns:
+                raise ValueError(f"source.loaded_at_column: column {loaded_at!r} does not exist in {table}")
+            report.notes.extend(f"{missing} is not a column of {table}: treated as absent"
+                                for missing in destination.missing_fields(columns))
+            filtered = job.ledger_join and not scope.replace_backfill_id and destination.key_column in columns
+            unknown = None
+            if filtered:
+                def unknown(events):  # the ledger's NOT EXISTS, inside the extraction query
+                    return ~ledger.known_clause(destination.name, events.c[destination.key_column],
+                                                job.retry_rejected)
+                with report.timed("ledger_filter"):
+                    ledger.refresh_statistics()  # the filter's plan depends on them
+            request = ReadRequest(scope.partition, scope.window, [*destination.required_columns(columns), loaded_at],
+                                  loaded_at, job.chunk_size, scope.ids, unknown)
+            _run(job, scope, request, report, filtered)
+    finally:
+        report.seconds = time.monotonic() - started
+        report.cost = source.cost.render()
+    if report.old_events:
+        report.notes.append(f"{report.old_events} events are older than {destination.old_event_warning}: "
+                            f"{destination.name} may already have invoiced their period (sent with their true "
+                            f"timestamps)")
+        log.warning("%s: %d events older than %s", destination.name, report.old_events,
+                    destination.old_event_warning)
+    if scope.ids is not None and report.unique_events < len(set(scope.ids)):
+        report.notes.append(f"{len(set(scope.ids)) - report.unique_events} rejected events are no longer in {table}")
+    return report
+
+
+def _run(job: DeliveryJob, scope: Scope, request: ReadRequest, report: DeliveryReport, filtered: bool) -> None:
+    """Read, map, send and mark, each stage in its own thread one chunk apart."""
+    name = job.destination.name
+    read = read_ahead(timed_iter(job.source.read(request), report, "extract"), f"{name}-read")
+    ready = read_ahead((_prepare(chunk, job, request.loaded_at_column, report) for chunk in read), f"{name}-map")
+    # Both readers are closed before the source's connection is (which cancels an unfinished COPY).
+    with contextlib.closing(read), contextlib.closing(ready), \
+            ThreadPoolExecutor(max_workers=job.concurrency, thread_name_prefix=name) as pool, \
+            LedgerWriter(job.ledger, job.destination, job.run, report, job.now) as writer:
+        # The events the filter leaves in the database are the window's events it did not read:
+        # counted on another connection while the read starts.
+        window_events = pool.submit(_count_events, job, request, report) if filtered else None
+        sending = Sending(job, writer, pool, report)
+        for mapped, rejections in ready:
+            sending.chunk(mapped, rejections, scope, filtered)
+        if window_events is not None:
+            # max(): rows loaded into the window between the count and the read
+            report.already_delivered += max(0, window_events.result() - report.unique_events)
+            report.unique_events = max(window_events.result(), report.unique_events)
+
+
+def _count_events(job: DeliveryJob, request: ReadRequest, report: DeliveryReport) -> int:
+    with report.timed("ledger_filter"):
+        return job.source.count_events(request)
+
+
+def _prepare(chunk: pd.DataFrame, job: DeliveryJob, loaded_at: str,
+             report: DeliveryReport) -> tuple[Mapped, list[Rejection]]:
+    """Count a chunk's rows and map it (runs in the read-ahead thread)."""
+    destination = job.destination
+    report.rows_read += int(chunk[COPIES].sum())
+    report.duplicates_dropped += int((chunk[COPIES] - 1).sum())
+    report.unique_events += len(chunk)
+    if loaded_at != "timestamp":  # how late rows arrive; meaningless when selecting by event time
+        late = (chunk[loaded_at] - chunk["timestamp"]).dt.total_seconds().dropna()
+        if len(late):
+            report.lateness_seconds.extend(late.sample(min(len(late), 2_000), random_state=0).tolist())
+    now = job.now()
+    if destination.old_event_warning is not None:
+        report.old_events += int((chunk["timestamp"] < pd.Timestamp(now - destination.old_event_warning)).sum())
+    with report.timed("transform"):
+        mapped = destination.map_events(chunk, now)
+        return mapped, [*mapped.rejected, *dedupe_keys(mapped)]

@@ -1,0 +1,77 @@
+"""A destination as the delivery core sees it, and as the registry lists it.
+
+:class:`DestinationKind` is what a destination package declares once (its settings model, how to
+build it from those settings, its Airflow hook, its capabilities); :class:`Destination` is one
+configured destination: the pure mapping bound to its settings, and the facts the core needs.
+Capabilities are declared here, never guessed from the hook's methods or the destination's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import pandas as pd
+
+from usage_billing.destinations.base import Mapped
+from usage_billing.settings_base import DeliverySettings
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a destination's API offers beyond ingesting events."""
+
+    # Orb-style backfills: late events past a grace period, and replace mode (re-billing a period).
+    backfills: bool = False
+    # An API to read back what the destination holds (event counts, search by key).
+    read_api: bool = False
+
+
+@dataclass(frozen=True)
+class DestinationKind:
+    """One registry line's worth: everything the project knows about a destination type."""
+
+    name: str
+    settings_model: type[DeliverySettings]
+    # Binds the pure mapping to one configuration.
+    build: Callable[[DeliverySettings], Destination]
+    # The Airflow hook class (dotted path: the core does not import Airflow).
+    hook: str
+    capabilities: Capabilities = Capabilities()
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One configured destination: mapping, ledger facts and capabilities."""
+
+    name: str
+    settings: DeliverySettings
+    map_events: Callable[[pd.DataFrame, datetime], Mapped]
+    required_columns: Callable[[list[str]], list[str]]
+    # (setting, Segment field, warehouse column) of every configured field: named in notes and errors.
+    mapped_fields: tuple[tuple[str, str, str], ...]
+    # The billing customer and event name of a payload, recorded in the ledger for the billing view.
+    describe: Callable[[dict], tuple[str | None, str | None]]
+    capabilities: Capabilities = Capabilities()
+    # The warehouse column holding the idempotency key (what the ledger is keyed on).
+    key_column: str = "id"
+    # Events older than this go through a backfill (None: the destination has no grace period).
+    grace: timedelta | None = None
+    # Events older than this are counted and warned about (the period may already be invoiced).
+    old_event_warning: timedelta | None = None
+
+    def backfill_cutoff(self, now: datetime) -> datetime | None:
+        """Events with a timestamp before this go through a backfill; None: never."""
+        if self.grace is None or not self.capabilities.backfills:
+            return None
+        return now - self.grace
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    def missing_fields(self, columns: list[str]) -> list[str]:
+        """Settings whose column is absent from a table (normal for sparse properties; logged)."""
+        return [f"{setting} {field!r} (column {column})" for setting, field, column in self.mapped_fields
+                if column not in columns]

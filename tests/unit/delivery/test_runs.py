@@ -1,0 +1,152 @@
+"""The delivery core against an in-process destination: exactly once, bisection, partial acceptance,
+retries exhausted then recovery, backfill routing, replace and replay. No database server, no HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pandas as pd
+import pytest
+
+from tests.unit.delivery.conftest import NOW, PARTITION, WINDOW, events
+from usage_billing.delivery import DeliveryFailed, deliver_window, replace_window, replay_rejected
+from usage_billing.sources import Window
+
+
+def test_every_event_is_delivered_once_and_a_rerun_sends_nothing(core):
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    keys = set(core.source.tables["api_call"]["id"])
+    assert set(core.sender.held) == keys
+    assert max(core.sender.accepted_counts.values()) == 1
+    assert report.accepted == report.sent == len(keys) and report.rejected == 0
+    assert set(core.statuses().values()) == {"delivered"}
+    requests = core.sender.requests
+
+    again = deliver_window(core.job("run-2"), PARTITION, WINDOW)
+    assert core.sender.requests == requests, "a rerun sends nothing"
+    assert again.sent == 0 and again.already_delivered == len(keys)
+
+
+def test_batches_respect_the_batch_size_and_requests_are_counted(core):
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    assert core.sender.batches and max(core.sender.batches) <= 50
+    assert report.batches == len(core.sender.batches) == report.requests == core.sender.requests
+
+
+def test_a_batch_refused_whole_is_bisected_and_only_the_bad_events_are_rejected(core):
+    core.sender.refuse = lambda event: "amount must be below 6" if event["properties"].get("amount") == 6 else None
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    frame = core.source.tables["api_call"]
+    bad = set(frame.loc[frame["amount"] == 6, "id"])
+    assert bad and set(core.sender.held) == set(frame["id"]) - bad
+    statuses = core.statuses()
+    assert {k for k, s in statuses.items() if s == "rejected"} == bad
+    assert report.destination_rejected == len(bad) and report.bisections > 0
+    assert report.requests == core.sender.requests, "every request the transport made is counted"
+    (reason, count), = report.reasons.most_common(1)
+    assert "amount must be below 6" in reason and count == len(bad)
+
+
+def test_events_named_in_a_partial_acceptance_are_rejected_the_rest_delivered(core):
+    core.sender.reject_individually = True
+    core.sender.refuse = lambda event: "unknown customer" if event["external_customer_id"] == "cus_3" else None
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    rejected = {k for k, s in core.statuses().items() if s == "rejected"}
+    assert len(rejected) == 10 and report.bisections == 0
+    assert report.accepted == 290 and report.destination_rejected == 10
+
+
+def test_retries_exhausted_fail_the_task_after_marking_the_confirmed_part_and_the_next_try_sends_the_rest(core):
+    core.sender.fail_requests = {3}
+    with pytest.raises(DeliveryFailed, match="not confirmed"):
+        deliver_window(core.job(concurrency=1), PARTITION, WINDOW)
+    confirmed = {k for k, s in core.statuses().items() if s == "delivered"}
+    assert len(confirmed) == 100, "the two batches before the failure"
+    assert confirmed == set(core.sender.held), "exactly what the destination confirmed is marked"
+
+    deliver_window(core.job(), PARTITION, WINDOW)  # Airflow's next try
+    assert set(core.sender.held) == set(core.source.tables["api_call"]["id"])
+    assert max(core.sender.accepted_counts.values()) == 1, "nothing confirmed was sent again"
+
+
+def test_mapping_rejections_are_recorded_and_counted_new_once(core):
+    frame = core.source.tables["api_call"].copy()
+    frame.loc[frame.index[:5], "user_id"] = pd.NA
+    core.source.tables["api_call"] = frame
+    first = deliver_window(core.job(), PARTITION, WINDOW)
+    assert first.mapping_rejected == 5 and first.rejected_before == 0
+    again = deliver_window(core.job("run-2"), PARTITION, WINDOW)
+    assert again.mapping_rejected == 5 and again.rejected_before == 5, "an overlapping run re-rejects, not anew"
+    assert "5 already rejected before" in again.render()
+
+
+def test_events_past_the_grace_period_go_through_one_backfill_per_day(core):
+    old = events(40, start=NOW - timedelta(days=2, hours=3), step=timedelta(hours=1), prefix="old")
+    old["received_at"] = NOW - timedelta(minutes=30)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    days = {stamp.date() for stamp in old["timestamp"]}
+    assert report.backfills == len(core.sender.backfills) == len(days)
+    in_backfills = {key for keys in core.sender.in_backfill.values() for key in keys}
+    assert in_backfills == set(old["id"]), "only the late events, all of them"
+    assert all(b["status"] == "reflected" for b in core.sender.backfills.values())
+    assert all(not b["replace_existing_events"] for b in core.sender.backfills.values())
+    records = core.ledger.backfill_records("orb")
+    assert sorted(r["backfill_id"] for r in records) == sorted(core.sender.backfills)
+
+
+def test_a_destination_without_backfills_sends_old_events_live(core):
+    core.name = "kable"
+    old = events(10, start=NOW - timedelta(days=2), prefix="old")
+    old["received_at"] = NOW - timedelta(minutes=30)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    assert report.backfills == 0 and not core.sender.backfills
+    assert set(old["id"]) <= set(core.sender.held)
+
+
+def test_replace_resends_every_event_of_the_period_into_one_replacing_backfill(core):
+    deliver_window(core.job(), PARTITION, WINDOW)
+    period = Window(NOW - timedelta(hours=1), NOW - timedelta(minutes=30))
+    report = replace_window(core.job("replace"), ["api_call"], period)
+    (backfill,) = core.sender.backfills.values()
+    assert backfill["replace_existing_events"] and backfill["status"] == "reflected"
+    frame = core.source.tables["api_call"]
+    in_period = set(frame.loc[(frame["timestamp"] >= period.start) & (frame["timestamp"] < period.end), "id"])
+    assert set(core.sender.in_backfill[backfill["id"]]) == in_period
+    assert report.mode == "replace" and report.accepted == len(in_period)
+    assert "replacing backfill" in report.render() and "lateness" not in report.render()
+    key = sorted(in_period)[0]
+    assert [h["mode"] for h in core.ledger.history_of("orb", key)] == ["ingest"]
+
+
+def test_replace_is_refused_for_a_destination_without_backfills(core):
+    core.name = "kable"
+    with pytest.raises(ValueError, match="needs backfills"):
+        replace_window(core.job(), ["api_call"], WINDOW)
+
+
+def test_replay_resends_fixed_rejections_under_their_original_keys(core):
+    frame = core.source.tables["api_call"].copy()
+    frame.loc[frame.index[:5], "user_id"] = pd.NA
+    core.source.tables["api_call"] = frame
+    deliver_window(core.job(), PARTITION, WINDOW)
+    rejected = {k for k, s in core.statuses().items() if s == "rejected"}
+    assert len(rejected) == 5
+    fixed = frame.copy()
+    fixed.loc[fixed.index[:5], "user_id"] = "cus_fixed"
+    fixed.loc[fixed.index[:5], "received_at"] = NOW - timedelta(days=30)  # loaded long before any window
+    core.source.tables["api_call"] = fixed
+    report = replay_rejected(core.job("replay"), "api_call", "customer")
+    assert report.accepted == 5 and rejected <= set(core.sender.held)
+    assert all(core.sender.held[k]["external_customer_id"] == "cus_fixed" for k in rejected)
+    assert set(core.statuses().values()) == {"delivered"}
+
+
+def test_progress_lines_follow_the_injected_clock(core, caplog):
+    ticks = iter(range(0, 10_000, 40))
+    caplog.set_level("INFO", logger="usage_billing.delivery.sending")
+    deliver_window(dataclasses.replace(core.job(), clock=lambda: next(ticks)), PARTITION, WINDOW)
+    progress = [r.message for r in caplog.records if r.message.startswith("progress:")]
+    assert progress and "sent" in progress[-1]
