@@ -31,7 +31,7 @@ from usage_billing.sources.layout import Partition, Window
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from usage_billing.settings import SourceSettings
+    from usage_billing.settings import Settings
 
 # "The ledger already knows this row": given the event table, a condition for the extraction query.
 KnownFilter = Callable[["sa.Table"], "sa.ColumnElement[bool]"]
@@ -117,8 +117,10 @@ class SourceKind:
     name: str
     # Airflow connection types served by this kind (the connection's conn_type picks the kind).
     conn_types: tuple[str, ...]
-    # Opens the source for a task; imports its client and provider lazily.
-    open: Callable[[SourceSettings], Source]
+    # Opens the source of a configuration (``settings.source``) for a task; imports its client and
+    # provider lazily. It sees the whole configuration so a source that hosts the ledger can prepare
+    # its connection for it.
+    open: Callable[[Settings], Source]
     # Whether the ledger filter can run inside the extraction query (same SQL database only).
     ledger_join: bool = False
     # Whether the ledger may live in this warehouse (it needs primary keys and row locks).

@@ -66,5 +66,5 @@ class MemorySource:
         pass
 
 
-KIND = SourceKind(name="memory", conn_types=(), open=lambda settings: MemorySource({}),
+KIND = SourceKind(name="memory", conn_types=(), open=lambda settings: MemorySource({}, settings.source.schema_),
                   description="pandas frames in memory (tests and demos)")

@@ -47,7 +47,7 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
 
     The ledger shares the source's engine when both name the same connection and the source can
     host it, so the "already delivered" filter runs inside the extraction query."""
-    source = kind_for(connection_type(settings.source.conn_id)).open(settings.source)
+    source = kind_for(connection_type(settings.source.conn_id)).open(settings)
     shared = settings.ledger.conn_id == settings.source.conn_id and source.kind.hosts_ledger
     engine = source.engine if shared else create_engine(sqlalchemy_url(settings.ledger.conn_id),
                                                         [settings.ledger.schema_])

@@ -21,7 +21,7 @@ from usage_billing.sources.postgres import reader
 from usage_billing.sources.postgres.connection import create_engine, sqlalchemy_url
 
 if TYPE_CHECKING:
-    from usage_billing.settings import SourceSettings
+    from usage_billing.settings import Settings
 
 __all__ = ["KIND", "SqlSource", "create_engine", "sqlalchemy_url"]
 
@@ -61,9 +61,12 @@ class SqlSource:
         self.engine.dispose()
 
 
-def open_sql_source(settings: SourceSettings) -> SqlSource:
-    """The source of ``settings.conn_id`` (a postgres, redshift-compatible or sqlite connection)."""
-    return SqlSource(create_engine(sqlalchemy_url(settings.conn_id), [settings.schema_]), settings.schema_)
+def open_sql_source(settings: Settings) -> SqlSource:
+    """The source of ``source.conn_id`` (a postgres or sqlite connection). SQLite has no schemas:
+    the ledger's schema is attached too, in case the ledger shares this database."""
+    source = settings.source
+    schemas = [source.schema_, settings.ledger.schema_]
+    return SqlSource(create_engine(sqlalchemy_url(source.conn_id), schemas), source.schema_)
 
 
 KIND = SourceKind(name="postgres", conn_types=("postgres", "postgresql", "sqlite"), open=open_sql_source,
