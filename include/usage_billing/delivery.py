@@ -43,13 +43,12 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from usage_billing.backfills import backfill_session, group_by_day, timeframe_for
 from usage_billing.destinations import Destination
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import Ledger, RunRef
+from usage_billing.ledger import EventRefs, Ledger, Route, RunRef
 from usage_billing.warehouse import COPIES, Partition, Window, count_events, read_events, table_columns
 
 log = logging.getLogger(__name__)
@@ -309,13 +308,13 @@ def deliver_partition(
             wanted = [*destination.required_columns(columns), loaded_at_column]
             for missing in destination.missing_fields(columns):
                 report.notes.append(f"{missing} is not a column of {schema}.{partition.table}: treated as absent")
-            known = None
-            if same_database and replace_backfill_id is None and destination.key_column in columns:
-                known = _known_in_ledger(ledger, destination, retry_rejected)
+            filtered = same_database and replace_backfill_id is None and destination.key_column in columns
+            if filtered:
                 with report.timed("ledger_filter"):
                     ledger.refresh_statistics()  # the filter's plan depends on them
             chunks = read_events(conn, schema, partition, window, loaded_at_column, wanted, chunk_size, ids,
-                                 where=None if known is None else lambda table: ~known(table))
+                                 where=None if not filtered else lambda table: ~ledger.known_clause(
+                                     destination.name, table.c[destination.key_column], retry_rejected))
             # Reading, mapping and sending each run in their own thread, one chunk apart; both
             # readers are closed before the connection is (which cancels an unfinished COPY).
             read = _read_ahead(_timed_iter(chunks, report, "extract"), f"{destination.name}-read")
@@ -326,11 +325,11 @@ def deliver_partition(
                     _LedgerWriter(ledger, destination.name, run, report, now) as writer:
                 # The events the filter leaves in the database are the window's events it did
                 # not read: counted on another connection while the read starts.
-                window_events = None if known is None else pool.submit(
+                window_events = None if not filtered else pool.submit(
                     _count_window_events, engine, report, schema, partition, window, loaded_at_column, ids)
                 for mapped, rejections in ready:
                     _deliver_chunk(mapped, rejections, destination, sender, ledger, writer, pool, concurrency,
-                                   report, now, replace_backfill_id, retry_rejected, filtered=known is not None)
+                                   report, now, replace_backfill_id, retry_rejected, filtered=filtered)
                 if window_events is not None:
                     # max(): rows loaded into the window between the count and the read
                     report.already_delivered += max(0, window_events.result() - report.unique_events)
@@ -370,22 +369,6 @@ def replay_rejected(*, ledger: Ledger, destination: Destination, table: str, rea
     return DeliveryReport.combine(reports, destination.name, table,
                                   f"replay of {len(message_ids)} rejected events"
                                   + (f" whose reason contains {reason_contains!r}" if reason_contains else ""))
-
-
-def _known_in_ledger(ledger: Ledger, destination: Destination, retry_rejected: bool):
-    """A clause builder: "the ledger already has this row's event" (delivered, or also rejected)."""
-    deliveries = ledger.table.c
-    statuses = ledger.skipped_statuses(retry_rejected)
-
-    def known(table: sa.Table) -> sa.ColumnElement[bool]:
-        key = table.c[destination.key_column]
-        if not isinstance(key.type, sa.String):
-            key = sa.cast(key, sa.String)
-        if ledger.engine.dialect.name == "postgresql":
-            key = sa.collate(key, "C")  # the ledger's key collation, so its primary-key index is used
-        return sa.exists().where(deliveries.destination == destination.name, deliveries.idempotency_key == key,
-                                 deliveries.status.in_(statuses))
-    return known
 
 
 def _timed_iter(items: Iterator, report: DeliveryReport, stage: str) -> Iterator:
@@ -525,9 +508,9 @@ class _LedgerWriter:
         keys = [mapped.keys[p] for p in positions]
         message_ids = [mapped.message_ids[p] for p in positions]
         tables = [mapped.tables[p] for p in positions]
-        stamps = mapped.timestamps[positions]
-        self._submit(lambda: self.ledger.mark_delivered(self.destination, self.run, keys, message_ids, tables,
-                                                        stamps, self.now(), backfill_id, mode))
+        events = EventRefs(keys, message_ids, tables, mapped.timestamps[positions])
+        self._submit(lambda: self.ledger.mark_delivered(self.destination, self.run, events, self.now(),
+                                                        Route(mode, backfill_id)))
 
     def rejected(self, rejections: list[Rejection]) -> None:
         if rejections:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from usage_billing.destinations.base import Rejection
-from usage_billing.ledger import Ledger, RunRef
+from usage_billing.ledger import EventRefs, Ledger, Route, RunRef
 from usage_billing.warehouse import create_engine
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -34,9 +34,9 @@ def ledger(request, schemas, pg_url, tmp_path):
     engine.dispose()
 
 
-def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", **kwargs) -> None:
-    book.mark_delivered(destination, run, keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys),
-                        [T0] * len(keys), T0, **kwargs)
+def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", route: Route = Route()) -> None:
+    book.mark_delivered(destination, run, EventRefs(keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys),
+                                                    [T0] * len(keys)), T0, route)
 
 
 def reject(book: Ledger, run: RunRef, key: str, reason: str) -> None:
@@ -90,8 +90,8 @@ def test_a_delivered_event_is_never_downgraded_to_rejected(ledger):
 
 
 def test_replace_mode_keeps_the_earlier_delivery_in_the_history(ledger):
-    deliver(ledger, RUN_A, ["a"], backfill_id="bf_1", mode="backfill")
-    deliver(ledger, RUN_B, ["a"], backfill_id="bf_2", mode="replace")
+    deliver(ledger, RUN_A, ["a"], route=Route("backfill", "bf_1"))
+    deliver(ledger, RUN_B, ["a"], route=Route("replace", "bf_2"))
     (earlier,) = ledger.history_of("orb", "a")
     assert earlier["backfill_id"] == "bf_1" and earlier["mode"] == "backfill" and earlier["run_id"] == RUN_A.run_id
     assert earlier["superseded_by_run"] == RUN_B.run_id
@@ -118,7 +118,7 @@ def test_array_literals_round_trip_exactly(ledger, keys):
 
 def test_event_timestamps_keep_microseconds_and_nulls(ledger):
     stamps = [datetime(2026, 11, 23, 12, 34, 56, 123456, tzinfo=UTC), None, datetime(1999, 12, 31, 23, 59, tzinfo=UTC)]
-    ledger.mark_delivered("orb", RUN_A, ["k1", "k2", "k3"], ["m1", "m2", "m3"], ["t"] * 3, stamps, T0)
+    ledger.mark_delivered("orb", RUN_A, EventRefs(["k1", "k2", "k3"], ["m1", "m2", "m3"], ["t"] * 3, stamps), T0)
     recorded = [row(ledger, key)["event_timestamp"] for key in ("k1", "k2", "k3")]
     as_utc = [None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC)) for value in recorded]
     assert as_utc == stamps

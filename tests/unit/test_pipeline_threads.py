@@ -82,9 +82,9 @@ class RecordingLedger:
                 raise ConnectionError("ledger database unreachable")
         time.sleep(0.01)
 
-    def mark_delivered(self, destination, run, keys, message_ids, tables, timestamps, now, backfill_id, mode):
-        assert len(keys) == len(message_ids) == len(tables) == len(timestamps)
-        self._record("delivered", list(keys))
+    def mark_delivered(self, destination, run, events, now, route):
+        assert len(events.keys) == len(events.message_ids) == len(events.tables) == len(events.timestamps)
+        self._record("delivered", list(events.keys))
 
     def mark_rejected(self, destination, run, rejections, now):
         self._record("rejected", [r.key for r in rejections])
