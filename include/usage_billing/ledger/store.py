@@ -21,8 +21,9 @@ Every statement is SQLAlchemy Core, written once for PostgreSQL and SQLite (the 
 The one place the dialects differ is where a batch of rows comes from: a mark is a single
 ``INSERT ... SELECT ... ON CONFLICT`` whose rows are ``unnest()`` of one array literal per column on
 PostgreSQL, ``json_each()`` of one JSON document on SQLite (:meth:`Ledger._rows`). Measured on
-PostgreSQL, 200,000 keys in 5,000-key marks: Core's executemany ("insertmanyvalues", which renders
-each row's parameters into the SQL text) took about 3x as long as this, so the arrays stay.
+PostgreSQL, 200,000 new keys in 5,000-key marks: 1.4 s this way, as fast as the hand-written SQL
+before it; 13 s with Core's executemany ("insertmanyvalues", one rendered parameter set per row, and
+a Python dict per row to fill it), and 39 s against 3.5 s when every key is already there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Deliveries record the customer and the event name, for a per-customer billing view.
 
 Both columns are nullable: rows written before this revision (and marks that do not pass them)
-keep NULL. The index serves "this destination's events of one customer".
+keep NULL. The index serves "this destination's events of one customer"; it is partial (rows with a
+customer only) because a full one made every mark without customer ids about 40% slower on
+PostgreSQL (200,000 keys in 5,000-key marks), for entries no per-customer query reads.
 
 Revision ID: 0002
 Revises: 0001
@@ -23,7 +25,9 @@ def upgrade() -> None:
     with op.batch_alter_table("deliveries", schema=schema) as table:
         table.add_column(sa.Column("customer_id", sa.String(255)))
         table.add_column(sa.Column("event_name", sa.String(255)))
-    op.create_index("ix_deliveries_customer", "deliveries", ["destination", "customer_id"], schema=schema)
+    with_customer = sa.text("customer_id IS NOT NULL")
+    op.create_index("ix_deliveries_customer", "deliveries", ["destination", "customer_id"], schema=schema,
+                    postgresql_where=with_customer, sqlite_where=with_customer)
 
 
 def downgrade() -> None:
