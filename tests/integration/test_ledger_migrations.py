@@ -9,9 +9,12 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
+import yaml
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from tests.integration.conftest import config
+from usage_billing import cli
 from usage_billing.destinations.base import Rejection
 from usage_billing.ledger import EventRefs, Ledger, RunRef, migrate
 from usage_billing.ledger.tables import ledger_tables
@@ -250,3 +253,23 @@ def test_ledgers_in_different_schemas_do_not_wait_for_each_other_on_a_lock(schem
             thread.join(30)
         engine.dispose()
     assert same_in.is_set(), "released, the same schema's waiter got in"
+
+
+def test_the_cli_upgrades_the_ledger_on_demand_and_checks_its_revision(database, capsys, monkeypatch, tmp_path):
+    engine, schema = database
+    previous = create_previous_ledger(engine, schema)
+    before = snapshot(engine, previous)
+    path = tmp_path / "usage_billing.yaml"
+    path.write_text(yaml.safe_dump(config("segment", schema)))
+    monkeypatch.setenv("USAGE_BILLING_CONFIG", str(path))
+    url = engine.url.render_as_string(hide_password=False)
+
+    assert cli.main(["--ledger-url", url, "ledger-upgrade", "--check"]) == 1, "behind: the check says so"
+    assert Ledger(engine, schema).current_revision() is None, "and changes nothing"
+    assert cli.main(["--ledger-url", url, "ledger-upgrade"]) == 0
+    assert cli.main(["--ledger-url", url, "ledger-upgrade", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert f"ledger {schema}: revision (none), newest {migrate.head()}" in out
+    assert f"ledger {schema}: upgraded to {migrate.head()}" in out
+    assert Ledger(engine, schema).current_revision() == migrate.head()
+    assert snapshot(engine, previous) == before
