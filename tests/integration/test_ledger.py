@@ -177,3 +177,8 @@ def test_rejected_event_timestamps_keep_microseconds_and_nulls(ledger):
     recorded = [row(ledger, key)["event_timestamp"] for key in ("r0", "r1")]
     assert [None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
             for value in recorded] == stamps
+
+
+def test_columns_of_different_lengths_are_refused_before_any_sql():
+    with pytest.raises(ValueError, match="different lengths"):
+        EventRefs(["a", "b"], ["m"], ["t", "t"], [T0, T0])

@@ -52,6 +52,7 @@ MAX_REASON = 2000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Held while migrating, by this and by the unversioned ledger's create(): old and new tasks take turns.
 _DDL_LOCK = "usage_billing.ledger.ddl"
+_SqlType = sa.types.TypeEngine | type[sa.types.TypeEngine]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ class EventRefs:
     timestamps: np.ndarray | Sequence[datetime | None]
     customer_ids: Sequence[str | None] | None = None
     event_names: Sequence[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        # PostgreSQL's unnest() would pad a short column with NULLs rather than fail.
+        lengths = {len(column) for column in (self.keys, self.message_ids, self.tables, self.timestamps,
+                                              self.customer_ids, self.event_names) if column is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"EventRefs: columns of different lengths {sorted(lengths)}")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -212,7 +220,7 @@ class Ledger:
     def skipped_statuses(self, retry_rejected: bool) -> tuple[str, ...]:
         return (DELIVERED,) if retry_rejected else (DELIVERED, REJECTED)
 
-    def known_clause(self, destination: str, key: sa.ColumnElement, retry_rejected: bool = True,
+    def known_clause(self, destination: str, key: sa.ColumnElement, retry_rejected: bool = True
                      ) -> sa.ColumnElement[bool]:
         """"The ledger already has this event" for a query in the ledger's own database: ``key`` is
         the event's idempotency-key column there; negate the clause to keep the events to send.
@@ -351,7 +359,7 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(upsert)
 
-    def _rows(self, columns: Mapping[str, tuple[Sequence | str, sa.types.TypeEngine]]) -> dict[str, sa.ColumnElement]:
+    def _rows(self, columns: Mapping[str, tuple[Sequence | str, _SqlType]]) -> dict[str, sa.ColumnElement]:
         """The columns of a batch of rows, as a table-valued function the mark selects from.
 
         PostgreSQL: ``unnest()`` of one array per column, each bound as one array literal
@@ -368,7 +376,7 @@ class Ledger:
         unnest = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="u")
         return {name: unnest.c[name] for name in names}
 
-    def _stamps(self, values: Sequence[datetime | None] | np.ndarray) -> tuple[Sequence | str, sa.types.TypeEngine]:
+    def _stamps(self, values: Sequence[datetime | None] | np.ndarray) -> tuple[Sequence | str, _SqlType]:
         """Event timestamps for one statement, formatted by numpy rather than per event in Python:
         microseconds since the epoch as a ``bigint[]`` literal on PostgreSQL, SQLite's text format
         (the one SQLAlchemy writes, so typed queries compare correctly) otherwise."""
