@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _upgrade(ledger: Ledger, check: bool) -> int:
     before = ledger.current_revision()
-    print(f"ledger {ledger.schema}: revision {before or '(none)'}, newest {migrate.head()}")
+    newer = " (newer than this code: nothing to do)" if migrate.is_newer(before) else ""
+    print(f"ledger {ledger.schema}: revision {before or '(none)'}, newest {migrate.head()}{newer}")
+    behind = before != migrate.head() and not newer
     if check:
-        return 0 if before == migrate.head() else 1
+        return 1 if behind else 0
     ledger.create()
-    if before != migrate.head():
+    if behind:
         print(f"ledger {ledger.schema}: upgraded to {ledger.current_revision()}")
     return 0
 

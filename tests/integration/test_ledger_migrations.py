@@ -273,3 +273,16 @@ def test_the_cli_upgrades_the_ledger_on_demand_and_checks_its_revision(database,
     assert f"ledger {schema}: upgraded to {migrate.head()}" in out
     assert Ledger(engine, schema).current_revision() == migrate.head()
     assert snapshot(engine, previous) == before
+
+
+def test_a_ledger_upgraded_by_a_newer_release_is_left_alone(database):
+    """A rolling deployment: an older task starts after a newer one migrated the ledger."""
+    engine, schema = database
+    ledger = Ledger(engine, schema)
+    ledger.create()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'UPDATE "{schema}".alembic_version SET version_num = :newer'), {"newer": "0099"})
+    ledger.create()
+    assert ledger.current_revision() == "0099"
+    ledger.mark_delivered("orb", RUN, EventRefs(["k"], ["m"], ["api_call"], [T0]), T0)
+    assert ledger.known_keys("orb", ["k"]) == {"k"}

@@ -31,14 +31,25 @@ def config(connection: sa.Connection, schema: str) -> Config:
 
 
 @functools.cache
-def head() -> str:
-    """The newest revision (read once per process: the scripts do not change under it)."""
+def _scripts() -> ScriptDirectory:
+    """The migration scripts (read once per process: they do not change under it)."""
     settings = Config()
     settings.set_main_option("script_location", str(MIGRATIONS))
-    revision = ScriptDirectory.from_config(settings).get_current_head()
+    return ScriptDirectory.from_config(settings)
+
+
+def head() -> str:
+    """The newest revision this code knows."""
+    revision = _scripts().get_current_head()
     if revision is None:  # pragma: no cover - a packaging mistake
         raise RuntimeError(f"no ledger migrations found in {MIGRATIONS}")
     return revision
+
+
+def is_newer(revision: str | None) -> bool:
+    """Whether a ledger at ``revision`` was upgraded by a newer release than this code: during a
+    rolling deployment older tasks keep running on it (migrations are additive) and leave it alone."""
+    return revision is not None and revision not in {script.revision for script in _scripts().walk_revisions()}
 
 
 def current_revision(connection: sa.Connection, schema: str) -> str | None:

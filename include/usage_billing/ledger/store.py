@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ from usage_billing.destinations.base import Rejection, timestamp_array
 from usage_billing.ledger import migrate
 from usage_billing.ledger.tables import DELIVERED, REJECTED, ledger_tables
 from usage_billing.naming import check_identifier
+
+log = logging.getLogger(__name__)
 
 MAX_REASON = 2000
 # Event timestamps travel to PostgreSQL as epoch microseconds (a bigint[]), turned back in SQL.
@@ -99,6 +102,10 @@ class Route:
     mode: str = "ingest"
     backfill_id: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("ingest", "backfill", "replace"):
+            raise ValueError(f"Route.mode: {self.mode!r} is not ingest, backfill or replace")
+
 
 class Ledger:
     """The delivered / rejected record in the ledger database (schema ``usage_billing``)."""
@@ -117,8 +124,13 @@ class Ledger:
     def create(self) -> None:
         """Create the ledger, or upgrade it to the newest revision; safe when several tasks start
         at once (they take turns on a lock, and the second finds nothing to do)."""
-        if self.current_revision() == migrate.head():
+        revision = self.current_revision()
+        if revision == migrate.head():
             return  # every task calls this: the common case takes no lock
+        if migrate.is_newer(revision):
+            log.warning("ledger %s is at revision %s, newer than this code's %s: left as it is",
+                        self.schema, revision, migrate.head())
+            return
         if self._sqlite:
             with self.lock("ddl"), self.engine.begin() as conn:
                 migrate.upgrade(conn, self.schema)
