@@ -34,10 +34,9 @@ def ledger(request, schemas, pg_url, tmp_path):
     engine.dispose()
 
 
-def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", mode: str = "ingest",
-            backfill_id: str | None = None) -> None:
-    events = EventRefs(keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys), [T0] * len(keys))
-    book.mark_delivered(destination, run, events, T0, Route(mode, backfill_id))
+def deliver(book: Ledger, run: RunRef, keys: list[str], destination: str = "orb", route: Route = Route()) -> None:
+    book.mark_delivered(destination, run, EventRefs(keys, [f"msg-{k}" for k in keys], ["api_call"] * len(keys),
+                                                    [T0] * len(keys)), T0, route)
 
 
 def reject(book: Ledger, run: RunRef, key: str, reason: str) -> None:
@@ -91,8 +90,8 @@ def test_a_delivered_event_is_never_downgraded_to_rejected(ledger):
 
 
 def test_replace_mode_keeps_the_earlier_delivery_in_the_history(ledger):
-    deliver(ledger, RUN_A, ["a"], backfill_id="bf_1", mode="backfill")
-    deliver(ledger, RUN_B, ["a"], backfill_id="bf_2", mode="replace")
+    deliver(ledger, RUN_A, ["a"], route=Route("backfill", "bf_1"))
+    deliver(ledger, RUN_B, ["a"], route=Route("replace", "bf_2"))
     (earlier,) = ledger.history_of("orb", "a")
     assert earlier["backfill_id"] == "bf_1" and earlier["mode"] == "backfill" and earlier["run_id"] == RUN_A.run_id
     assert earlier["superseded_by_run"] == RUN_B.run_id
@@ -178,3 +177,8 @@ def test_rejected_event_timestamps_keep_microseconds_and_nulls(ledger):
     recorded = [row(ledger, key)["event_timestamp"] for key in ("r0", "r1")]
     assert [None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
             for value in recorded] == stamps
+
+
+def test_columns_of_different_lengths_are_refused_before_any_sql():
+    with pytest.raises(ValueError, match="different lengths"):
+        EventRefs(["a", "b"], ["m"], ["t", "t"], [T0, T0])

@@ -1,0 +1,12 @@
+"""The ledger: what was delivered to each destination and what was rejected, in SQL.
+
+``store`` holds the protocol (check -> send -> mark) and the reports; ``tables`` the tables as the
+newest migration leaves them; ``migrate`` and ``migrations/`` version them with Alembic.
+"""
+
+from __future__ import annotations
+
+from usage_billing.ledger.store import MAX_REASON, EventRefs, Ledger, Route, RunRef
+from usage_billing.ledger.tables import DELIVERED, REJECTED
+
+__all__ = ["DELIVERED", "MAX_REASON", "REJECTED", "EventRefs", "Ledger", "Route", "RunRef"]

@@ -1,0 +1,518 @@
+"""The ledger: one row per (destination, idempotency key), saying delivered or rejected, and why.
+
+It is what makes reruns, overlapping runs and backfills safe. The protocol is check -> send -> mark:
+
+1. **check**: the extraction leaves out events the ledger has as delivered. When the ledger lives in
+   the warehouse's database (the default) this is :meth:`Ledger.known_clause`, a ``NOT EXISTS``
+   inside the extraction query, so delivered rows never even leave the database; otherwise
+   :meth:`Ledger.known_keys`, one indexed lookup per chunk of keys. Never is the whole set of
+   delivered keys loaded into Python.
+2. **send** the rest.
+3. **mark** ``delivered`` (one upsert per batch of confirmed keys) only after the destination
+   accepted them; ``rejected`` with the reason when the mapping or the destination refused them.
+   A ``delivered`` row is never downgraded.
+
+Overlapping runs are serialised per (destination, partition) by :meth:`Ledger.lock` (a PostgreSQL
+advisory lock, released by PostgreSQL itself if the task process dies), so the second run's check
+sees what the first delivered. A crash between 2 and 3 leaves confirmed-but-unmarked events; the
+next attempt sends them again with the same idempotency keys, which the destination de-duplicates.
+
+Every statement is SQLAlchemy Core, written once for PostgreSQL and SQLite (the embedded demo).
+The one place the dialects differ is where a batch of rows comes from: a mark is a single
+``INSERT ... SELECT ... ON CONFLICT`` whose rows are ``unnest()`` of one array literal per column on
+PostgreSQL, ``json_each()`` of one JSON document on SQLite (:meth:`Ledger._rows`). Measured on
+PostgreSQL, 200,000 new keys in 5,000-key marks: 1.4 s this way, as fast as the hand-written SQL
+before it (1.3 s); 13 s with Core's executemany ("insertmanyvalues", one rendered parameter set per
+row, and a Python dict per row to fill it), and 39 s against 3.1 s when every key is already there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from usage_billing.destinations.base import Rejection, timestamp_array
+from usage_billing.ledger import migrate
+from usage_billing.ledger.tables import DELIVERED, REJECTED, ledger_tables
+from usage_billing.naming import check_identifier
+
+log = logging.getLogger(__name__)
+
+MAX_REASON = 2000
+# Event timestamps travel to PostgreSQL as epoch microseconds (a bigint[]), turned back in SQL.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Held while migrating, by this and by the unversioned ledger's create(): old and new tasks take turns.
+_DDL_LOCK = "usage_billing.ledger.ddl"
+_SqlType = sa.types.TypeEngine | type[sa.types.TypeEngine]
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Who is delivering: written on every ledger row the run touches."""
+
+    dag_id: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class EventRefs:
+    """The events one mark records, column by column (``keys[i]`` goes with ``message_ids[i]``...).
+
+    ``timestamps`` may be a UTC ``datetime64[us]`` array (see ``destinations.base.timestamp_array``),
+    so a million events are recorded without a Python datetime each. ``customer_ids`` and
+    ``event_names`` are optional: a mark without them leaves what the ledger has.
+    """
+
+    keys: Sequence[str]
+    message_ids: Sequence[str]
+    tables: Sequence[str]
+    timestamps: np.ndarray | Sequence[datetime | None]
+    customer_ids: Sequence[str | None] | None = None
+    event_names: Sequence[str | None] | None = None
+
+    def __post_init__(self) -> None:
+        # PostgreSQL's unnest() would pad a short column with NULLs rather than fail.
+        lengths = {len(column) for column in (self.keys, self.message_ids, self.tables, self.timestamps,
+                                              self.customer_ids, self.event_names) if column is not None}
+        if len(lengths) > 1:
+            raise ValueError(f"EventRefs: columns of different lengths {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How events reached the destination: ``ingest`` (live), ``backfill`` (inside an Orb backfill,
+    for events past the grace period) or ``replace`` (a replace-mode backfill: the earlier delivery
+    of each key is first copied into ``delivery_history``)."""
+
+    mode: str = "ingest"
+    backfill_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ingest", "backfill", "replace"):
+            raise ValueError(f"Route.mode: {self.mode!r} is not ingest, backfill or replace")
+
+
+class Ledger:
+    """The delivered / rejected record in the ledger database (schema ``usage_billing``)."""
+
+    def __init__(self, engine: Engine, schema: str = "usage_billing"):
+        if engine.dialect.name not in ("postgresql", "sqlite"):
+            raise ValueError(f"ledger.conn_id: the ledger needs PostgreSQL or SQLite, not {engine.dialect.name}")
+        self.engine = engine
+        self.schema = check_identifier(schema, "ledger.schema")
+        tables = ledger_tables(self.schema)
+        self.table, self.history, self.backfills = tables.deliveries, tables.history, tables.backfills
+        self._sqlite = engine.dialect.name == "sqlite"
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the ledger, or upgrade it to the newest revision; safe when several tasks start
+        at once (they take turns on a lock, and the second finds nothing to do)."""
+        revision = self.current_revision()
+        if revision == migrate.head():
+            return  # every task calls this: the common case takes no lock
+        if migrate.is_newer(revision):
+            log.warning("ledger %s is at revision %s, newer than this code's %s: left as it is",
+                        self.schema, revision, migrate.head())
+            return
+        if self._sqlite:
+            with self.lock("ddl"), self.engine.begin() as conn:
+                migrate.upgrade(conn, self.schema)
+            return
+        with self.engine.begin() as conn:
+            # Concurrent DDL can collide in PostgreSQL's catalog, even with IF NOT EXISTS.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(_DDL_LOCK))))
+            conn.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
+            migrate.upgrade(conn, self.schema)
+
+    def current_revision(self) -> str | None:
+        """The migration the ledger's tables are at (None: not created, or created before versioning)."""
+        with self.engine.connect() as conn:
+            return migrate.current_revision(conn, self.schema)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A lock shared by every task using this ledger (PostgreSQL advisory lock, or a file lock
+        next to the SQLite database), held across HTTP calls; used to serialise Orb backfills.
+
+        The lock's key includes the ledger schema: deployments with ledgers of their own in one
+        database do not wait for each other."""
+        if self._sqlite:
+            path = Path(self.engine.url.database or "ledger.db").with_suffix(f".{_safe(f'{self.schema}.{name}')}.lock")
+            with open(path, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        key = sa.func.hashtext(sa.literal(f"{self.schema}:{name}", sa.Text))
+        # A connection of its own, outside the pool: waiting for the lock must not starve the
+        # pool the lock holder needs for its ledger writes.
+        locks = sa.create_engine(self.engine.url, poolclass=sa.pool.NullPool)
+        try:
+            with locks.connect() as conn:
+                conn.execute(sa.select(sa.func.pg_advisory_lock(key)))
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+                    conn.commit()
+        finally:
+            locks.dispose()
+
+    def record_backfill(self, destination: str, backfill: dict, run: RunRef, events_sent: int = 0) -> None:
+        """Insert or update the record of an Orb backfill (its id, timeframe and status)."""
+        values = {
+            "destination": destination, "backfill_id": backfill["id"],
+            "timeframe_start": _parse_time(backfill["timeframe_start"]),
+            "timeframe_end": _parse_time(backfill["timeframe_end"]),
+            "replace_existing_events": bool(backfill.get("replace_existing_events")),
+            "status": backfill.get("status") or "pending",
+            "created_at": _parse_time(backfill.get("created_at")),
+            "closed_at": _parse_time(backfill.get("close_time")) if backfill.get("status") == "reflected" else None,
+            "dag_id": run.dag_id, "run_id": run.run_id,
+        }
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                self.backfills.update()
+                .where(self.backfills.c.destination == destination, self.backfills.c.backfill_id == backfill["id"])
+                .values(status=values["status"], closed_at=values["closed_at"],
+                        events_sent=self.backfills.c.events_sent + events_sent)).rowcount
+            if not updated:
+                conn.execute(self.backfills.insert().values(**values, events_sent=events_sent))
+
+    def backfill_records(self, destination: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.backfills).where(self.backfills.c.destination == destination)
+                                .order_by(self.backfills.c.timeframe_start))
+            return [dict(row._mapping) for row in rows]
+
+    def refresh_statistics(self) -> bool:
+        """ANALYZE the deliveries table when its statistics are stale (PostgreSQL only).
+
+        The ledger filter's plan depends on them: without, PostgreSQL may hash the destination's
+        whole ledger for every partition instead of probing its primary key. Autovacuum usually
+        keeps them fresh; this covers a ledger written faster than it runs, or a server that has it
+        off. Stale means autovacuum's own default rule: more rows changed since the last ANALYZE
+        than 50 plus 10% of the table.
+        """
+        if self._sqlite:
+            return False
+        with self.engine.connect() as conn:
+            changed, rows = conn.execute(sa.text(
+                "SELECT s.n_mod_since_analyze, c.reltuples FROM pg_stat_user_tables s "
+                "JOIN pg_class c ON c.oid = s.relid WHERE s.schemaname = :schema AND s.relname = :table"),
+                {"schema": self.schema, "table": self.table.name}).one_or_none() or (0, 0)
+        if changed <= 50 + 0.1 * max(rows, 0):
+            return False
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"ANALYZE {conn.dialect.identifier_preparer.format_table(self.table)}"))
+        return True
+
+    # -- the check ---------------------------------------------------------------------------------
+
+    def skipped_statuses(self, retry_rejected: bool) -> tuple[str, ...]:
+        return (DELIVERED,) if retry_rejected else (DELIVERED, REJECTED)
+
+    def known_clause(self, destination: str, key: sa.ColumnElement, retry_rejected: bool = True
+                     ) -> sa.ColumnElement[bool]:
+        """"The ledger already has this event" for a query in the ledger's own database: ``key`` is
+        the event's idempotency-key column there; negate the clause to keep the events to send.
+
+        Delivered events are known; rejected ones too unless ``retry_rejected``."""
+        if not isinstance(key.type, sa.String):
+            key = sa.cast(key, sa.String)
+        if not self._sqlite:
+            key = sa.collate(key, "C")  # the ledger's key collation, so its primary-key index is used
+        deliveries = self.table.c
+        return sa.exists().where(deliveries.destination == destination, deliveries.idempotency_key == key,
+                                 deliveries.status.in_(self.skipped_statuses(retry_rejected)))
+
+    def known_keys(self, destination: str, keys: Sequence[str], retry_rejected: bool = True) -> set[str]:
+        """The keys among ``keys`` that need no sending: delivered (and rejected, unless
+        ``retry_rejected``). One indexed lookup for a chunk of keys."""
+        if not keys:
+            return set()
+        t = self.table.c
+        query = sa.select(t.idempotency_key).where(t.destination == destination,
+                                                   t.status.in_(self.skipped_statuses(retry_rejected)),
+                                                   self._among(t.idempotency_key, keys))
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def status_of(self, destination: str, keys: Sequence[str]) -> dict[str, str]:
+        t = self.table.c
+        query = sa.select(t.idempotency_key, t.status).where(t.destination == destination,
+                                                              self._among(t.idempotency_key, keys))
+        with self.engine.connect() as conn:
+            return dict(conn.execute(query).tuples().all())
+
+    def _among(self, column: sa.ColumnElement, keys: Sequence[str]) -> sa.ColumnElement[bool]:
+        """``column`` is one of ``keys``, with one bound value however many keys: ``= ANY`` of an
+        array on PostgreSQL, ``IN`` a ``json_each`` on SQLite (whose statements take at most 32,766
+        parameters, fewer than a chunk's keys)."""
+        if self._sqlite:
+            values = sa.bindparam("keys", json.dumps(list(keys)), type_=sa.Text)
+            return column.in_(sa.select(sa.func.json_each(values).table_valued("value").c.value))
+        return column == sa.any_(sa.cast(sa.bindparam("keys", _array_literal(keys), type_=sa.Text),
+                                         postgresql.ARRAY(sa.Text)))
+
+    # -- the mark ----------------------------------------------------------------------------------
+
+    def mark_delivered(self, destination: str, run: RunRef, events: EventRefs, now: datetime,
+                       route: Route = Route()) -> None:
+        """Record events the destination accepted. Call only after the destination confirmed them;
+        ``route`` says how they were sent (replace mode archives each key's earlier delivery first)."""
+        if not len(events):
+            return
+        if route.mode == "replace":
+            self._archive(destination, events.keys, run, now)
+        columns = {"key": (events.keys, sa.Text), "message_id": (events.message_ids, sa.Text),
+                   "table": (events.tables, sa.Text), "stamp": self._stamps(events.timestamps)}
+        if events.customer_ids is not None:
+            columns["customer_id"] = (events.customer_ids, sa.Text)
+        if events.event_names is not None:
+            columns["event_name"] = (events.event_names, sa.Text)
+        rows = self._rows(columns)
+        now = self._bind_time(now)
+        values = {
+            "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(DELIVERED),
+            "attempts": sa.literal(1), "message_id": rows["message_id"], "event_table": rows["table"],
+            "event_timestamp": self._stamp_column(rows["stamp"]),
+            "customer_id": rows.get("customer_id", sa.null()), "event_name": rows.get("event_name", sa.null()),
+            "first_attempt_at": now, "last_attempt_at": now, "delivered_at": now,
+            "dag_id": sa.literal(run.dag_id), "run_id": sa.literal(run.run_id),
+            "backfill_id": sa.literal(route.backfill_id, sa.String), "mode": sa.literal(route.mode),
+        }
+        t = self.table.c
+
+        def update(excluded: sa.ColumnCollection) -> dict:
+            return {
+                "status": DELIVERED, "reason": None, "attempts": t.attempts + 1,
+                **{name: excluded[name] for name in ("last_attempt_at", "delivered_at", "dag_id", "run_id",
+                                                     "backfill_id", "mode", "message_id", "event_table",
+                                                     "event_timestamp")},
+                # A mark that does not know the customer or event name keeps what the ledger has.
+                **{name: sa.func.coalesce(excluded[name], t[name]) for name in ("customer_id", "event_name")},
+            }
+        # Usually none of the keys is in the ledger yet, and a plain INSERT costs PostgreSQL about a
+        # quarter less than an upsert (1.4 s against 1.9 s for 200,000 new keys); if one is there,
+        # the batch is upserted instead. A replace re-sends keys that are there by definition.
+        self._write(values, rows["key"], update, insert_first=not self._sqlite and route.mode != "replace")
+
+    def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime) -> None:
+        """Record rejected events with their reason; a delivered event is never downgraded."""
+        # One row per key: a key twice in one statement would make ON CONFLICT fail.
+        latest = list({r.key: r for r in rejections}.values())
+        if not latest:
+            return
+        rows = self._rows({"key": ([r.key for r in latest], sa.Text),
+                           "message_id": ([r.message_id for r in latest], sa.Text),
+                           "table": ([r.table for r in latest], sa.Text),
+                           "stamp": self._stamps([r.event_timestamp for r in latest]),
+                           "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text)})
+        now = self._bind_time(now)
+        values = {
+            "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(REJECTED),
+            "reason": rows["reason"], "attempts": sa.literal(1), "message_id": rows["message_id"],
+            "event_table": rows["table"], "event_timestamp": self._stamp_column(rows["stamp"]),
+            "first_attempt_at": now, "last_attempt_at": now,
+            "dag_id": sa.literal(run.dag_id), "run_id": sa.literal(run.run_id),
+        }
+        t = self.table.c
+
+        def update(excluded: sa.ColumnCollection) -> dict:
+            return {
+                "status": REJECTED, "reason": excluded.reason, "attempts": t.attempts + 1,
+                "last_attempt_at": excluded.last_attempt_at, "dag_id": excluded.dag_id, "run_id": excluded.run_id,
+                **{name: sa.func.coalesce(sa.func.nullif(excluded[name], ""), t[name])
+                   for name in ("message_id", "event_table")},
+                "event_timestamp": sa.func.coalesce(excluded.event_timestamp, t.event_timestamp),
+            }
+        self._write(values, rows["key"], update, where=t.status != DELIVERED)
+
+    def _write(self, values: Mapping[str, sa.ColumnElement], key: sa.ColumnElement,
+               update: Callable[[sa.ColumnCollection], dict], where: sa.ColumnElement[bool] | None = None,
+               insert_first: bool = False) -> None:
+        """The one statement every mark is: ``INSERT INTO deliveries SELECT <values> FROM <rows>
+        ON CONFLICT (destination, idempotency_key) DO UPDATE SET <update(excluded)> [WHERE <where>]``.
+
+        Rows are taken in key order, one lock order for every writer: concurrent marks cannot
+        deadlock. (``WHERE true`` because SQLite cannot otherwise tell ``ON CONFLICT`` from a join.)"""
+        rows = sa.select(*values.values()).where(sa.true()).order_by(key)
+        insert = (sqlite.insert if self._sqlite else postgresql.insert)(self.table).from_select(list(values), rows)
+        upsert = insert.on_conflict_do_update(index_elements=[self.table.c.destination, self.table.c.idempotency_key],
+                                              set_=update(insert.excluded), where=where)
+        if insert_first:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert)
+                return
+            except sa.exc.IntegrityError:
+                pass
+        with self.engine.begin() as conn:
+            conn.execute(upsert)
+
+    def _rows(self, columns: Mapping[str, tuple[Sequence | str, _SqlType]]) -> dict[str, sa.ColumnElement]:
+        """The columns of a batch of rows, as a table-valued function the mark selects from.
+
+        PostgreSQL: ``unnest()`` of one array per column, each bound as one array literal
+        (psycopg2 would otherwise inline every element into the SQL text, which PostgreSQL then
+        has to parse). SQLite: ``json_each()`` of one JSON list of rows."""
+        names = list(columns)
+        if self._sqlite:
+            document = json.dumps(list(zip(*(values for values, _ in columns.values()), strict=True)))
+            rows = sa.func.json_each(sa.bindparam("rows", document, type_=sa.Text)).table_valued("value")
+            return {name: sa.func.json_extract(rows.c.value, f"$[{i}]") for i, name in enumerate(names)}
+        arrays = [sa.cast(sa.bindparam(f"rows_{name}", values if isinstance(values, str) else _array_literal(values),
+                                       type_=sa.Text), postgresql.ARRAY(type_))
+                  for name, (values, type_) in columns.items()]
+        unnest = sa.func.unnest(*arrays).table_valued(*names).render_derived(name="u")
+        return {name: unnest.c[name] for name in names}
+
+    def _stamps(self, values: Sequence[datetime | None] | np.ndarray) -> tuple[Sequence | str, _SqlType]:
+        """Event timestamps for one statement, formatted by numpy rather than per event in Python:
+        microseconds since the epoch as a ``bigint[]`` literal on PostgreSQL, SQLite's text format
+        (the one SQLAlchemy writes, so typed queries compare correctly) otherwise."""
+        stamps = timestamp_array(values)
+        missing = np.isnat(stamps)
+        if self._sqlite:
+            text = np.char.replace(np.datetime_as_string(stamps, unit="us"), "T", " ").astype(object)
+            text[missing] = None
+            return text.tolist(), sa.Text
+        micros = stamps.astype(np.int64).astype(str)
+        micros[missing] = "NULL"
+        return "{" + ",".join(micros.tolist()) + "}", sa.BigInteger
+
+    def _stamp_column(self, stamp: sa.ColumnElement) -> sa.ColumnElement:
+        if self._sqlite:
+            return stamp
+        return sa.literal(_EPOCH, sa.DateTime(timezone=True)) + stamp * sa.literal(timedelta(microseconds=1))
+
+    def _bind_time(self, value: datetime) -> sa.ColumnElement:
+        # SQLite keeps the wall-clock text of what it is given: make it UTC, as every other value.
+        return sa.literal(value.astimezone(UTC) if self._sqlite else value, sa.DateTime(timezone=True))
+
+    def _archive(self, destination: str, keys: Sequence[str], run: RunRef, now: datetime) -> None:
+        """Copy the current delivery of these keys into delivery_history before they are re-sent."""
+        t, h = self.table.c, self.history.c
+        earlier = sa.select(t.destination, t.idempotency_key, t.status, t.reason, t.delivered_at, t.backfill_id, t.mode,
+                            t.run_id, self._bind_time(now), sa.literal(run.run_id)).where(
+            t.destination == destination, t.status == DELIVERED, self._among(t.idempotency_key, keys))
+        with self.engine.begin() as conn:
+            conn.execute(self.history.insert().from_select(
+                [h.destination, h.idempotency_key, h.status, h.reason, h.delivered_at, h.backfill_id, h.mode, h.run_id,
+                 h.superseded_at, h.superseded_by_run], earlier))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def history_of(self, destination: str, key: str) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.history).where(
+                self.history.c.destination == destination, self.history.c.idempotency_key == key)
+                .order_by(self.history.c.id))
+            return [dict(row._mapping) for row in rows]
+
+    def counts(self, destination: str | None = None) -> dict[str, dict[str, int]]:
+        """``{destination: {status: count}}``."""
+        t = self.table.c
+        query = sa.select(t.destination, t.status, sa.func.count()).group_by(t.destination, t.status)
+        if destination:
+            query = query.where(t.destination == destination)
+        result: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for dest, status, count in conn.execute(query):
+                result.setdefault(dest, {})[status] = count
+        return result
+
+    def rejected_reasons(self, destination: str, limit: int = 20) -> list[tuple[str, int]]:
+        """Rejection reasons with their counts, most frequent first (row ids stripped for grouping)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.table.c.reason).where(self._rejected(destination)))
+            counter = Counter(_generic_reason(reason) for (reason,) in rows)
+        return counter.most_common(limit)
+
+    def rejected(self, destination: str, reason_contains: str | None = None,
+                 limit: int | None = None) -> list[dict]:
+        """Rejected events (key, message id, table, timestamp, reason, attempts), oldest first."""
+        t = self.table.c
+        query = (sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp, t.reason, t.attempts,
+                           t.last_attempt_at)
+                 .where(self._rejected(destination, reason_contains))
+                 .order_by(t.event_timestamp, t.idempotency_key).limit(limit or None))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def _rejected(self, destination: str, reason_contains: str | None = None) -> sa.ColumnElement[bool]:
+        """"This destination's rejected events", optionally by reason text."""
+        t = self.table.c
+        clause = sa.and_(t.destination == destination, t.status == REJECTED)
+        if reason_contains:
+            clause = sa.and_(clause, t.reason.like(f"%{reason_contains}%"))
+        return clause
+
+    def delivered_between(self, destination: str, start: datetime, end: datetime) -> int:
+        """Delivered events whose event timestamp lies in ``[start, end)``."""
+        t = self.table.c
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(
+                t.destination == destination, t.status == DELIVERED, t.event_timestamp >= start,
+                t.event_timestamp < end)).scalar_one())
+
+    def rejected_tables(self, destination: str, reason_contains: str | None = None) -> list[str]:
+        """Event tables that hold rejected events of a destination."""
+        t = self.table.c
+        query = sa.select(t.event_table).distinct().where(self._rejected(destination, reason_contains),
+                                                           t.event_table.is_not(None), t.event_table != "")
+        with self.engine.connect() as conn:
+            return sorted(conn.execute(query).scalars())
+
+
+def _array_literal(values: Sequence[object]) -> str:
+    """A PostgreSQL array literal for ``CAST(:x AS text[])``: one bound string, however many values."""
+    if not values:
+        return "{}"
+    try:  # the common case, strings without quotes or backslashes: one join, no per-element work
+        joined = '","'.join(values)  # type: ignore[arg-type]
+    except TypeError:
+        joined = None
+    if joined is not None and "\\" not in joined and joined.count('"') == 2 * (len(values) - 1):
+        return '{"' + joined + '"}'
+    return "{" + ",".join("NULL" if v is None else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for v in values) + "}"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)[:80]
+
+
+def _parse_time(value: object) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _generic_reason(reason: str | None) -> str:
+    """'api_call row id=ajs-1: no external customer ID ...' -> 'no external customer ID ...'."""
+    if not reason:
+        return "(no reason)"
+    head, sep, tail = reason.partition(": ")
+    return tail if sep and " row id=" in head else reason
