@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 
 from usage_billing.delivery.contract import BackfillApi
-from usage_billing.ledger import Ledger, RunRef
+from usage_billing.delivery.job import DeliveryJob
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,13 @@ def timeframe_for(day: datetime, latest: datetime) -> tuple[datetime, datetime]:
 
 
 @contextlib.contextmanager
-def backfill_session(ledger: Ledger, api: BackfillApi, destination: str, run: RunRef, start: datetime,
-                     end: datetime, replace: bool) -> Iterator[dict]:
+def backfill_session(job: DeliveryJob, start: datetime, end: datetime, replace: bool) -> Iterator[dict]:
     """Hold the day's lock, open (or reuse) a backfill for ``[start, end)``, yield it, then close it.
 
     If the body raises, the backfill stays pending and the lock is released: the next try reuses it.
     """
+    ledger, run, destination = job.ledger, job.run, job.destination.name
+    api: BackfillApi = job.sender  # type: ignore[assignment]  # the destination declares backfills
     with ledger.lock(f"{destination}:backfill:{start:%Y-%m-%d}"):
         backfill = api.open_backfill(start, end, replace)
         ledger.record_backfill(destination, backfill, run)

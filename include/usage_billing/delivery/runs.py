@@ -85,8 +85,7 @@ def replace_window(job: DeliveryJob, tables: list[str], window: Window) -> Deliv
                 "are kept in %s.delivery_history)", destination.name, window.start.isoformat(),
                 window.end.isoformat(), before, ledger.schema)
     by_time = Window(window.start, window.end)
-    with backfill_session(ledger, job.sender, destination.name, job.run, window.start, window.end,
-                          replace=True) as backfill:
+    with backfill_session(job, window.start, window.end, replace=True) as backfill:
         label = (f"REPLACE [{window.start:%Y-%m-%d %H:%M}, {window.end:%Y-%m-%d %H:%M}) UTC by event timestamp, "
                  f"backfill {backfill['id']}")
         reports = [deliver(job, Scope(Partition(table), window=by_time, replace_backfill_id=backfill["id"],

@@ -137,8 +137,7 @@ class Sending:
         self.send(mapped, todo[~late].tolist(), Route())
         for day, positions in group_by_day({p: mapped.timestamp(p) for p in todo[late].tolist()}).items():
             start, end = timeframe_for(day, max(mapped.timestamp(p) for p in positions))
-            with backfill_session(self.job.ledger, self.job.sender, destination.name, run=self.job.run, start=start,
-                                  end=end, replace=False) as backfill:
+            with backfill_session(self.job, start, end, replace=False) as backfill:
                 self.send(mapped, positions, Route("backfill", backfill["id"]))
                 self.writer.flush()  # a closed backfill's events are in the ledger
                 self.report.sent_in_backfills += len(positions)

@@ -89,8 +89,10 @@ class Pacer:
 
     MAX_ENTRIES = 10_000
 
-    def __init__(self, key: str, settings: DeliverySettings, storage_uri: str = "memory://"):
+    def __init__(self, key: str, settings: DeliverySettings, storage_uri: str = "memory://",
+                 sleep: Callable[[float], None] = time.sleep):
         self.key = key
+        self.sleep = sleep
         self.limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
         self.requests = RateLimitItemPerSecond(max(1, int(settings.requests_per_second)))
         self.unit = max(1, math.ceil(settings.events_per_minute / self.MAX_ENTRIES))
@@ -104,7 +106,7 @@ class Pacer:
                 reset = self.limiter.get_window_stats(item, self.key).reset_time
                 pause = min(max(reset - time.time(), 0.005), 5.0)
                 self.waited += pause
-                time.sleep(pause)
+                self.sleep(pause)
 
 
 def _settle_environment(session: requests.Session, url: str) -> None:

@@ -26,13 +26,21 @@ class Source:
         self.count, self.fail_at = count, fail_at
         self.produced = 0
         self.closed = threading.Event()
+        self._progress = threading.Condition()
+
+    def reached(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` items were produced (False if the producer never gets there)."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self.produced >= count, timeout)
 
     def __iter__(self):
         try:
             for number in range(self.count):
                 if number == self.fail_at:
                     raise RuntimeError(f"warehouse went away at chunk {number}")
-                self.produced += 1
+                with self._progress:
+                    self.produced += 1
+                    self._progress.notify_all()
                 yield number
         finally:
             self.closed.set()
@@ -56,9 +64,12 @@ def test_the_producer_stays_at_most_depth_items_ahead():
     source = Source(1_000)
     ahead = read_ahead(iter(source), "test", depth=1)
     assert next(ahead) == 0
-    time.sleep(0.3)
-    # one taken, one queued, one produced and waiting for room: never the whole source
-    assert source.produced <= 3
+    # One taken, one queued, one produced and waiting for room: the producer cannot get further
+    # until the consumer takes the next item. (The wait is a liveness guard, not a timing.)
+    assert source.reached(3, timeout=30)
+    assert source.produced == 3
+    assert next(ahead) == 1
+    assert source.reached(4, timeout=30) and source.produced == 4
     ahead.close()
 
 
@@ -67,7 +78,7 @@ def test_closing_early_stops_the_producer_and_closes_its_source():
     ahead = read_ahead(iter(source), "test-early")
     assert [next(ahead), next(ahead)] == [0, 1]
     ahead.close()
-    assert source.closed.wait(2), "the source's finally (a COPY's cancel) must run"
+    assert source.closed.wait(30), "the source's finally (a COPY's cancel) must run"
     assert not any(t.name == "test-early" for t in threading.enumerate())
 
 

@@ -1,9 +1,11 @@
-"""Pacing holds per task in memory, and across workers when the limits live in Redis."""
+"""Pacing holds per task in memory, and across workers when the limits live in Redis.
+
+The pacer's decision is observed, not timed: its ``sleep`` is replaced by one that raises, so a
+test sees exactly which acquisition would have had to wait.
+"""
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
 
 import pytest
@@ -12,6 +14,14 @@ from billing_airflow.hooks.base import Pacer, parse_retry_after
 from usage_billing.settings_base import DeliverySettings
 
 REDIS = "redis://127.0.0.1:6379/7"
+
+
+class WouldWait(Exception):
+    pass
+
+
+def refuse_to_wait(seconds: float) -> None:
+    raise WouldWait(seconds)
 
 
 def redis_available() -> bool:
@@ -23,39 +33,31 @@ def redis_available() -> bool:
         return False
 
 
-def hits_in_first_second(pacers: list[Pacer], attempts: int, cost: int = 1) -> int:
-    """Start all pacers together; count acquisitions that complete within the first second."""
-    done: list[float] = []
-    start = time.monotonic()
+def pacer(settings: DeliverySettings, key: str | None = None, storage: str = "memory://") -> Pacer:
+    return Pacer(key or f"t-{uuid.uuid4()}", settings, storage, sleep=refuse_to_wait)
 
-    def work(pacer: Pacer) -> None:
-        for _ in range(attempts):
-            pacer.acquire(cost)
-            done.append(time.monotonic() - start)
 
-    threads = [threading.Thread(target=work, args=(p,)) for p in pacers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    return sum(1 for moment in done if moment < 0.9)
+def free_acquisitions(pacers: list[Pacer], cost: int = 1, limit: int = 100) -> int:
+    """Acquire round-robin until one acquisition would have to wait; how many went through."""
+    for count in range(limit):
+        try:
+            pacers[count % len(pacers)].acquire(cost)
+        except WouldWait:
+            return count
+    return limit
 
 
 def test_requests_per_second_is_enforced_in_memory():
     settings = DeliverySettings(requests_per_second=5, events_per_minute=1_000_000)
-    assert hits_in_first_second([Pacer(f"t-{uuid.uuid4()}", settings)], attempts=8) == 5
+    assert free_acquisitions([pacer(settings)]) == 5
 
 
 def test_events_per_minute_counts_events_not_requests():
     settings = DeliverySettings(requests_per_second=1000, events_per_minute=1000)
-    pacer = Pacer(f"t-{uuid.uuid4()}", settings)
-    started = time.monotonic()
-    pacer.acquire(600)
-    assert time.monotonic() - started < 0.5
-    blocked = threading.Thread(target=pacer.acquire, args=(600,), daemon=True)
-    blocked.start()
-    blocked.join(timeout=1.0)
-    assert blocked.is_alive(), "the second 600 events would exceed 1000 events per minute"
+    limited = pacer(settings)
+    limited.acquire(600)
+    with pytest.raises(WouldWait):
+        limited.acquire(600)  # 1,200 events would exceed 1,000 per minute
 
 
 @pytest.mark.skipif(not redis_available(), reason="Redis at 127.0.0.1:6379 is not reachable")
@@ -63,10 +65,9 @@ def test_limits_in_redis_hold_across_workers_together():
     """Two pacers stand for two Celery workers: together they stay within the destination's limit."""
     settings = DeliverySettings(requests_per_second=6, events_per_minute=1_000_000)
     key = f"orb:test-{uuid.uuid4()}"
-    together = hits_in_first_second([Pacer(key, settings, REDIS), Pacer(key, settings, REDIS)], attempts=6)
-    assert together == 6
-    apart = hits_in_first_second([Pacer(f"{key}-a", settings), Pacer(f"{key}-b", settings)], attempts=6)
-    assert apart == 12, "in memory each worker would have its own limit"
+    assert free_acquisitions([pacer(settings, key, REDIS), pacer(settings, key, REDIS)]) == 6
+    apart = [pacer(settings, f"{key}-a"), pacer(settings, f"{key}-b")]
+    assert free_acquisitions(apart) == 12, "in memory each worker would have its own limit"
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("2", 2.0), ("0.5", 0.5), ("", None), ("soon", None),
@@ -78,19 +79,17 @@ def test_parse_retry_after(value, seconds):
 
 def test_a_large_events_limit_is_counted_in_units_and_still_enforced():
     settings = DeliverySettings(requests_per_second=1_000_000, events_per_minute=30_000)
-    pacer = Pacer(f"t-{uuid.uuid4()}", settings)
-    assert pacer.unit == 3 and pacer.events.amount == 10_000
-    pacer.acquire(29_000)
-    blocked = threading.Thread(target=pacer.acquire, args=(2_000,), daemon=True)
-    blocked.start()
-    blocked.join(timeout=1.0)
-    assert blocked.is_alive(), "29,000 + 2,000 events would exceed 30,000 events per minute"
+    limited = pacer(settings)
+    assert limited.unit == 3 and limited.events.amount == 10_000
+    limited.acquire(29_000)
+    with pytest.raises(WouldWait):
+        limited.acquire(2_000)  # 31,000 events would exceed 30,000 per minute
 
 
 def test_an_unlimited_benchmark_setting_keeps_the_window_small():
     settings = DeliverySettings(requests_per_second=1_000_000, events_per_minute=1_000_000_000)
-    pacer = Pacer(f"t-{uuid.uuid4()}", settings)
+    unlimited = pacer(settings)
     for _ in range(2_000):
-        pacer.acquire(500)
-    assert pacer.waited == 0.0
-    assert pacer.limiter.get_window_stats(pacer.events, pacer.key).remaining == Pacer.MAX_ENTRIES - 2_000
+        unlimited.acquire(500)
+    assert unlimited.waited == 0.0
+    assert unlimited.limiter.get_window_stats(unlimited.events, unlimited.key).remaining == Pacer.MAX_ENTRIES - 2_000
