@@ -127,6 +127,7 @@ class SnowflakeHarness:
 
     name = "snowflake"
     conn_id = "segment_snowflake"
+    extra_columns: tuple[str, ...] = ()
 
     def __init__(self, port: int, monkeypatch: pytest.MonkeyPatch, quoted_lower: bool = False,
                  timestamp_type: str = "TIMESTAMP_TZ"):
@@ -184,7 +185,148 @@ def snowflake(fakesnow_server) -> Iterator[SnowflakeHarness]:
         yield SnowflakeHarness(fakesnow_server, monkeypatch)
 
 
-@pytest.fixture(scope="module", params=["snowflake"])
+# --------------------------------------------------------------------------------------------------
+# BigQuery: bqemulator in its own environment
+# --------------------------------------------------------------------------------------------------
+
+BQEMULATOR = Path(os.environ.get("BQEMULATOR_VENV", PROJECT / ".venv-bqemulator"))
+BQ_PROJECT = "segment-billing-test"
+
+
+def bqemulator_home(venv: Path, directory: Path) -> Path:
+    """A HOME whose DuckDB extension directory holds the spatial extension from the
+    duckdb-extension-spatial wheel, so the emulator's ``INSTALL spatial`` finds it and never downloads."""
+    wheels = list(venv.glob("lib/python3*/site-packages/duckdb_extension_spatial/extensions/v*/spatial.duckdb_extension"))
+    if not wheels:
+        pytest.fail(f"{venv}: duckdb-extension-spatial is not installed (see requirements-bqemulator.lock)")
+    target = directory / ".duckdb" / "extensions" / wheels[0].parent.name / "linux_amd64"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "spatial.duckdb_extension").symlink_to(wheels[0])
+    return directory
+
+
+@pytest.fixture(scope="session")
+def bqemulator_server() -> Iterator[dict[str, str]]:
+    """bqemulator (REST and Storage Read gRPC) on loopback ports, offline, in memory."""
+    executable = BQEMULATOR / "bin" / "bqemulator"
+    if not executable.exists():
+        pytest.skip(f"bqemulator is not installed at {BQEMULATOR} (make test creates it from "
+                    f"requirements-bqemulator.lock)")
+    directory = Path(tempfile.mkdtemp(prefix="bqemulator-"))
+    home = bqemulator_home(BQEMULATOR, directory)
+    rest, grpc_port = free_port(), free_port()
+    env = {**os.environ, "HOME": str(home), "OTEL_SDK_DISABLED": "true", "BQEMU_ENABLE_FORMAT_EXTENSIONS": "false"}
+    log = (directory / "bqemulator.log").open("wb")
+    process = subprocess.Popen([str(executable), "start", "--rest-host", "127.0.0.1", "--rest-port", str(rest),
+                                "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--ephemeral",
+                                "--project", BQ_PROJECT, "--log-level", "warning"],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import requests
+
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bqemulator exited: {(directory / 'bqemulator.log').read_text()[-2000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{rest}/bigquery/v2/projects/{BQ_PROJECT}/datasets",
+                                timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("bqemulator did not answer within 60 s")
+            time.sleep(0.2)
+        yield {"api_endpoint": f"http://127.0.0.1:{rest}", "read_api_endpoint": f"http://127.0.0.1:{grpc_port}"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+BIGQUERY_TYPES = {"string": "STRING", "integer": "INTEGER", "float": "FLOAT", "boolean": "BOOLEAN",
+                  "timestamp": "TIMESTAMP"}
+
+
+class BigQueryHarness:
+    """Segment's BigQuery layout on bqemulator: a dataset per source, a day-partitioned (ingestion time)
+    table per event, lower-case columns plus ``loaded_at`` (set to the row's ``uuid_ts`` here)."""
+
+    name = "bigquery"
+    conn_id = "segment_bigquery"
+    extra_columns = ("loaded_at",)
+
+    def __init__(self, endpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch, maximum_bytes_billed=None):
+        self.endpoints = endpoints
+        self.maximum_bytes_billed = maximum_bytes_billed
+        monkeypatch.setenv(f"AIRFLOW_CONN_{self.conn_id.upper()}", json.dumps({
+            "conn_type": "google_cloud_platform",
+            "extra": {"project": BQ_PROJECT, "is_anonymous": True, "results_dataset": "usage_billing_results",
+                      **endpoints}}))
+
+    def client(self):
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery
+
+        return bigquery.Client(project=BQ_PROJECT, credentials=AnonymousCredentials(),
+                               client_options=ClientOptions(api_endpoint=self.endpoints["api_endpoint"]))
+
+    def create(self, schema: str, table: str, columns: Sequence[tuple[str, str]]) -> None:
+        from google.cloud import bigquery
+
+        client = self.client()
+        client.create_dataset(schema, exists_ok=True)
+        fields = [bigquery.SchemaField(name, BIGQUERY_TYPES.get(kind, kind)) for name, kind in columns]
+        if any(name == "uuid_ts" for name, _ in columns):
+            fields.append(bigquery.SchemaField("loaded_at", "TIMESTAMP"))
+        definition = bigquery.Table(f"{BQ_PROJECT}.{schema}.{table}", schema=fields)
+        definition.time_partitioning = bigquery.TimePartitioning(type_=bigquery.TimePartitioningType.DAY)
+        client.create_table(definition)
+        client.close()
+
+    def insert(self, schema: str, table: str, names: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        def value(v: Any) -> Any:
+            return v.astimezone(dt.UTC).isoformat() if isinstance(v, dt.datetime) else v
+
+        client = self.client()
+        payload = []
+        for row in rows:
+            record = {n: value(row.get(n)) for n in names}
+            if "uuid_ts" in record:
+                record["loaded_at"] = record["uuid_ts"]
+            payload.append(record)
+        for start in range(0, len(payload), 5_000):
+            errors = client.insert_rows_json(f"{BQ_PROJECT}.{schema}.{table}", payload[start:start + 5_000])
+            assert not errors, errors[:3]
+        client.close()
+
+    def load(self, schema: str, rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        for slug, batch in rows.items():
+            columns = kinds(slug)
+            self.create(schema, slug, columns)
+            if batch:
+                self.insert(schema, slug, [n for n, _ in columns], batch)
+
+    def open(self, schema: str):
+        from usage_billing.settings import SourceSettings
+        from usage_billing.sources import kind_for
+
+        settings = SourceSettings.model_validate({"conn_id": self.conn_id, "schema": schema, "events": ["api_call"],
+                                                  "maximum_bytes_billed": self.maximum_bytes_billed})
+        return kind_for("google_cloud_platform").open(settings)
+
+
+@pytest.fixture(scope="module")
+def bigquery(bqemulator_server) -> Iterator[BigQueryHarness]:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield BigQueryHarness(bqemulator_server, monkeypatch, maximum_bytes_billed=10 * 2**30)
+
+
+@pytest.fixture(scope="module", params=["snowflake", "bigquery"])
 def harness(request):
     """The conformance harness: every test using it runs once per emulated warehouse."""
     return request.getfixturevalue(request.param)
