@@ -44,12 +44,18 @@ def reference(pg_url) -> Iterator[SqlSource]:
 
 
 @pytest.fixture(scope="module")
-def sample(harness, reference):
-    """Ten hours of sample events (duplicates, late rows, nulls) in the warehouse and in PostgreSQL,
-    loaded once per warehouse: the tests only read them."""
+def sample_rows(reference):
+    """Ten hours of sample events (duplicates, late rows, nulls), loaded once into PostgreSQL."""
     rows = sample_data.generate_rows(START, 10, 50, seed=2, now=NOW)
     sample_data.create_tables(reference.engine, reference.schema)
     sample_data.load(reference.engine, reference.schema, rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sample(harness, sample_rows):
+    """The same rows in the warehouse under test, loaded once per warehouse: the tests only read them."""
+    rows = sample_rows
     schema = f"prod_{uuid.uuid4().hex[:8]}"
     harness.load(schema, rows)
     source = harness.open(schema)
