@@ -133,7 +133,7 @@ class BigQuerySource:
 
     def close(self) -> None:
         self.client.close()
-        transport = getattr(self.read_client, "_transport", None)
+        transport = getattr(self.read_client, "transport", None)
         if transport is not None:
             transport.close()
 
