@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from usage_billing.sources.base import SourceKind
 
 if TYPE_CHECKING:
-    from usage_billing.settings import SourceSettings
+    from usage_billing.settings import Settings, SourceSettings
     from usage_billing.sources.bigquery.reader import BigQuerySource
 
 __all__ = ["KIND", "open_bigquery_source"]
@@ -71,8 +71,10 @@ def _read_client(credentials, endpoint: str | None):
     return bigquery_storage.BigQueryReadClient(credentials=credentials, client_options=options)
 
 
-def open_bigquery_source(settings: SourceSettings) -> BigQuerySource:
+def open_bigquery_source(settings: SourceSettings | Settings) -> BigQuerySource:
     """The source of ``settings.conn_id`` (a google_cloud_platform connection)."""
+    # The whole configuration (the core after its refactor) or its source: section (before it).
+    settings = getattr(settings, "source", settings)
     from airflow.sdk import BaseHook
     from google.api_core.client_options import ClientOptions
     from google.cloud import bigquery

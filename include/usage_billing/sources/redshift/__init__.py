@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING
 from usage_billing.sources.base import SourceKind
 
 if TYPE_CHECKING:
-    from usage_billing.settings import SourceSettings
+    from usage_billing.settings import Settings, SourceSettings
     from usage_billing.sources.redshift.reader import RedshiftSource
 
 __all__ = ["KIND", "open_redshift_source"]
 
 
-def open_redshift_source(settings: SourceSettings) -> RedshiftSource:
+def open_redshift_source(settings: SourceSettings | Settings) -> RedshiftSource:
     """The source of ``settings.conn_id`` (a redshift connection)."""
+    # The whole configuration (the core after its refactor) or its source: section (before it).
+    settings = getattr(settings, "source", settings)
     import psycopg2
     from airflow.sdk import BaseHook
 

@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING
 from usage_billing.sources.base import SourceKind
 
 if TYPE_CHECKING:
-    from usage_billing.settings import SourceSettings
+    from usage_billing.settings import Settings, SourceSettings
     from usage_billing.sources.snowflake.reader import SnowflakeSource
 
 __all__ = ["KIND", "open_snowflake_source"]
 
 
-def open_snowflake_source(settings: SourceSettings) -> SnowflakeSource:
+def open_snowflake_source(settings: SourceSettings | Settings) -> SnowflakeSource:
     """The source of ``settings.conn_id``, connected by the provider's hook (its auth options apply)."""
+    # The whole configuration (the core after its refactor) or its source: section (before it).
+    settings = getattr(settings, "source", settings)
     # Imported here: the registry is read when DAGs are parsed, and the provider and pyarrow are heavy.
     from airflow.providers.snowflake.hooks.snowflake import SnowflakeHook
 
