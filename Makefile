@@ -17,12 +17,19 @@ $(VENV)/.synced: requirements.lock
 	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.lock
 	touch $@
 
+# The BigQuery emulator the tests start, in its own environment (its sqlglot and DuckDB pins conflict with fakesnow's).
+BQEMU_VENV := .venv-bqemulator
+$(BQEMU_VENV)/.synced: requirements-bqemulator.lock $(VENV)/.synced
+	test -x $(BQEMU_VENV)/bin/python || $(PYTHON) -m venv $(BQEMU_VENV)
+	$(VENV)/bin/uv pip sync --quiet --python $(BQEMU_VENV)/bin/python requirements-bqemulator.lock
+	touch $@
+
 ## Run the pipeline end to end on the embedded demo (SQLite warehouse, local Orb and Kable sandboxes).
 run: $(VENV)/.synced
 	$(PY) -m usage_billing.demo $(ARGS)
 
 ## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis.
-test: $(VENV)/.synced
+test: $(VENV)/.synced $(BQEMU_VENV)/.synced
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.synced
@@ -31,9 +38,10 @@ lint: $(VENV)/.synced
 ## Recompile the lock after editing requirements.txt.
 lock: $(VENV)/.synced
 	$(VENV)/bin/uv pip compile requirements.txt --python-version 3.11 -o requirements.lock
+	$(VENV)/bin/uv pip compile requirements-bqemulator.txt --python-version 3.11 -o requirements-bqemulator.lock
 
 bench: $(VENV)/.synced
 	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(BQEMU_VENV) .demo .pytest_cache

@@ -43,6 +43,8 @@ class SourceSettings(StrictSettings):
     loaded_at_column: str = "received_at"
     lookback: timedelta = timedelta(hours=6)
     chunk_size: int = Field(default=50_000, ge=100, le=1_000_000)
+    # BigQuery only: every query carries this cap (bytes); BigQuery fails a query that would bill more.
+    maximum_bytes_billed: int | None = Field(default=None, ge=1)
 
     @field_validator("schema_", "loaded_at_column")
     @classmethod

@@ -8,7 +8,7 @@ warehouse: a package beside ``postgres/`` and one line in :data:`SOURCES`.
 
 from __future__ import annotations
 
-from usage_billing.sources import postgres
+from usage_billing.sources import bigquery, postgres, redshift, snowflake
 from usage_billing.sources.base import QueryCost, ReadRequest, Source, SourceKind
 from usage_billing.sources.layout import Partition, Window
 
@@ -16,6 +16,9 @@ __all__ = ["SOURCES", "Partition", "QueryCost", "ReadRequest", "Source", "Source
 
 SOURCES: dict[str, SourceKind] = {
     "postgres": postgres.KIND,
+    "snowflake": snowflake.KIND,
+    "bigquery": bigquery.KIND,
+    "redshift": redshift.KIND,
 }
 
 
