@@ -24,7 +24,7 @@ from billing_airflow.hooks.base import BillingApiHook
 from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, sweep
 from usage_billing.destinations import DESTINATIONS, Destination, get_destination
 from usage_billing.ledger import Ledger, RunRef
-from usage_billing.settings import Settings, load_settings
+from usage_billing.settings import ConfigError, Settings, load_settings
 from usage_billing.sources import Partition, Source, Window, kind_for
 from usage_billing.sources.postgres import create_engine, sqlalchemy_url
 from usage_billing.sources.postgres.connection import connection_type
@@ -47,8 +47,14 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
 
     The ledger shares the source's engine when both name the same connection and the source can
     host it, so the "already delivered" filter runs inside the extraction query."""
-    source = kind_for(connection_type(settings.source.conn_id)).open(settings)
-    shared = settings.ledger.conn_id == settings.source.conn_id and source.kind.hosts_ledger
+    kind = kind_for(connection_type(settings.source.conn_id))
+    same_connection = settings.ledger.conn_id == settings.source.conn_id
+    if same_connection and not kind.hosts_ledger:
+        raise ConfigError(f"ledger.conn_id: the ledger needs a transactional database with primary keys and locks "
+                          f"(PostgreSQL), which {kind.name} is not; point ledger.conn_id at a postgres connection "
+                          f"other than source.conn_id {settings.source.conn_id!r}")
+    source = kind.open(settings)
+    shared = same_connection
     engine = source.engine if shared else create_engine(sqlalchemy_url(settings.ledger.conn_id),
                                                         [settings.ledger.schema_])
     try:
