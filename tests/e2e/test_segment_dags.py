@@ -123,11 +123,20 @@ def test_replay_replace_and_sweep_through_the_dags(stack):
     assert len(replaced) == 1 and replaced[0]["status"] == "reflected"
     assert len(stack["orb"].accepted()) == len(stack["orb"].accepted_keys()), "no event twice"
 
+    # A row loaded two days ago, behind every hourly run's lookback: only the sweep can find it.
+    missed = "missed-by-the-hourly-runs"
+    with stack["engine"].begin() as conn:
+        table = f'"{stack["schema"]}".api_call'
+        conn.execute(sa.text(f"CREATE TEMP TABLE missed AS SELECT * FROM {table} WHERE user_id IS NOT NULL LIMIT 1"))
+        conn.execute(sa.text("UPDATE missed SET id = :id, received_at = now() - interval '2 days', "
+                             "timestamp = now() - interval '1 hour'"), {"id": missed})
+        conn.execute(sa.text(f"INSERT INTO {table} SELECT * FROM missed"))
     sweep_run = bag.dags["usage_billing_sweep"].test(logical_date=datetime.now(UTC))
     assert sweep_run.state == DagRunState.SUCCESS
     for name in ("orb", "kable"):
-        counts = stack["ledger"].counts(name).get(name, {})
-        assert counts.get("pending", 0) == 0
+        assert missed in stack[name].accepted_keys(), f"the sweep delivered the missed row to {name}"
+        assert stack["ledger"].status_of(name, [missed]) == {missed: "delivered"}
+        assert len(stack[name].accepted()) == len(stack[name].accepted_keys()), "the sweep sent nothing twice"
 
 
 @pytest.mark.parametrize("stack", [{"partitions_per_table": 3, "max_active_tis_per_dag": 2}], indirect=True)

@@ -87,18 +87,18 @@ class World:
             return [deliver_window(job, Partition(table), window or self.window())
                     for table in tables or self.settings.source.events]
 
-    def deliverable_ids(self) -> set[str]:
+    def deliverable_ids(self, tables: list[str] | None = None) -> set[str]:
         """Warehouse ids that make a valid event: what the destination must end up with, once each."""
-        return self._ids("user_id IS NOT NULL AND trim(user_id) <> ''")
+        return self._ids("user_id IS NOT NULL AND trim(user_id) <> ''", tables)
 
     def undeliverable_ids(self) -> set[str]:
         """Warehouse ids without a customer: what the ledger must hold as rejected."""
         return self._ids("user_id IS NULL OR trim(user_id) = ''")
 
-    def _ids(self, condition: str) -> set[str]:
+    def _ids(self, condition: str, tables: list[str] | None = None) -> set[str]:
         ids: set[str] = set()
         with self.engine.connect() as conn:
-            for table in self.settings.source.events:
+            for table in tables or self.settings.source.events:
                 rows = conn.execute(sa.text(f'SELECT DISTINCT id FROM "{self.schema}".{table} WHERE {condition}'))
                 ids.update(r[0] for r in rows)
         return ids
