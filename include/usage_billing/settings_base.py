@@ -52,6 +52,9 @@ class DeliverySettings(StrictSettings):
     backoff_max: float = Field(default=60.0, ge=0)
     retry_budget: timedelta = timedelta(minutes=10)
     max_string_length: int = Field(default=512, ge=1)
+    # A run rejecting more than this share of the events it processed fails loudly: a wrong field or
+    # an unmapped customer must not leave a green run that billed nothing.
+    max_rejected_share: float = Field(default=0.25, gt=0, le=1)
 
     @field_validator("retry_budget", mode="before")
     @classmethod

@@ -43,7 +43,7 @@ def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path, request
             for key, value in connection_env(name, box.url).items():
                 monkeypatch.setenv(key, value)
         yield {"orb": orb, "kable": kable, "first_hour": first_hour, "schema": schema,
-               "ledger": Ledger(pg_engine, ledger_schema), "engine": pg_engine}
+               "ledger": Ledger(pg_engine, ledger_schema), "engine": pg_engine, "config": path}
 
 
 def expected_ids(stack, user_id_present: bool) -> set[str]:
@@ -152,3 +152,19 @@ def test_a_window_split_into_hash_partitions_is_delivered_once_by_mapped_tasks(s
     assert len(mapped) == 3 * 3, "3 event tables x 3 hash buckets"
     deliverable = expected_ids(stack, True)
     assert stack["orb"].accepted_keys() == deliverable and len(stack["orb"].accepted()) == len(deliverable)
+
+
+def test_a_customer_field_that_no_table_has_fails_the_run_and_sends_nothing(stack):
+    """An operator mistake is loud: the run fails at plan, naming the setting, before anything is sent."""
+    from airflow.models.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    config = yaml.safe_load(stack["config"].read_text())
+    config["destinations"]["orb"]["external_customer_id_field"] = "context.traits.acount_id"
+    stack["config"].write_text(yaml.safe_dump(config))
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["segment_to_orb"]
+    run = dag.test(logical_date=stack["first_hour"] + timedelta(hours=1))
+    assert run.state == DagRunState.FAILED
+    plan = next(ti for ti in run.get_task_instances() if ti.task_id == "plan")
+    assert plan.state == "failed"
+    assert not stack["orb"].requests, "nothing was sent"

@@ -120,8 +120,8 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
                 return report
             if loaded_at not in columns:
                 raise ValueError(f"source.loaded_at_column: column {loaded_at!r} does not exist in {table}")
-            report.notes.extend(f"{missing} is not a column of {table}: treated as absent"
-                                for missing in destination.missing_fields(columns))
+            report.notes.extend(f"{missing} is not a column of {table}: every row of it is rejected"
+                                for missing in destination.missing_fields(columns, required=True))
             filtered = job.ledger_join and not scope.replace_backfill_id and destination.key_column in columns
             unknown = None
             if filtered:

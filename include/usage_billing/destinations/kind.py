@@ -49,8 +49,10 @@ class Destination:
     settings: DeliverySettings
     map_events: Callable[[pd.DataFrame, datetime], Mapped]
     required_columns: Callable[[list[str]], list[str]]
-    # (setting, Segment field, warehouse column) of every configured field: named in notes and errors.
-    mapped_fields: tuple[tuple[str, str, str], ...]
+    # (setting, Segment field, warehouse column, required) of every configured field, named in errors.
+    # A required field (the customer) missing from a table rejects its every row; a property may be
+    # absent from the tables of other event types (Segment adds a column when a value first arrives).
+    mapped_fields: tuple[tuple[str, str, str, bool], ...]
     # The billing customer and event name of a payload, recorded in the ledger for the billing view.
     describe: Callable[[dict], tuple[str | None, str | None]]
     capabilities: Capabilities = Capabilities()
@@ -71,7 +73,7 @@ class Destination:
     def batch_size(self) -> int:
         return self.settings.batch_size
 
-    def missing_fields(self, columns: list[str]) -> list[str]:
-        """Settings whose column is absent from a table (normal for sparse properties; logged)."""
-        return [f"{setting} {field!r} (column {column})" for setting, field, column in self.mapped_fields
-                if column not in columns]
+    def missing_fields(self, columns: list[str], required: bool) -> list[str]:
+        """Configured fields (required ones, or properties) whose column is absent from ``columns``."""
+        return [f"{setting} {field!r} (column {column})" for setting, field, column, needed in self.mapped_fields
+                if needed == required and column not in columns]

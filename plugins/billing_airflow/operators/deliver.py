@@ -120,10 +120,11 @@ class PlanPartitionsOperator(_ConfiguredOperator):
                                  "[%s, %s) inside one replacing backfill", self.destination,
                                  window.start.isoformat(), window.end.isoformat())
                 return [Partition(ALL_TABLES).to_dict()]
-            partitions, lines = [], []
+            partitions, lines, columns = [], [], {}
             config = settings.source
             for table in config.events:
-                if source.table_columns(table) is None:
+                columns[table] = source.table_columns(table)
+                if columns[table] is None:
                     lines.append(f"  {config.schema_}.{table:<24} missing (no event of this type loaded yet)")
                     continue
                 rows = source.count_rows(table, window, config.loaded_at_column)
@@ -132,6 +133,7 @@ class PlanPartitionsOperator(_ConfiguredOperator):
                 partitions += [Partition(table, bucket, buckets).to_dict() for bucket in range(buckets)]
         self.log.info("plan: destination=%s window %s on %s\n%s\n  -> %d partitions",
                       self.destination, window, config.loaded_at_column, "\n".join(lines), len(partitions))
+        check_fields(destination, {t: c for t, c in columns.items() if c is not None}, config.schema_, self.log)
         return partitions
 
 
@@ -210,7 +212,41 @@ class DeliveryReportOperator(_ConfiguredOperator):
         if len(reports) < len(planned):
             raise RuntimeError(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
                                f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
+        check_rejected_share(self.destination, total, reasons, self.settings())
         return dict(total)
+
+
+def check_fields(destination: Destination, columns: dict[str, list[str]], schema: str, log: Any) -> None:
+    """Name configured fields that no event table has: a required one fails the run before anything
+    is sent (every event would be rejected); a property is warned about (Segment adds its column when
+    a first value arrives, so it may simply not have arrived yet)."""
+    if not columns:
+        return
+    where = f"any of {', '.join(f'{schema}.{t}' for t in columns)}"
+    for required in (True, False):
+        missing = set.intersection(*(set(destination.missing_fields(c, required)) for c in columns.values()))
+        if missing and required:
+            raise ConfigError(f"destinations.{destination.name}: {'; '.join(sorted(missing))} is not a column of "
+                              f"{where}: every event would be rejected. Fix the setting (Segment field names, "
+                              f"for example userId or context.traits.accountId).")
+        for field in sorted(missing):
+            log.warning("destinations.%s: %s is not a column of %s yet: no event carries it (a typo, or a "
+                        "property that has not arrived yet)", destination.name, field, where)
+
+
+def check_rejected_share(destination: str, total: Counter, reasons: Counter, settings: Settings) -> None:
+    """Fail the run when it rejected more of its events than ``max_rejected_share`` allows.
+
+    Only this run's new rejections count (an event an earlier run already rejected is not a new
+    mistake), against the events it settled: accepted plus newly rejected."""
+    limit = settings.destination(destination).max_rejected_share
+    new = total["rejected"] - total["rejected_before"]
+    settled = total["accepted"] + new
+    if settled and new / settled > limit:
+        top = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
+        raise RuntimeError(f"{destination}: this run rejected {new} of {settled} events ({new / settled:.0%}), more "
+                           f"than destinations.{destination}.max_rejected_share ({limit:.0%}). Most often: {top}. "
+                           f"Fix the setting or the data, then replay the rejections.")
 
 
 class CompletenessSweepOperator(_ConfiguredOperator):

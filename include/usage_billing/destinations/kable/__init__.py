@@ -12,8 +12,8 @@ __all__ = ["KIND", "KableSettings", "data_keys", "destination", "map_events", "r
 
 def destination(config: KableSettings) -> Destination:
     """Kable bound to one configuration."""
-    fields = (("client_id_field", config.client_id_field, column_for(config.client_id_field)),
-              *(("properties_mappings", s, property_column(s)) for s in config.properties_mappings))
+    fields = (("client_id_field", config.client_id_field, column_for(config.client_id_field), True),
+              *(("properties_mappings", s, property_column(s), False) for s in config.properties_mappings))
     name_key = config.event_name_key
     return Destination(
         name=KIND.name, settings=config,

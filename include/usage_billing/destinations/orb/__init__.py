@@ -15,8 +15,8 @@ CAPABILITIES = Capabilities(backfills=True, read_api=True)
 def destination(config: OrbSettings) -> Destination:
     """Orb bound to one configuration."""
     fields = (("external_customer_id_field", config.external_customer_id_field,
-               column_for(config.external_customer_id_field)),
-              *(("properties_mapping", s, property_column(s)) for s in config.properties_mapping))
+               column_for(config.external_customer_id_field), True),
+              *(("properties_mapping", s, property_column(s), False) for s in config.properties_mapping))
     return Destination(
         name=KIND.name, settings=config,
         map_events=lambda frame, now: map_events(frame, config, now),
