@@ -36,7 +36,7 @@ BAD_ROWS = {
     "nested-json": ({"meta": '{"plan": {"tier": "pro"}}'}, "property meta: nested dict values are not allowed"),
     "array-json": ({"meta": "[1, 2]"}, "property meta: nested list values are not allowed"),
     "long-string": ({"note": "x" * 600}, "property note: string of 600 characters exceeds max_string_length 512"),
-    "far-future": ({"timestamp": "2100-01-01T00:00:00Z"}, "in the future"),
+    "far-future": ({"timestamp": "2100-01-01T00:00:00Z"}, None),  # held until due, not rejected
     "far-past": ({"timestamp": "1990-01-01T00:00:00Z"}, None),
 }
 
@@ -64,7 +64,8 @@ def test_each_bad_row_is_rejected_with_its_reason_and_the_rest_delivered(bad_wor
             assert f"ajs-{name}" in reasons[f"ajs-{name}"], "the message names the row"
     good = next(e for e in world.sandbox.accepted() if e["idempotency_key"] == "ajs-good")
     assert good["properties"] == {"amount": 1.5, "huge": 7, "note": "ok"}
-    assert reports[0].destination_rejected == 0 and reports[0].mapping_rejected == len(BAD_ROWS) - 3
+    assert reports[0].destination_rejected == 0 and reports[0].mapping_rejected == len(BAD_ROWS) - 4
+    assert reports[0].held == 1 and world.ledger.status_of("orb", ["ajs-far-future"]) == {"ajs-far-future": "held"}
     assert not any("currency" in note for note in reports[0].notes), "a property of other event types is no news"
 
 

@@ -21,7 +21,7 @@ from datetime import datetime
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.destinations import Destination
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import EventRefs, Ledger, Route, RunRef
+from usage_billing.ledger import REJECTED, EventRefs, Ledger, Route, RunRef
 
 # Ledger writes are coalesced up to this many keys and run in writer threads with at most three
 # writes waiting: a crash can leave at most about five times this many confirmed-but-unmarked events,
@@ -154,6 +154,8 @@ class LedgerWriter:
                            customer_ids=[d[0] for d in described], event_names=[d[1] for d in described])
         self._submit(lambda: self.ledger.mark_delivered(self.destination.name, self.run, events, self.now(), route))
 
-    def rejected(self, rejections: list[Rejection]) -> None:
+    def rejected(self, rejections: list[Rejection], status: str = REJECTED) -> None:
+        """Record rejected (or, with ``status=HELD``, held) events with their reasons."""
         if rejections:
-            self._submit(lambda: self.ledger.mark_rejected(self.destination.name, self.run, rejections, self.now()))
+            self._submit(lambda: self.ledger.mark_rejected(self.destination.name, self.run, rejections, self.now(),
+                                                           status))

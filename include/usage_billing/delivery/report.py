@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Counters that add up across reports (the partitions of a run, the batches of a replay).
-_ADDITIVE = ("rows_read", "duplicates_dropped", "unique_events", "mapping_rejected", "rejected_before",
+_ADDITIVE = ("rows_read", "duplicates_dropped", "unique_events", "mapping_rejected", "rejected_before", "held",
              "already_delivered", "sent", "accepted", "destination_rejected", "sent_in_backfills", "backfills",
              "old_events", "batches", "requests", "retries", "bisections", "seconds")
 
@@ -35,6 +35,7 @@ class DeliveryReport:
     unique_events: int = 0
     mapping_rejected: int = 0
     rejected_before: int = 0
+    held: int = 0
     already_delivered: int = 0
     sent: int = 0
     accepted: int = 0
@@ -121,6 +122,9 @@ class DeliveryReport:
         ]
         for reason, count in self.reasons.most_common(5):
             lines.append(f"    {count:>8} x {reason}")
+        if self.held:
+            lines.append(f"  held              {self.held} (stamped too far in the future for {self.destination}; "
+                         f"sent by a later run once due)")
         late = lateness_summary(self.lateness_seconds)
         if late:
             lines.append(f"  lateness          loaded after event time: median {late['median']}, "

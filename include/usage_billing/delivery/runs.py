@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pandas as pd
 
@@ -44,8 +44,22 @@ MAX_REPLACE = timedelta(days=31)
 
 
 def deliver_window(job: DeliveryJob, partition: Partition, window: Window) -> DeliveryReport:
-    """Deliver one partition of one window (the hourly run, a backfill run, the sweep)."""
-    return deliver(job, Scope(partition, window=window, label=str(window)))
+    """Deliver one partition of one window (the hourly run, a backfill run, the sweep), then the
+    table's held events that are now due (by the table's first partition only, so hash buckets
+    do not send them twice)."""
+    report = deliver(job, Scope(partition, window=window, label=str(window)))
+    limit = job.destination.future_limit
+    if limit is None or partition.bucket != 0:
+        return report
+    due = job.ledger.held_due(job.destination.name, partition.table, (job.now() + limit).astimezone(UTC))
+    if not due:
+        return report
+    label = f"{len(due)} held events now due"
+    held = [deliver(job, Scope(Partition(partition.table), ids=due[start:start + REPLAY_BATCH], label=label))
+            for start in range(0, len(due), REPLAY_BATCH)]
+    combined = DeliveryReport.combine([report, *held], report)
+    combined.notes.append(f"{label}: {sum(r.accepted for r in held)} delivered")
+    return combined
 
 
 def replay_rejected(job: DeliveryJob, table: str, reason_contains: str | None = None) -> DeliveryReport:

@@ -24,7 +24,7 @@ from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import MARK_EVERY, LedgerWriter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import REJECTED, Route
+from usage_billing.ledger import HELD, REJECTED, Route
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class Sending:
         have, unless the extraction query already left those out: ``filtered``)."""
         self.report.mapping_rejected += len(rejections)
         self.reject(rejections)
+        if mapped.held:
+            self.report.held += len(mapped.held)
+            self.writer.rejected(mapped.held, HELD)
         everything = np.arange(len(mapped.keys))
         if scope.replace_backfill_id:
             # Replace mode re-sends every event of the window into one replacing backfill; the

@@ -18,7 +18,7 @@ from datetime import date
 from usage_billing.delivery.job import DeliveryJob
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.delivery.runs import deliver_window
-from usage_billing.ledger import DELIVERED, REJECTED
+from usage_billing.ledger import DELIVERED, HELD, REJECTED
 from usage_billing.sources import Partition, ReadRequest, Window
 
 
@@ -27,10 +27,12 @@ class DayCounts:
     warehouse: int = 0
     delivered: int = 0
     rejected: int = 0
+    # Stamped too far in the future: not missing, sent once due.
+    held: int = 0
 
     @property
     def missing(self) -> int:
-        return self.warehouse - self.delivered - self.rejected
+        return self.warehouse - self.delivered - self.rejected - self.held
 
 
 @dataclass
@@ -83,8 +85,9 @@ def tally(job: DeliveryJob, tables: Sequence[str], window: Window) -> dict[date,
                               job.loaded_at_column, job.chunk_size)
         for chunk in job.source.read(request):
             mapped = destination.map_events(chunk, now)
-            keys = mapped.keys + [r.key for r in mapped.rejected]
-            stamps = [mapped.timestamp(i) for i in range(len(mapped))] + [r.event_timestamp for r in mapped.rejected]
+            undelivered = [*mapped.rejected, *mapped.held]
+            keys = mapped.keys + [r.key for r in undelivered]
+            stamps = [mapped.timestamp(i) for i in range(len(mapped))] + [r.event_timestamp for r in undelivered]
             statuses = ledger.status_of(destination.name, keys) if keys else {}
             counts: Counter = Counter()
             for key, stamp in zip(keys, stamps, strict=True):
@@ -99,6 +102,8 @@ def tally(job: DeliveryJob, tables: Sequence[str], window: Window) -> dict[date,
                     entry.delivered += count
                 elif what == REJECTED:
                     entry.rejected += count
+                elif what == HELD:
+                    entry.held += count
     return dict(sorted(days.items()))
 
 

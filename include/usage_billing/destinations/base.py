@@ -51,6 +51,9 @@ class Mapped:
     tables: list[str] = field(default_factory=list)
     timestamps: np.ndarray = field(default_factory=lambda: np.array([], dtype=TIMESTAMP_DTYPE))
     rejected: list[Rejection] = field(default_factory=list)
+    # Rows that cannot be sent yet (stamped further in the future than the destination accepts):
+    # recorded as held, and delivered by a later run once they are due.
+    held: list[Rejection] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -74,12 +77,19 @@ class RowProblems:
 
     def __init__(self, index: pd.Index):
         self.reason = pd.Series(pd.NA, index=index, dtype="object")
+        self.held = pd.Series(False, index=index)
 
     def flag(self, mask: pd.Series | np.ndarray, reason: str | Callable[[pd.Index], pd.Series]) -> None:
         """Record ``reason`` for rows in ``mask`` that have no earlier problem."""
         mask = pd.Series(np.asarray(mask, dtype=bool), index=self.reason.index) & self.reason.isna()
         if mask.any():
             self.reason[mask] = reason(self.reason.index[mask]) if callable(reason) else reason
+
+    def hold(self, mask: pd.Series | np.ndarray, reason: str | Callable[[pd.Index], pd.Series]) -> None:
+        """Like :meth:`flag`, but the rows are held (sent later), not rejected."""
+        mask = pd.Series(np.asarray(mask, dtype=bool), index=self.reason.index) & self.reason.isna()
+        self.flag(mask, reason)
+        self.held |= mask
 
     @property
     def ok(self) -> pd.Series:
@@ -231,12 +241,15 @@ def _check_text(text: pd.Series, name: str, problems: RowProblems, max_length: i
         problems.flag(invalid, f"property {name}: text is not valid UTF-8")
 
 
-def check_timestamps(stamps: pd.Series, problems: RowProblems, now: datetime, future_tolerance: timedelta) -> None:
-    """Flag rows with no timestamp, or one further in the future than the destination accepts."""
+def check_timestamps(stamps: pd.Series, problems: RowProblems, now: datetime, future_limit: timedelta | None) -> None:
+    """Reject rows with no timestamp; hold rows stamped further in the future than the destination
+    accepts (``future_limit``; None: no limit), to be delivered once they are due."""
     problems.flag(stamps.isna(), "timestamp is null")
-    future = (stamps > pd.Timestamp(now + future_tolerance)).fillna(False)
-    problems.flag(future, lambda idx: "timestamp " + stamps[idx].astype(str)
-                  + f" is more than {future_tolerance} in the future")
+    if future_limit is None:
+        return
+    future = (stamps > pd.Timestamp(now + future_limit)).fillna(False)
+    problems.hold(future, lambda idx: "timestamp " + stamps[idx].astype(str)
+                  + f" is more than {future_limit} in the future: held until then")
 
 
 def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], problems: RowProblems,
@@ -252,9 +265,9 @@ def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], pr
                     tables=list(compress(tables, ok)), timestamps=stamps[ok])
     assert len(mapped.keys) == len(payloads), "one payload per row without problems"
     if not ok.all():
-        reasons = problems.reason.tolist()
+        reasons, held = problems.reason.tolist(), problems.held.to_numpy()
         for position in np.flatnonzero(~ok):
-            mapped.rejected.append(Rejection(
+            (mapped.held if held[position] else mapped.rejected).append(Rejection(
                 key=keys[position], message_id=message_ids[position] or "", table=tables[position],
                 reason=f"{tables[position]} row id={message_ids[position]}: {reasons[position]}",
                 event_timestamp=to_datetime(stamps[position]),

@@ -62,6 +62,8 @@ class Destination:
     grace: timedelta | None = None
     # Events older than this are counted and warned about (the period may already be invoiced).
     old_event_warning: timedelta | None = None
+    # Events stamped further ahead than this are held until due (None: the destination takes any).
+    future_limit: timedelta | None = None
 
     def backfill_cutoff(self, now: datetime) -> datetime | None:
         """Events with a timestamp before this go through a backfill; None: never."""

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Engine
 
 from usage_billing.destinations.base import Rejection, timestamp_array
 from usage_billing.ledger import migrate
-from usage_billing.ledger.tables import DELIVERED, REJECTED, ledger_tables
+from usage_billing.ledger.tables import DELIVERED, HELD, REJECTED, ledger_tables
 from usage_billing.naming import check_identifier
 
 log = logging.getLogger(__name__)
@@ -318,8 +318,14 @@ class Ledger:
         # the batch is upserted instead. A replace re-sends keys that are there by definition.
         self._write(values, rows["key"], update, insert_first=not self._sqlite and route.mode != "replace")
 
-    def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime) -> None:
-        """Record rejected events with their reason; a delivered event is never downgraded."""
+    def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime,
+                      status: str = REJECTED) -> None:
+        """Record rejected events with their reason; a delivered event is never downgraded.
+
+        With ``status=HELD`` the events are held instead: not sent yet, for a reason that time ends
+        (a timestamp too far in the future), and delivered by a later run once due."""
+        if status not in (REJECTED, HELD):
+            raise ValueError(f"mark_rejected records {REJECTED} or {HELD} events, not {status!r}")
         # One row per key: a key twice in one statement would make ON CONFLICT fail.
         latest = list({r.key: r for r in rejections}.values())
         if not latest:
@@ -331,7 +337,7 @@ class Ledger:
                            "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text)})
         now = self._bind_time(now)
         values = {
-            "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(REJECTED),
+            "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(status),
             "reason": rows["reason"], "attempts": sa.literal(1), "message_id": rows["message_id"],
             "event_table": rows["table"], "event_timestamp": self._stamp_column(rows["stamp"]),
             "first_attempt_at": now, "last_attempt_at": now,
@@ -341,7 +347,7 @@ class Ledger:
 
         def update(excluded: sa.ColumnCollection) -> dict:
             return {
-                "status": REJECTED, "reason": excluded.reason, "attempts": t.attempts + 1,
+                "status": status, "reason": excluded.reason, "attempts": t.attempts + 1,
                 "last_attempt_at": excluded.last_attempt_at, "dag_id": excluded.dag_id, "run_id": excluded.run_id,
                 **{name: sa.func.coalesce(sa.func.nullif(excluded[name], ""), t[name])
                    for name in ("message_id", "event_table")},
@@ -468,6 +474,15 @@ class Ledger:
         if reason_contains:
             clause = sa.and_(clause, t.reason.like(f"%{reason_contains}%"))
         return clause
+
+    def held_due(self, destination: str, table: str, until: datetime) -> list[str]:
+        """Message ids of a table's held events whose timestamp is now acceptable (at or before ``until``)."""
+        t = self.table.c
+        query = (sa.select(t.message_id).where(t.destination == destination, t.status == HELD, t.event_table == table,
+                                               t.event_timestamp <= until, t.message_id.is_not(None))
+                 .order_by(t.event_timestamp))
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
 
     def delivered_between(self, destination: str, start: datetime, end: datetime) -> int:
         """Delivered events whose event timestamp lies in ``[start, end)``."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-DELIVERED, REJECTED = "delivered", "rejected"
+DELIVERED, REJECTED, HELD = "delivered", "rejected", "held"
 
 
 def key_type(length: int) -> sa.types.TypeEngine:
@@ -57,6 +57,9 @@ def ledger_tables(schema: str) -> LedgerTables:
         # implies NOT NULL, so a per-customer query still uses it.
         sa.Index("ix_deliveries_customer", "destination", "customer_id",
                  postgresql_where=sa.text("customer_id IS NOT NULL"), sqlite_where=sa.text("customer_id IS NOT NULL")),
+        # 0003: held events are looked up by table and due time.
+        sa.Index("ix_deliveries_held", "destination", "event_table", "event_timestamp",
+                 postgresql_where=sa.text(f"status = '{HELD}'"), sqlite_where=sa.text(f"status = '{HELD}'")),
     )
     # Earlier deliveries of an event, kept when replace mode delivers it again.
     history = sa.Table(

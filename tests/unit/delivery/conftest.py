@@ -67,7 +67,7 @@ class Core:
         config = settings(self.name, **(self.overrides or {}))
         job = DeliveryJob.from_settings(config, get_destination(self.name, config), self.source, self.ledger,
                                         self.sender, RunRef(f"segment_to_{self.name}", run))
-        return dataclasses.replace(job, now=lambda: NOW, **fields)
+        return dataclasses.replace(job, **{"now": lambda: NOW, **fields})
 
     def statuses(self) -> dict[str, str]:
         keys = list(self.source.tables["api_call"]["id"])

@@ -100,7 +100,7 @@ class RecordingLedger:
         assert events.customer_ids == [f"cus_{key}" for key in events.keys], "the billing customer travels along"
         self._record("delivered", list(events.keys))
 
-    def mark_rejected(self, destination, run, rejections, now):
+    def mark_rejected(self, destination, run, rejections, now, status="rejected"):
         self._record("rejected", [r.key for r in rejections])
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.unit.delivery.conftest import NOW, PARTITION, WINDOW, events
 from usage_billing.delivery import DeliveryFailed, deliver_window, replace_window, replay_rejected
-from usage_billing.sources import Window
+from usage_billing.sources import Partition, Window
 
 
 def test_every_event_is_delivered_once_and_a_rerun_sends_nothing(core):
@@ -150,3 +150,37 @@ def test_progress_lines_follow_the_injected_clock(core, caplog):
     deliver_window(dataclasses.replace(core.job(), clock=lambda: next(ticks)), PARTITION, WINDOW)
     progress = [r.message for r in caplog.records if r.message.startswith("progress:")]
     assert progress and "sent" in progress[-1]
+
+
+def test_an_event_stamped_too_far_ahead_is_held_then_delivered_once_due(core):
+    future = events(3, start=NOW + timedelta(hours=2), prefix="future")
+    future["received_at"] = NOW - timedelta(minutes=10)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], future], ignore_index=True)
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    keys = set(future["id"])
+    assert report.held == 3 and report.rejected == 0 and not keys & set(core.sender.held)
+    assert {core.statuses()[k] for k in keys} == {"held"}
+    assert "held              3" in report.render()
+
+    # Hours later the rows are far behind any window's lookback: the held events are found by id.
+    later = NOW + timedelta(hours=3)
+    window = Window(later - timedelta(hours=1), later)
+    again = deliver_window(core.job("later", now=lambda: later), PARTITION, window)
+    assert keys <= set(core.sender.held) and again.held == 0
+    assert {core.statuses()[k] for k in keys} == {"delivered"}
+    assert max(core.sender.accepted_counts.values()) == 1
+    assert any("held events now due" in note for note in again.notes)
+
+
+def test_held_events_are_not_sent_by_other_hash_buckets(core):
+    future = events(2, start=NOW + timedelta(hours=2), prefix="future")
+    future["received_at"] = NOW - timedelta(minutes=10)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], future], ignore_index=True)
+    for bucket in range(2):
+        deliver_window(core.job(), Partition("api_call", bucket, 2), WINDOW)
+    later = NOW + timedelta(hours=3)
+    requests = core.sender.requests
+    deliver_window(core.job("later", now=lambda: later), Partition("api_call", 1, 2), Window(later, later))
+    assert core.sender.requests == requests, "bucket 1 leaves the due held events to bucket 0"
+    deliver_window(core.job("later", now=lambda: later), Partition("api_call", 0, 2), Window(later, later))
+    assert set(future["id"]) <= set(core.sender.held)

@@ -122,3 +122,17 @@ def test_nested_json_values_pass_through(now):
     """Kable's data is free JSON; a JSON column from the warehouse is passed as is."""
     event = only_event([{"meta": {"a": 1}}], now)
     assert event["data"] == {"meta": {"a": 1}}
+
+
+def test_future_events_are_sent_as_segments_destination_sends_them(now):
+    """Kable documents no future limit and Segment's Kable destination forwards such events."""
+    mapped = kable.map_events(segment_frame([{"id": "ajs-1", "timestamp": "2027-01-01T00:00:00Z"}]), settings(), now)
+    assert [p["transactionId"] for p in mapped.payloads] == ["ajs-1"] and not mapped.held
+
+
+def test_a_future_event_limit_holds_events_beyond_it(now):
+    mapped = kable.map_events(segment_frame([{"id": "ajs-1", "timestamp": "2026-11-23T13:00:00Z"},
+                                             {"id": "ajs-2", "timestamp": "2026-11-23T12:30:00Z"}]),
+                              settings(future_event_limit="45m"), now)
+    assert [h.key for h in mapped.held] == ["ajs-1"]
+    assert [p["transactionId"] for p in mapped.payloads] == ["ajs-2"]

@@ -100,7 +100,6 @@ def test_integers_stay_integers_in_a_sparse_column(now):
 @pytest.mark.parametrize(("row", "reason"), [
     ({"user_id": None, "anonymous_id": "anon-1"}, "no external customer ID: external_customer_id_field 'userId'"),
     ({"user_id": "   "}, "no external customer ID"),
-    ({"timestamp": "2026-11-23T12:06:00Z"}, "in the future"),
     ({"timestamp": None}, "timestamp is null"),
     ({"event_text": None}, "event_name_field 'event' (column event_text) is empty"),
     ({"id": None}, "idempotency_key_field 'messageId' (column id) is empty"),
@@ -113,7 +112,6 @@ def test_integers_stay_integers_in_a_sparse_column(now):
 ], ids=[
     "anonymous-event-without-userId",
     "blank-customer-id",
-    "timestamp-more-than-5-minutes-ahead",
     "missing-timestamp",
     "missing-event-name",
     "missing-idempotency-key",
@@ -172,3 +170,19 @@ def test_many_rows_keep_order_and_types(now):
     mapped = orb.map_events(segment_frame(rows), settings(), now)
     assert mapped.keys == [f"m{i}" for i in range(1000)]
     assert mapped.payloads[7]["properties"] == {"amount": 7.0, "latency_ms": 7}
+
+
+@pytest.mark.parametrize(("stamp", "held"), [
+    ("2026-11-23T12:04:59Z", False),
+    ("2026-11-23T12:05:00Z", False),
+    ("2026-11-23T12:05:01Z", True),
+    ("2027-01-01T00:00:00Z", True),
+], ids=["just-inside-5-minutes", "exactly-5-minutes", "just-past-5-minutes", "next-year"])
+def test_events_more_than_5_minutes_ahead_are_held_not_rejected(stamp, held, now):
+    """Orb refuses events stamped more than 5 minutes ahead; they are held and sent once due."""
+    mapped = orb.map_events(segment_frame([{"id": "ajs-1", "timestamp": stamp}]), settings(), now)
+    assert not mapped.rejected
+    assert [h.key for h in mapped.held] == (["ajs-1"] if held else [])
+    assert len(mapped.payloads) == (0 if held else 1)
+    if held:
+        assert "in the future: held until then" in mapped.held[0].reason and "ajs-1" in mapped.held[0].reason

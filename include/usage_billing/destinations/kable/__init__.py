@@ -21,7 +21,8 @@ def destination(config: KableSettings) -> Destination:
         required_columns=lambda columns: required_columns(config, columns),
         mapped_fields=fields,
         describe=lambda payload: (payload["clientId"], payload["data"].get(name_key) if name_key else None),
-        old_event_warning=config.late_event_warning)
+        old_event_warning=config.late_event_warning,
+        future_limit=config.future_event_limit)
 
 
 KIND = DestinationKind(name="kable", settings_model=KableSettings, build=destination,

@@ -17,7 +17,7 @@ Kable events carry no event name: ``event_name_key`` (optional) adds it to ``dat
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import pandas as pd
 
@@ -34,9 +34,6 @@ from usage_billing.destinations.base import (
 )
 from usage_billing.destinations.kable.settings import KableSettings
 from usage_billing.sources.layout import column_for, is_property_column, property_column
-
-# Kable documents no future limit; refuse clock-skewed events the same way Orb does.
-FUTURE_TOLERANCE = timedelta(minutes=5)
 
 
 def required_columns(settings: KableSettings, available: list[str]) -> list[str]:
@@ -69,7 +66,7 @@ def map_events(frame: pd.DataFrame, settings: KableSettings, now: datetime) -> M
                       f"client_id_field {settings.client_id_field!r} (column {client_column}) "
                       f"does not exist in this table")
     problems.flag(blank(frame["id"]), "messageId (column id) is empty: no transactionId")
-    check_timestamps(frame["timestamp"], problems, now, FUTURE_TOLERANCE)
+    check_timestamps(frame["timestamp"], problems, now, settings.future_event_limit)
 
     pairs = data_keys(settings, [c for c in frame.columns if not c.startswith("_")])
     names = [target for _, target in pairs]

@@ -23,6 +23,9 @@ class KableSettings(DeliverySettings):
     requests_per_second: float = Field(default=20.0, gt=0)
     events_per_minute: float = Field(default=300_000.0, gt=0)
     late_event_warning: timedelta = timedelta(hours=24)
+    # Kable documents no limit on future timestamps and Segment's Kable destination forwards them;
+    # set a duration to hold events stamped further ahead than that until they are due.
+    future_event_limit: timedelta | None = None
 
     @field_validator("properties_mappings", mode="before")
     @classmethod
@@ -37,3 +40,8 @@ class KableSettings(DeliverySettings):
     @classmethod
     def _late(cls, value: Any) -> timedelta:
         return parse_duration(value)
+
+    @field_validator("future_event_limit", mode="before")
+    @classmethod
+    def _future(cls, value: Any) -> timedelta | None:
+        return None if value is None else parse_duration(value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from usage_billing.destinations.kind import Capabilities, Destination, DestinationKind
-from usage_billing.destinations.orb.mapping import map_events, required_columns
+from usage_billing.destinations.orb.mapping import FUTURE_TOLERANCE, map_events, required_columns
 from usage_billing.destinations.orb.settings import OrbSettings
 from usage_billing.sources.layout import column_for, property_column
 
@@ -26,7 +26,8 @@ def destination(config: OrbSettings) -> Destination:
         capabilities=CAPABILITIES,
         key_column=column_for(config.idempotency_key_field),
         # The margin covers the time between mapping an event and Orb receiving it (retries).
-        grace=config.grace_period - config.grace_margin)
+        grace=config.grace_period - config.grace_margin,
+        future_limit=FUTURE_TOLERANCE)
 
 
 KIND = DestinationKind(name="orb", settings_model=OrbSettings, build=destination,

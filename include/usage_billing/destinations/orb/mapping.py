@@ -7,7 +7,7 @@ The rules (``../shared/reference/segment-orb-destination.md``, Orb's OpenAPI ``I
 * ``idempotency_key`` from ``idempotency_key_field`` (default ``messageId``, the ``id`` column);
 * ``external_customer_id`` from ``external_customer_id_field`` (required, no default);
 * ``timestamp``: the Segment ``timestamp`` in UTC with ``Z``; Orb refuses events more than five
-  minutes in the future, so those are rejected here rather than sent;
+  minutes in the future, so those are held here (and sent by a later run once due), not sent;
 * ``properties``: only keys named in ``properties_mapping``, renamed; unmapped keys are dropped so
   unwanted or sensitive data never reaches Orb. Values must be string, number or boolean; nulls are
   omitted; integers stay integers.
