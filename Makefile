@@ -5,7 +5,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins
-export PYTHONDONTWRITEBYTECODE := 1
 # glibc otherwise keeps freed memory in one arena per sending thread (measured by make bench).
 export MALLOC_ARENA_MAX := 2
 
@@ -14,14 +13,14 @@ export MALLOC_ARENA_MAX := 2
 $(VENV)/.synced: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.lock
+	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(PY) requirements.lock
 	touch $@
 
 # The BigQuery emulator the tests start, in its own environment (its sqlglot and DuckDB pins conflict with fakesnow's).
 BQEMU_VENV := .venv-bqemulator
 $(BQEMU_VENV)/.synced: requirements-bqemulator.lock $(VENV)/.synced
 	test -x $(BQEMU_VENV)/bin/python || $(PYTHON) -m venv $(BQEMU_VENV)
-	$(VENV)/bin/uv pip sync --quiet --python $(BQEMU_VENV)/bin/python requirements-bqemulator.lock
+	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(BQEMU_VENV)/bin/python requirements-bqemulator.lock
 	touch $@
 
 ## Run the pipeline end to end on the embedded demo (SQLite warehouse, local Orb and Kable sandboxes).
