@@ -7,6 +7,10 @@ neither delivered nor rejected (through Orb backfills when past Orb's grace peri
 a per-day table: events in the warehouse, delivered, rejected, missing before the sweep, delivered
 by the sweep, still missing (zero after a successful sweep). Rejected events are left alone: re-send
 them with `mode=replay_rejected` on the destination's DAG.
+
+After each sweep, `reconcile_<destination>` compares the warehouse, the ledger and the destination's
+own records per hour over the same horizon, re-sends what the destination lost, and fails when a
+difference remains (for any other range: the `usage_billing_reconcile` DAG).
 """
 
 from billing_airflow.dag_factory import build_sweep_dag

@@ -130,6 +130,17 @@ class SweepSettings(StrictSettings):
         return parse_duration(value)
 
 
+class ReconcileSettings(StrictSettings):
+    """Reconciliation against the destination's own records (task ``reconcile_<destination>`` of the
+    sweep DAG, over ``sweep.horizon``; DAG ``usage_billing_reconcile`` for any range)."""
+
+    # Hours whose counts agree that are still checked key by key, chosen at random per range.
+    sample_hours: int = Field(default=2, ge=0)
+    # False when another system ingests into the same Orb account: its events make the hourly
+    # counts differ for ever, so every hour's ledger keys are searched instead.
+    compare_volume: bool = True
+
+
 class Settings(StrictSettings):
     """The whole configuration file."""
 
@@ -138,6 +149,7 @@ class Settings(StrictSettings):
     destinations: DestinationsSettings
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
 
     def configured_destinations(self) -> list[str]:
         return [name for name in DESTINATIONS if getattr(self.destinations, name) is not None]

@@ -14,6 +14,7 @@ from billing_airflow.operators.deliver import (
     PlanPartitionsOperator,
     SegmentDeliveryOperator,
 )
+from billing_airflow.operators.reconcile import ReconcileOperator
 from usage_billing.settings import ConfigError, load_settings
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,32 @@ def build_sweep_dag(doc_md: str | None = None) -> DAG:
                       "retry_exponential_backoff": True},
     ) as dag:
         for destination in settings.configured_destinations():
-            CompletenessSweepOperator(task_id=f"sweep_{destination}", destination=destination,
-                                      **({"pool": settings.airflow.pool} if settings.airflow.pool else {}))
+            sweep = CompletenessSweepOperator(task_id=f"sweep_{destination}", destination=destination,
+                                              **({"pool": settings.airflow.pool} if settings.airflow.pool else {}))
+            # After the sweep, whatever it did: the comparison is worth logging even when it failed.
+            sweep >> ReconcileOperator(task_id=f"reconcile_{destination}", destination=destination,
+                                       trigger_rule=TriggerRule.ALL_DONE)
+    return dag
+
+
+def build_reconcile_dag(doc_md: str | None = None) -> DAG:
+    """``usage_billing_reconcile``: triggered by hand for any range and destination (params)."""
+    settings = load_settings()
+    configured = settings.configured_destinations()
+    with DAG(
+        dag_id="usage_billing_reconcile",
+        schedule=None,
+        start_date=settings.airflow.start_date,
+        catchup=False,
+        doc_md=doc_md,
+        tags=["usage-billing", "segment", "reconcile"],
+        params={
+            "destination": Param(configured[0], enum=configured, description="the destination to reconcile"),
+            "start": Param(None, type=["null", "string"], description="range start, UTC ISO 8601 (required)"),
+            "end": Param(None, type=["null", "string"], description="range end, exclusive, UTC ISO 8601 (required)"),
+        },
+        default_args={"retries": settings.airflow.retries, "retry_delay": settings.airflow.retry_delay},
+    ) as dag:
+        ReconcileOperator(task_id="reconcile", destination="{{ params.destination }}", start="{{ params.start }}",
+                          end="{{ params.end }}", required_range=True)
     return dag

@@ -43,8 +43,19 @@ def test_sweep_dag_shape(bag):
 
     dag = bag.dags["usage_billing_sweep"]
     assert isinstance(dag.timetable, CronDataIntervalTimetable)
-    assert set(dag.task_dict) == {"sweep_orb", "sweep_kable"}
+    assert set(dag.task_dict) == {"sweep_orb", "sweep_kable", "reconcile_orb", "reconcile_kable"}
     assert dag.catchup is False and "sweep" in dag.tags and dag.doc_md
+    for name in ("orb", "kable"):
+        reconcile = dag.task_dict[f"reconcile_{name}"]
+        assert reconcile.upstream_task_ids == {f"sweep_{name}"} and reconcile.trigger_rule == "all_done"
+
+
+def test_reconcile_dag_runs_on_demand_for_a_range(bag):
+    dag = bag.dags["usage_billing_reconcile"]
+    assert type(dag.timetable).__name__ == "NullTimetable", "triggered by hand only"
+    assert set(dag.params) == {"destination", "start", "end"} and dag.params["destination"] == "orb"
+    assert set(dag.task_dict) == {"reconcile"} and dag.task_dict["reconcile"].retries >= 1
+    assert {"usage-billing", "reconcile"} <= set(dag.tags) and "sample_hours" in dag.doc_md
 
 
 @pytest.mark.parametrize("dag_id", ["segment_to_orb", "segment_to_kable"])

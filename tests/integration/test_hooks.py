@@ -120,3 +120,43 @@ def test_default_backoff_spans_several_rate_limit_windows(orb_hook, monkeypatch)
     assert sum(sleeps) > 120, "the retries span more than two one-minute rate-limit windows"
     assert len({round(s, 3) for s in sleeps}) == len(sleeps), "jittered"
     assert not sandbox.accepted_keys()
+
+
+# -- reading back what Orb holds (reconciliation) ------------------------------------------------------------
+
+
+def test_orb_event_volume_follows_every_page_and_counts_by_event_hour(monkeypatch):
+    from datetime import UTC, datetime, timedelta
+
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = hour - timedelta(hours=149)
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10)) as sandbox:
+        monkeypatch.setenv("AIRFLOW_CONN_ORB_TEST", json.dumps({"conn_type": "http", "host": sandbox.url,
+                                                               "password": ORB_KEY}))
+        stamps = {"first": start, "middle-1": start + timedelta(hours=99, minutes=59),
+                  "middle-2": start + timedelta(hours=99, minutes=1), "last": hour + timedelta(minutes=1)}
+        events = [orb_event(k, timestamp=t.strftime("%Y-%m-%dT%H:%M:%S.000Z")) for k, t in stamps.items()]
+        with OrbHook("orb_test", ORB_SETTINGS, sleep=lambda _: None) as hook:
+            hook.send(events, list(stamps))
+            counts = hook.event_volume(start, hour + timedelta(hours=1))
+        volume_requests = [r for r in sandbox.requests if r.path == "/v1/events/volume"]
+    assert len(counts) == 150 and sum(counts.values()) == 4
+    assert counts[start] == 1 and counts[start + timedelta(hours=99)] == 2 and counts[hour] == 1
+    assert [("cursor=" in r.query) for r in volume_requests] == [False, True], "two pages of 100 hours"
+
+
+def test_orb_search_events_asks_500_keys_at_a_time_within_the_timeframe(orb_hook, monkeypatch):
+    from datetime import UTC, datetime, timedelta
+
+    hook, sandbox = orb_hook
+    held = [orb_event(f"held-{n}") for n in range(3)]
+    hook.send(held, [e["idempotency_key"] for e in held])
+    now = datetime.now(UTC)
+    keys = [f"absent-{n}" for n in range(1198)] + [e["idempotency_key"] for e in held]
+    assert hook.search_events(keys, now - timedelta(hours=1), now + timedelta(minutes=1)) == {"held-0", "held-1",
+                                                                                              "held-2"}
+    assert len([r for r in sandbox.requests if r.path == "/v1/events/search"]) == 3, "500 + 500 + 201 keys"
+    assert hook.search_events(keys, now - timedelta(days=2), now - timedelta(days=1)) == set(), "outside the window"
+    monkeypatch.setattr(OrbHook, "SEARCH_CHUNK", 501)  # more than Orb takes: Orb's 400 fails the call
+    with pytest.raises(FatalDeliveryError, match="between 1 and 500"):
+        hook.search_events(keys, now - timedelta(hours=1), now)

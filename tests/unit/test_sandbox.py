@@ -900,6 +900,183 @@ def test_backfill_auto_closes_at_close_time(orb: OrbSandbox) -> None:
     assert orb.backfills()[0]["status"] == "reflected"
 
 
+# ============================================================================ Orb: reading events back
+
+HOUR = timedelta(hours=1)
+
+
+def hour_of(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def volume(orb: OrbSandbox, **params: Any) -> requests.Response:
+    return requests.get(f"{orb.url}/v1/events/volume", params=params, headers=ORB_AUTH, timeout=5)
+
+
+def search(orb: OrbSandbox, **body: Any) -> requests.Response:
+    return requests.post(f"{orb.url}/v1/events/search", json=body, headers=ORB_AUTH, timeout=5)
+
+
+@pytest.fixture
+def history_orb() -> Iterator[OrbSandbox]:
+    """Orb holding events in three hours, two and five hours ago: 2, 0, 0, 1 per hour."""
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=30)) as sandbox:
+        base = hour_of(now()) - 5 * HOUR
+        stamps = {"a": base + timedelta(minutes=1), "b": base + timedelta(minutes=59, seconds=59),
+                  "c": base + 3 * HOUR}
+        assert ingest(sandbox, [orb_event(k, timestamp=iso(t)) for k, t in stamps.items()]).status_code == 200
+        yield sandbox
+
+
+def test_orb_volume_counts_events_in_the_hour_of_their_timestamp_listing_empty_hours(history_orb: OrbSandbox) -> None:
+    base = hour_of(now()) - 5 * HOUR
+    late = orb_event("late", timestamp=iso(base + timedelta(minutes=30)))  # arrives now, counts 5 hours ago
+    assert ingest(history_orb, [late]).status_code == 200
+    resp = volume(history_orb, timeframe_start=iso(base), timeframe_end=iso(base + 4 * HOUR))
+    assert resp.status_code == 200
+    assert resp.json()["data"] == [
+        {"timeframe_start": iso(base + n * HOUR).replace(".000000", ""),
+         "timeframe_end": iso(base + (n + 1) * HOUR).replace(".000000", ""), "count": count}
+        for n, count in enumerate([3, 0, 0, 1])]
+    assert resp.json()["pagination_metadata"] == {"has_more": False, "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "hours"),
+    [(timedelta(minutes=30), 4 * HOUR, 4), (timedelta(0), 3 * HOUR + timedelta(minutes=1), 4),
+     (timedelta(0), 3 * HOUR, 3)],
+    ids=["start_inside_an_hour_includes_it", "end_inside_an_hour_includes_it", "aligned_end_is_exclusive"],
+)
+def test_orb_volume_widens_a_timeframe_to_whole_hours(
+    history_orb: OrbSandbox, start: timedelta, end: timedelta, hours: int
+) -> None:
+    base = hour_of(now()) - 5 * HOUR
+    data = volume(history_orb, timeframe_start=iso(base + start), timeframe_end=iso(base + end)).json()["data"]
+    assert len(data) == hours and data[0]["timeframe_start"] == iso(base).replace(".000000", "")
+    assert sum(item["count"] for item in data) == (3 if hours == 4 else 2)
+
+
+def test_orb_volume_is_paginated_with_a_cursor(history_orb: OrbSandbox) -> None:
+    base = hour_of(now()) - 5 * HOUR
+    pages, cursor = [], None
+    while True:
+        body = volume(history_orb, timeframe_start=iso(base), timeframe_end=iso(base + 5 * HOUR), limit=2,
+                      **({"cursor": cursor} if cursor else {})).json()
+        pages.append([item["count"] for item in body["data"]])
+        cursor = body["pagination_metadata"]["next_cursor"]
+        if not body["pagination_metadata"]["has_more"]:
+            break
+    assert pages == [[2, 0], [0, 1], [0]]
+
+
+def test_orb_volume_end_defaults_to_now_and_page_size_to_20(history_orb: OrbSandbox) -> None:
+    body = volume(history_orb, timeframe_start=iso(now() - 30 * HOUR)).json()
+    assert len(body["data"]) == 20 and body["pagination_metadata"]["has_more"] is True
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"timeframe_start": "yesterday"}, {"timeframe_start": "2026-01-02T00:00:00Z", "limit": 101},
+     {"timeframe_start": "2026-01-02T00:00:00Z", "limit": 0},
+     {"timeframe_start": "2026-01-02T00:00:00Z", "timeframe_end": "2026-01-01T00:00:00Z"}],
+    ids=["missing_timeframe_start", "unparseable_start", "limit_over_100", "limit_zero", "end_before_start"],
+)
+def test_orb_volume_refuses_bad_parameters(orb: OrbSandbox, params: dict[str, Any]) -> None:
+    resp = volume(orb, **params)
+    assert resp.status_code == 400
+    assert resp.json()["type"] == f"{ORB_ERRORS}#400-request-validation-errors"
+
+
+def test_orb_volume_leaves_out_events_a_replacing_backfill_replaced() -> None:
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10)) as orb:
+        stamp = hour_of(now() - timedelta(days=3))
+        ingest(orb, [orb_event("old-1", timestamp=iso(stamp)), orb_event("old-2", timestamp=iso(stamp))])
+        backfill = create_backfill(orb, **window(4, 2)).json()
+        ingest(orb, [orb_event("new", timestamp=iso(stamp))], params={"backfill_id": backfill["id"]})
+        backfill_action(orb, backfill["id"], "close")
+        data = volume(orb, timeframe_start=iso(stamp), timeframe_end=iso(stamp + HOUR)).json()["data"]
+        assert [item["count"] for item in data] == [1]
+        assert [e["id"] for e in search(orb, event_ids=["old-1", "new"],
+                                        timeframe_start=iso(stamp - HOUR)).json()["data"]] == ["new"]
+
+
+def test_orb_search_finds_held_events_by_id_case_sensitively(history_orb: OrbSandbox) -> None:
+    resp = search(history_orb, event_ids=["a", "A", "c", "never-sent"])
+    assert resp.status_code == 200
+    (a, c) = resp.json()["data"]
+    assert (a["id"], c["id"]) == ("a", "c")
+    assert set(a) == {"id", "customer_id", "external_customer_id", "event_name", "properties", "timestamp",
+                      "deprecated"}
+    assert a["external_customer_id"] == "acct_1" and a["customer_id"] is None and a["deprecated"] is False
+    assert search(history_orb, event_ids=["never-sent"]).json() == {"data": []}, "no 404: an empty list"
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "found"),
+    [(None, None, {"a", "b", "c"}), (2, None, {"c"}), (None, 1, {"a", "b"}), (-200, 6, {"a", "b", "c"}),
+     (-200, -190, set())],
+    ids=["default_last_week", "start_excludes_earlier", "end_is_exclusive", "explicit_wider_timeframe",
+         "older_than_the_events"],
+)
+def test_orb_search_finds_only_events_inside_its_timeframe(
+    history_orb: OrbSandbox, start: int | None, end: int | None, found: set[str]
+) -> None:
+    """``start``/``end``: hours after the first event's hour (None: the default)."""
+    base = hour_of(now()) - 5 * HOUR
+    body: dict[str, Any] = {"event_ids": ["a", "b", "c"]}
+    if start is not None:
+        body["timeframe_start"] = iso(base + start * HOUR)
+    if end is not None:
+        body["timeframe_end"] = iso(base + end * HOUR)
+    assert {e["id"] for e in search(history_orb, **body).json()["data"]} == found
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"event_ids": []}, {"event_ids": [f"k{i}" for i in range(501)]}, {"event_ids": "a"}, {"event_ids": [1]},
+     {}, {"event_ids": ["a"], "customer_id": "c"}, {"event_ids": ["a"], "timeframe_start": "soon"}],
+    ids=["no_ids", "over_500_ids", "ids_not_a_list", "id_not_a_string", "missing_event_ids", "extra_field",
+         "unparseable_timeframe"],
+)
+def test_orb_search_refuses_bad_criteria(orb: OrbSandbox, body: dict[str, Any]) -> None:
+    resp = search(orb, **body)
+    assert resp.status_code == 400
+    assert resp.json()["type"] == f"{ORB_ERRORS}#400-request-validation-errors"
+
+
+def test_orb_search_takes_exactly_500_ids_and_refuses_an_empty_timeframe(history_orb: OrbSandbox) -> None:
+    ids = ["a", *(f"k{i}" for i in range(499))]
+    assert [e["id"] for e in search(history_orb, event_ids=ids).json()["data"]] == ["a"]
+    empty = search(history_orb, event_ids=["a"], timeframe_start=iso(now()), timeframe_end=iso(now() - HOUR))
+    assert empty.status_code == 400 and empty.json()["type"] == f"{ORB_ERRORS}#400-constraint-violation"
+
+
+def test_orb_read_endpoints_need_the_api_key(orb: OrbSandbox) -> None:
+    assert requests.get(f"{orb.url}/v1/events/volume", params={"timeframe_start": iso(now())},
+                        timeout=5).status_code == 401
+    assert requests.post(f"{orb.url}/v1/events/search", json={"event_ids": ["a"]}, timeout=5).status_code == 401
+
+
+def test_a_deleted_event_is_lost_until_its_key_is_sent_again(history_orb: OrbSandbox) -> None:
+    assert history_orb.delete_events(["a", "never-sent"]) == 1
+    assert history_orb.accepted_keys() == {"b", "c"}
+    assert search(history_orb, event_ids=["a"]).json()["data"] == []
+    base = hour_of(now()) - 5 * HOUR
+    assert volume(history_orb, timeframe_start=iso(base), timeframe_end=iso(base + HOUR)).json()["data"][0][
+        "count"] == 1
+    assert ingest(history_orb, [orb_event("a", timestamp=iso(base + timedelta(minutes=1)))]).status_code == 200
+    assert history_orb.accepted_keys() == {"a", "b", "c"} and history_orb.duplicates == 0
+
+
+def test_events_are_deleted_through_the_control_endpoint_too(history_orb: OrbSandbox) -> None:
+    resp = requests.post(f"{history_orb.url}/_sandbox/delete_events", json={"keys": ["b", "c"]}, timeout=5)
+    assert resp.json() == {"ok": True, "deleted": 2}
+    assert history_orb.accepted_keys() == {"a"}
+    bad = requests.post(f"{history_orb.url}/_sandbox/delete_events", json={"keys": "b"}, timeout=5)
+    assert bad.status_code == 400
+
+
+
 # ============================================================================ Kable
 
 

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Engine
 
 from usage_billing.destinations.base import Rejection, timestamp_array
 from usage_billing.ledger import migrate
-from usage_billing.ledger.tables import DELIVERED, HELD, REJECTED, ledger_tables
+from usage_billing.ledger.tables import DELIVERED, HELD, LOST, REJECTED, ledger_tables
 from usage_billing.naming import check_identifier
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Ledger:
         self.schema = check_identifier(schema, "ledger.schema")
         tables = ledger_tables(self.schema)
         self.table, self.history, self.backfills = tables.deliveries, tables.history, tables.backfills
+        self.findings_table = tables.findings
         self._sqlite = engine.dialect.name == "sqlite"
 
     # -- setup ---------------------------------------------------------------------------------
@@ -499,6 +500,93 @@ class Ledger:
                                                            t.event_table.is_not(None), t.event_table != "")
         with self.engine.connect() as conn:
             return sorted(conn.execute(query).scalars())
+
+    # -- reconciliation (usage_billing.reconcile) ------------------------------------------------
+
+    def delivered_per_hour(self, destination: str, start: datetime, end: datetime) -> dict[datetime, int]:
+        """Delivered events per UTC hour of their event timestamp, for ``[start, end)``.
+
+        One scan of the destination's delivered rows in the range: there is no index on the event
+        timestamp, because every mark would pay for it and only this daily query reads it."""
+        t = self.table.c
+        if self._sqlite:  # stored as UTC text 'YYYY-MM-DD HH:MM:SS...'
+            hour = sa.func.substr(t.event_timestamp, 1, 13)
+        else:
+            hour = sa.func.to_char(sa.func.timezone("UTC", t.event_timestamp), "YYYY-MM-DD HH24")
+        query = (sa.select(hour, sa.func.count()).where(
+            t.destination == destination, t.status == DELIVERED, t.event_timestamp >= self._utc(start),
+            t.event_timestamp < self._utc(end)).group_by(hour))
+        with self.engine.connect() as conn:
+            return {datetime.strptime(text, "%Y-%m-%d %H").replace(tzinfo=UTC): int(count)
+                    for text, count in conn.execute(query)}
+
+    def delivered_keys_in(self, destination: str, hours: Sequence[datetime]) -> dict[datetime, list[str]]:
+        """The keys of the delivered events of each of ``hours`` (UTC hour starts), in one query."""
+        if not hours:
+            return {}
+        t = self.table.c
+        ranges = [sa.and_(t.event_timestamp >= self._utc(h), t.event_timestamp < self._utc(h + timedelta(hours=1)))
+                  for h in hours]
+        query = sa.select(t.idempotency_key, t.event_timestamp).where(
+            t.destination == destination, t.status == DELIVERED, sa.or_(*ranges))
+        found: dict[datetime, list[str]] = {hour: [] for hour in hours}
+        with self.engine.connect() as conn:
+            for key, stamp in conn.execute(query):
+                stamp = _parse_time(stamp)
+                stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+                found[stamp.astimezone(UTC).replace(minute=0, second=0, microsecond=0)].append(key)
+        return found
+
+    def mark_lost(self, destination: str, keys: Sequence[str], run: RunRef, now: datetime,
+                  reason: str) -> list[dict]:
+        """Mark delivered events the destination turned out not to hold as ``lost``, so the next
+        delivery of their ids sends them again under the same keys; their delivery so far is kept
+        in ``delivery_history``. Returns the rows marked (key, message id, table, timestamp)."""
+        if not keys:
+            return []
+        t = self.table.c
+        self._archive(destination, keys, run, now)
+        where = sa.and_(t.destination == destination, t.status == DELIVERED, self._among(t.idempotency_key, keys))
+        with self.engine.begin() as conn:
+            rows = [dict(row._mapping) for row in conn.execute(
+                sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp).where(where))]
+            conn.execute(self.table.update().where(where).values(
+                status=LOST, reason=reason[:MAX_REASON], last_attempt_at=self._bind_time(now),
+                dag_id=run.dag_id, run_id=run.run_id))
+        return rows
+
+    def record_findings(self, destination: str, findings: Sequence[Mapping[str, object]], run: RunRef,
+                        now: datetime) -> None:
+        """Add findings (``kind``, ``hour``, optional ``idempotency_key``, ``events``, ``detail``)."""
+        if not findings:
+            return
+        rows = [{"destination": destination, "kind": f["kind"], "hour": self._utc(f["hour"]),  # type: ignore[arg-type]
+                 "idempotency_key": f.get("idempotency_key"), "events": f.get("events", 1),
+                 "detail": str(f.get("detail") or "")[:MAX_REASON], "found_at": self._utc(now),
+                 "dag_id": run.dag_id, "run_id": run.run_id} for f in findings]
+        with self.engine.begin() as conn:
+            conn.execute(self.findings_table.insert(), rows)
+
+    def heal_findings(self, destination: str, kind: str, keys: Sequence[str], run: RunRef, now: datetime) -> None:
+        """Mark the open findings of ``kind`` for these keys healed."""
+        if not keys:
+            return
+        f = self.findings_table.c
+        with self.engine.begin() as conn:
+            conn.execute(self.findings_table.update().where(
+                f.destination == destination, f.kind == kind, f.healed_at.is_(None),
+                self._among(f.idempotency_key, keys)).values(healed_at=self._utc(now), healed_by_run=run.run_id))
+
+    def findings(self, destination: str) -> list[dict]:
+        """Every finding of a destination, oldest first."""
+        f = self.findings_table.c
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(
+                sa.select(self.findings_table).where(f.destination == destination).order_by(f.id))]
+
+    def _utc(self, value: datetime) -> datetime:
+        # SQLite stores the wall-clock text it is given: every value goes in as UTC.
+        return value.astimezone(UTC) if self._sqlite else value
 
 
 def _array_literal(values: Sequence[object]) -> str:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 DELIVERED, REJECTED, HELD = "delivered", "rejected", "held"
+# Delivered once, but reconciliation found the destination does not hold it: to be sent again under
+# the same idempotency key (every delivery path sends what is neither delivered nor rejected).
+LOST = "lost"
 
 
 def key_type(length: int) -> sa.types.TypeEngine:
@@ -25,10 +28,11 @@ class LedgerTables:
     deliveries: sa.Table
     history: sa.Table
     backfills: sa.Table
+    findings: sa.Table
 
 
 def ledger_tables(schema: str) -> LedgerTables:
-    """The three ledger tables in ``schema`` (a new MetaData each call: one per Ledger)."""
+    """The ledger tables in ``schema`` (a new MetaData each call: one per Ledger)."""
     metadata = sa.MetaData(schema=schema)
     deliveries = sa.Table(
         "deliveries", metadata,
@@ -92,4 +96,21 @@ def ledger_tables(schema: str) -> LedgerTables:
         sa.Column("dag_id", sa.String(250)),
         sa.Column("run_id", sa.String(250)),
     )
-    return LedgerTables(deliveries, history, backfills)
+    # 0003: what reconciliation found (usage_billing.reconcile), and whether it was healed.
+    findings = sa.Table(
+        "findings", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("destination", sa.String(32), nullable=False),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("hour", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("idempotency_key", sa.String(255)),
+        sa.Column("events", sa.Integer, nullable=False, server_default="1"),
+        sa.Column("detail", sa.Text),
+        sa.Column("found_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("dag_id", sa.String(250)),
+        sa.Column("run_id", sa.String(250)),
+        sa.Column("healed_at", sa.DateTime(timezone=True)),
+        sa.Column("healed_by_run", sa.String(250)),
+        sa.Index("ix_findings_key", "destination", "idempotency_key"),
+    )
+    return LedgerTables(deliveries, history, backfills, findings)

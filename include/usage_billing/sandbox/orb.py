@@ -1,4 +1,5 @@
-"""A local imitation of Orb's event-ingestion API (``POST /v1/ingest`` and backfills).
+"""A local imitation of Orb's event-ingestion API (``POST /v1/ingest``, backfills, and the two read
+endpoints reconciliation uses: ``GET /v1/events/volume`` and ``POST /v1/events/search``).
 
 Behaviour follows Orb's OpenAPI spec (``IngestRequestBody``/``IngestEvent``,
 ``IngestionResponse``, ``RequestValidationError``, ``NewBackfill``/``Backfill``) and the
@@ -15,6 +16,14 @@ research notes in ``orb-api-notes.md`` §1-4:
   request and nothing is ingested; with ``"200"`` valid events are ingested and the failures
   are listed in ``validation_failed`` (older observed behaviour).
 * Already-ingested keys are silently de-duplicated.
+* ``GET /v1/events/volume`` (``EventVolumes``): hourly UTC buckets of the held events by their
+  ``timestamp`` (a late event counts in its own hour), ``timeframe_start`` required and widened to
+  the hour it falls in, ``timeframe_end`` (default now) to the end of its hour; every hour of the
+  timeframe is listed, zero counts included, oldest first, ``limit`` 1-100 (default 20) per page.
+* ``POST /v1/events/search`` (``EventSearchCriteria`` -> ``Events``): the held events whose id (the
+  idempotency key, case-sensitive) is among ``event_ids`` (1 to 500; 400 otherwise) and whose
+  timestamp lies in ``[timeframe_start, timeframe_end)`` (default: one week ago to now). No 404 for
+  no match: an empty ``data``.
 
 Sandbox simplifications (documented deviations from the real service):
 
@@ -24,6 +33,12 @@ Sandbox simplifications (documented deviations from the real service):
   ``close_time`` has passed is closed lazily on the next request or accessor call.
 * ``deprecation_filter`` is stored and echoed but not evaluated: a replacing backfill removes
   every event in its timeframe and customer scope.
+* The volume response adds ``pagination_metadata`` (``has_more``, ``next_cursor``) as Orb's other
+  paginated lists do; the spec's ``EventVolumes`` schema lists only ``data`` but the endpoint takes a
+  ``cursor`` and is documented as a paginated list.
+* Nothing is ever deprecated or amended: a replacing backfill removes the events it replaces (Orb
+  keeps them, deprecated). So every event volume counts and search returns is a live one, as Orb
+  counts them, and ``deprecated`` is always false.
 * Backfills live in memory only; ``state_file`` persists accepted events (and removals made by
   replacing backfills), not pending backfills.
 """
@@ -71,6 +86,12 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 MAX_BACKFILL_DURATION = timedelta(days=31)
 #: ``close_time`` default: creation time plus one day.
 DEFAULT_BACKFILL_CLOSE_AFTER = timedelta(days=1)
+#: ``POST /v1/events/search``: at most this many ``event_ids`` per request.
+MAX_SEARCH_IDS = 500
+#: ``POST /v1/events/search``: the timeframe's start when none is given.
+DEFAULT_SEARCH_WINDOW = timedelta(weeks=1)
+HOUR = timedelta(hours=1)
+SEARCH_FIELDS = frozenset({"event_ids", "timeframe_start", "timeframe_end"})
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _ZERO_OFFSET = timedelta(0)
@@ -216,6 +237,11 @@ def _plainly_valid(event: Any, earliest: datetime, latest: datetime) -> bool:
     except ValueError:
         return False
     return earliest <= timestamp <= latest
+
+
+def _hour_of(moment: datetime) -> datetime:
+    """The UTC hour a moment falls in (Orb's volume buckets)."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 def _customer_of(event: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -629,6 +655,10 @@ class OrbSandbox(SandboxServer):
                 },
                 {"Allow": "POST"},
             )
+        if path.rstrip("/") == "/v1/events/volume" and method == "GET":
+            return self._event_volume(query)
+        if path.rstrip("/") == "/v1/events/search" and method == "POST":
+            return self._search_events(raw)
         if path.rstrip("/") == "/v1/events/backfills":
             if method == "POST":
                 return self._create_backfill(raw)
@@ -644,6 +674,88 @@ class OrbSandbox(SandboxServer):
             if action == "revert" and method == "POST":
                 return self._with_backfill(backfill_id, self._revert_action)
         return self._not_found(path)
+
+    # ------------------------------------------------------------------ reading events back
+
+    def _event_volume(self, query: dict[str, list[str]]) -> Response:
+        """``GET /v1/events/volume``: hourly counts by event timestamp, paginated (see the module docstring)."""
+        try:
+            limit = int((query.get("limit") or ["20"])[0])
+            offset = int((query.get("cursor") or ["0"])[0] or 0)
+            if not 1 <= limit <= 100 or offset < 0:
+                raise ValueError
+        except ValueError:
+            return self._request_invalid("limit must be an integer in [1, 100] and cursor a value from next_cursor")
+        start_text = (query.get("timeframe_start") or [""])[0]
+        end_text = (query.get("timeframe_end") or [""])[0]
+        if not start_text:
+            return self._request_invalid("Missing required query parameter 'timeframe_start'")
+        try:
+            start = parse_timestamp(start_text, require_utc=False)
+            end = parse_timestamp(end_text, require_utc=False) if end_text else utcnow()
+        except ValueError as exc:
+            return self._request_invalid(f"timeframe: {exc}")
+        first = _hour_of(start)
+        # An end inside an hour includes that hour; an hour-aligned end is exclusive.
+        last = _hour_of(end) + (HOUR if end != _hour_of(end) else timedelta(0))
+        if last <= first:
+            return self._request_invalid("timeframe_end must be after timeframe_start")
+        hours = int((last - first) / HOUR)
+        counts: Counter[datetime] = Counter()
+        with self._lock:
+            for event in self._keys.values():
+                stamp = _hour_of(parse_timestamp(event["timestamp"]))
+                if first <= stamp < last:
+                    counts[stamp] += 1
+        page = [first + HOUR * n for n in range(offset, min(offset + limit, hours))]
+        has_more = offset + limit < hours
+        return Response(200, {
+            "data": [{"timeframe_start": format_time(hour), "timeframe_end": format_time(hour + HOUR),
+                      "count": counts[hour]} for hour in page],
+            "pagination_metadata": {"has_more": has_more, "next_cursor": str(offset + limit) if has_more else None},
+        })
+
+    def _search_events(self, raw: bytes) -> Response:
+        """``POST /v1/events/search``: the held events among ``event_ids`` inside the timeframe."""
+        try:
+            body = parse_json(raw)
+        except BadBody as exc:
+            return self._request_invalid(str(exc))
+        if not isinstance(body, dict):
+            return self._request_invalid("body must be a JSON object (EventSearchCriteria)")
+        errors = [f"Unexpected field '{name}': additional properties are not allowed"
+                  for name in sorted(set(body) - SEARCH_FIELDS)]
+        ids = body.get("event_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            errors.append("event_ids must be an array of strings")
+        elif not 1 <= len(ids) <= MAX_SEARCH_IDS:
+            errors.append(f"event_ids must hold between 1 and {MAX_SEARCH_IDS} ids, not {len(ids)}")
+        now = utcnow()
+        bounds = {"timeframe_start": now - DEFAULT_SEARCH_WINDOW, "timeframe_end": now}
+        for name in bounds:
+            if body.get(name) is not None:
+                try:
+                    bounds[name] = parse_timestamp(body[name], require_utc=False)
+                except ValueError as exc:
+                    errors.append(f"{name}: {exc}")
+        if errors:
+            return problem(400, TYPE_VALIDATION, "Request validation errors", "; ".join(errors),
+                           validation_errors=errors)
+        start, end = bounds["timeframe_start"], bounds["timeframe_end"]
+        if end <= start:
+            return problem(400, TYPE_CONSTRAINT, "Constraint violation", "timeframe_end must be after timeframe_start.")
+        with self._lock:
+            self._tick()
+            held = [self._keys[key] for key in dict.fromkeys(ids) if key in self._keys]
+        found = []
+        for event in held:
+            stamp = parse_timestamp(event["timestamp"])
+            if start <= stamp < end:
+                found.append({"id": event["idempotency_key"], "customer_id": event.get("customer_id"),
+                              "external_customer_id": event.get("external_customer_id"),
+                              "event_name": event["event_name"], "properties": event["properties"],
+                              "timestamp": format_time(stamp), "deprecated": False})
+        return Response(200, {"data": found})
 
     def _create_backfill(self, raw: bytes) -> Response:
         """Create a backfill (``NewBackfill``).

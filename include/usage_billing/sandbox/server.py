@@ -543,6 +543,15 @@ class SandboxServer:
             status = rng.choice(_SERVER_ERROR_STATUSES) if kind is Fault.SERVER_ERROR else None
             return self._make_plan(kind, status=status, **self._random_params)
 
+    def delete_events(self, keys: Iterable[str]) -> int:
+        """Remove accepted events by key, as if the vendor had lost them; returns how many were held.
+
+        A test helper (also ``POST /_sandbox/delete_events``): reconciliation must find the loss and
+        re-send the event, which the sandbox then accepts again under the same key.
+        """
+        with self._lock:
+            return len(self._remove_keys(keys))
+
     # ------------------------------------------------------------------ reset / state
 
     def reset(self) -> None:
@@ -820,6 +829,15 @@ class SandboxServer:
         if route == ("POST", "/_sandbox/reset"):
             self.reset()
             return Response(200, {"ok": True})
+        if route == ("POST", "/_sandbox/delete_events"):
+            try:
+                spec = parse_json(raw)
+                keys = spec.get("keys") if isinstance(spec, dict) else None
+                if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                    raise ValueError('body must be an object {"keys": [...]} of strings')
+            except (BadBody, ValueError) as exc:
+                return Response(400, {"ok": False, "error": str(exc)})
+            return Response(200, {"ok": True, "deleted": self.delete_events(keys)})
         if route == ("DELETE", "/_sandbox/faults"):
             self.clear_faults()
             return Response(200, {"ok": True})

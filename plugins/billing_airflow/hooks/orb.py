@@ -10,11 +10,16 @@ API key, sent as ``Authorization: Bearer``. Contract (Orb's OpenAPI ``/ingest``)
   processed); otherwise the delivery core bisects the batch;
 * 429 / 5xx: retried whole (safe: Orb ingests each idempotency key at most once);
 * 401 / 404: the task fails (credentials or URL are wrong).
+
+Reading back what Orb holds (reconciliation): ``GET /v1/events/volume`` (hourly counts by event
+timestamp, followed page by page) and ``POST /v1/events/search`` (at most 500 idempotency keys per
+request), through the same retries and pacing as every other call.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import requests
 
@@ -76,6 +81,58 @@ class OrbHook(BillingApiHook):
             outcome = outcome.merge(self.send([e for e, _ in rest], [k for _, k in rest], backfill_id))
         return outcome
 
+    # -- reading back (usage_billing.reconcile.EventReader) ------------------------------------------------
+
+    #: Orb's cap on ``event_ids`` per search request (``EventSearchCriteria.maxItems``).
+    SEARCH_CHUNK = 500
+    #: Hours per volume page: the spec's maximum ``limit``, so a week is two requests.
+    VOLUME_PAGE = 100
+
+    def event_volume(self, start: datetime, end: datetime) -> dict[datetime, int]:
+        """Orb's event count per UTC hour (by event timestamp) for the hours of ``[start, end)``.
+
+        Hours Orb does not list count as zero. Orb widens an unaligned bound to the hour it falls in,
+        so callers pass whole hours."""
+        counts: dict[datetime, int] = {}
+        params: dict[str, object] = {"timeframe_start": _iso(start), "timeframe_end": _iso(end),
+                                     "limit": self.VOLUME_PAGE}
+        while True:
+            self.pacer.acquire(0)  # a request, no events
+            status, body = self.call_json("GET", "v1/events/volume", params=params)
+            if status != 200 or not isinstance(body, dict):
+                raise FatalDeliveryError(f"orb: reading event volume for [{_iso(start)}, {_iso(end)}) failed: "
+                                         f"HTTP {status}: {_detail(body)}")
+            for bucket in body.get("data") or []:
+                hour = _time(bucket["timeframe_start"]).astimezone(UTC)
+                counts[hour] = counts.get(hour, 0) + int(bucket.get("count") or 0)
+            # The spec's EventVolumes has no pagination_metadata; a page without it is the last one.
+            meta = body.get("pagination_metadata") or {}
+            if not meta.get("has_more") or not meta.get("next_cursor"):
+                return counts
+            params = {**params, "cursor": meta["next_cursor"]}
+
+    def search_events(self, keys: Sequence[str], start: datetime, end: datetime) -> set[str]:
+        """The idempotency keys among ``keys`` that Orb holds with a timestamp in ``[start, end)``.
+
+        Searched 500 keys per request (Orb's cap). Deprecated events (replaced by a backfill) do not
+        count as held; amended ones cannot be searched by id at all (the spec says so), which a
+        pipeline that never amends does not meet."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(keys))
+        # Orb's default timeframe is the last week: always say which one is meant.
+        window = {"timeframe_start": _iso(start), "timeframe_end": _iso_ceil(end)}
+        for offset in range(0, len(unique), self.SEARCH_CHUNK):
+            chunk = unique[offset:offset + self.SEARCH_CHUNK]
+            self.pacer.acquire(0)
+            status, body = self.call_json("POST", "v1/events/search", json={"event_ids": chunk, **window})
+            if status != 200 or not isinstance(body, dict):
+                raise FatalDeliveryError(f"orb: searching {len(chunk)} events in [{_iso(start)}, {_iso(end)}) failed: "
+                                         f"HTTP {status}: {_detail(body)}")
+            asked = set(chunk)
+            found.update(str(event["id"]) for event in body.get("data") or []
+                         if isinstance(event, dict) and event.get("id") in asked and not event.get("deprecated"))
+        return found
+
     # -- backfills (usage_billing.delivery.contract.BackfillApi) -----------------------------------------------
 
     def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
@@ -128,6 +185,11 @@ class OrbHook(BillingApiHook):
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso_ceil(moment: datetime) -> str:
+    """An exclusive end in whole seconds that still covers ``moment``'s own second's fraction."""
+    return _iso(moment + timedelta(seconds=1) if moment.microsecond else moment)
 
 
 def _time(value: str) -> datetime:

@@ -1,0 +1,227 @@
+"""Reconciliation's I/O: read the three sides, check keys, record findings, heal through the delivery core.
+
+Healing keeps exactly-once: an event the ledger has as delivered that the destination does not hold
+is marked ``lost`` in the ledger (its earlier delivery kept in ``delivery_history``) and delivered
+again by :func:`usage_billing.delivery.deliver` from its warehouse row, under the same idempotency
+key: live inside the grace period, through a backfill beyond it, as any late event. Nothing is
+ever deleted from the destination: events it holds that the ledger does not know are reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+
+from usage_billing.delivery.contract import DeliveryFailed
+from usage_billing.delivery.job import DeliveryJob, Scope
+from usage_billing.delivery.runs import deliver
+from usage_billing.delivery.sending import dedupe_keys
+from usage_billing.ledger import DELIVERED, REJECTED
+from usage_billing.reconcile.compare import (
+    EVERY_HOUR,
+    HOUR,
+    MISSING_IN_DESTINATION,
+    NOT_DELIVERED,
+    NOT_IN_WAREHOUSE,
+    UNKNOWN_TO_LEDGER,
+    UNMATCHED_COUNT,
+    HourLine,
+    ReconcileReport,
+    choose_hours,
+    hours_between,
+)
+from usage_billing.sources import Partition, ReadRequest, Window
+
+log = logging.getLogger(__name__)
+
+# Hours whose ledger keys are fetched in one query (one scan of the ledger per batch).
+HOURS_PER_QUERY = 24
+# Keys per search request (Orb's cap, which the hook applies): only to count the requests made.
+SEARCH_CHUNK = 500
+
+
+class EventReader(Protocol):
+    """A destination's read API (implemented by the hooks of destinations that declare ``read_api``)."""
+
+    def event_volume(self, start: datetime, end: datetime) -> dict[datetime, int]:
+        """Events held per UTC hour of their timestamp, for the hours of ``[start, end)``."""
+
+    def search_events(self, keys: Sequence[str], start: datetime, end: datetime) -> set[str]:
+        """The keys among ``keys`` held with a timestamp in ``[start, end)``."""
+
+
+def reconcile(job: DeliveryJob, tables: Sequence[str], start: datetime, end: datetime, *, sample_hours: int = 2,
+              compare_volume: bool = True, rng: random.Random | None = None) -> ReconcileReport:
+    """Compare, check keys, heal and record the findings for the whole hours covering ``[start, end)``.
+
+    ``rng`` picks the sampled hours; by default it is seeded with the destination and the range, so a
+    retried task checks the same hours."""
+    destination, ledger = job.destination, job.ledger
+    name = destination.name
+    hours = hours_between(start, end)
+    start, end = hours[0], hours[-1] + HOUR
+    reader: EventReader | None = job.sender if destination.capabilities.read_api else None  # type: ignore[assignment]
+    if reader is None:
+        compared = f"warehouse and ledger only: {name} has no read API for events"
+    elif compare_volume:
+        compared = f"warehouse, ledger and {name} (hourly volume, then keys)"
+    else:
+        compared = f"warehouse, ledger and {name} by key only (reconcile.compare_volume: false)"
+    report = ReconcileReport(name, start, end, compared, [HourLine(hour) for hour in hours])
+    lines = {line.hour: line for line in report.lines}
+
+    for hour, count in ledger.delivered_per_hour(name, start, end).items():
+        lines[hour].ledger = count
+    _tally_warehouse(job, tables, start, end, lines)
+    if reader is not None and compare_volume:
+        volume = reader.event_volume(start, end)
+        for line in report.lines:
+            line.destination = volume.get(line.hour, 0)
+    if reader is None:
+        log.info("%s has no read API: reconciling the warehouse against the ledger only", name)
+        return _finish(job, report)
+    if not compare_volume:
+        report.notes.append(f"{name}'s hourly counts are not compared (reconcile.compare_volume: false): every hour's "
+                            f"delivered keys are searched; events of another ingester cannot be seen")
+    choose_hours(report.lines, sample_hours, rng or random.Random(f"{name}:{start.isoformat()}:{end.isoformat()}"),
+                 every_hour=not compare_volume)
+    _check_keys(job, reader, tables, report)
+    _heal(job, report)
+    return _finish(job, report)
+
+
+def _tally_warehouse(job: DeliveryJob, tables: Sequence[str], start: datetime, end: datetime,
+                     lines: dict[datetime, HourLine]) -> None:
+    """Per hour of event time: the warehouse's deliverable events, and what the ledger says of them."""
+    for keys, stamps in _warehouse_events(job, tables, start, end):
+        statuses = job.ledger.status_of(job.destination.name, keys) if keys else {}
+        counts: Counter = Counter()
+        for key, hour in zip(keys, stamps, strict=True):
+            counts[(hour, "warehouse")] += 1
+            counts[(hour, statuses.get(key))] += 1
+        for (hour, what), count in counts.items():
+            line = lines.get(hour)
+            if line is None:  # pragma: no cover - the read is bounded by the range
+                continue
+            if what == "warehouse":
+                line.warehouse += count
+            elif what == DELIVERED:
+                line.delivered += count
+            elif what == REJECTED:
+                line.rejected += count
+
+
+def _warehouse_events(job: DeliveryJob, tables: Sequence[str], start: datetime,
+                      end: datetime) -> Iterator[tuple[list[str], list[datetime]]]:
+    """(keys, UTC hours) of the deliverable events whose timestamp lies in ``[start, end)``, chunk by
+    chunk, mapped as a delivery would map them."""
+    destination, now = job.destination, job.now()
+    for table in tables:
+        columns = job.source.table_columns(table)
+        if columns is None:
+            continue
+        # Selected by event time, as replace mode does: the hours compared are event hours.
+        request = ReadRequest(Partition(table), Window(start, end), [*destination.required_columns(columns),
+                                                                     "timestamp"], "timestamp", job.chunk_size)
+        for chunk in job.source.read(request):
+            mapped = destination.map_events(chunk, now)
+            dedupe_keys(mapped)
+            hours = mapped.timestamps.astype("datetime64[h]")
+            keep = ~np.isnat(hours)
+            distinct, position = np.unique(hours[keep], return_inverse=True)
+            as_datetime = [datetime.fromisoformat(f"{h}:00+00:00") for h in distinct.astype(str)]
+            keys = [key for key, kept in zip(mapped.keys, keep.tolist(), strict=True) if kept]
+            yield keys, [as_datetime[p] for p in position.tolist()]
+
+
+def _check_keys(job: DeliveryJob, reader: EventReader, tables: Sequence[str], report: ReconcileReport) -> None:
+    """Search the destination for the checked hours' delivered keys (what it lost) and, where it counts
+    more than the ledger, for the warehouse keys the ledger has not as delivered (what it holds that
+    the ledger does not know)."""
+    name = job.destination.name
+    checked = report.checked_hours
+    for offset in range(0, len(checked), HOURS_PER_QUERY):
+        batch = checked[offset:offset + HOURS_PER_QUERY]
+        keys_by_hour = job.ledger.delivered_keys_in(name, [line.hour for line in batch])
+        for line in batch:
+            keys = keys_by_hour.get(line.hour, [])
+            if keys:
+                found = reader.search_events(keys, line.hour, line.hour + HOUR)
+                report.searches += -(-len(keys) // SEARCH_CHUNK)
+                line.lost = sorted(set(keys) - found)
+            excess = (line.destination - line.ledger) if line.destination is not None else 0
+            if excess > 0 or (line.checked == EVERY_HOUR and line.not_delivered + line.rejected > 0):
+                suspects = _undelivered_keys(job, tables, line.hour)
+                if suspects:
+                    held = reader.search_events(list(suspects), line.hour, line.hour + HOUR)
+                    report.searches += -(-len(suspects) // SEARCH_CHUNK)
+                    line.unknown = sorted(held)
+                    line.unknown_undelivered = sum(1 for key in held if suspects[key] not in (DELIVERED, REJECTED))
+
+
+def _undelivered_keys(job: DeliveryJob, tables: Sequence[str], hour: datetime) -> dict[str, str | None]:
+    """The hour's deliverable warehouse keys the ledger does not have as delivered, with their status."""
+    suspects: dict[str, str | None] = {}
+    for keys, _hours in _warehouse_events(job, tables, hour, hour + HOUR):
+        statuses = job.ledger.status_of(job.destination.name, keys) if keys else {}
+        suspects.update({key: statuses.get(key) for key in keys if statuses.get(key) != DELIVERED})
+    return suspects
+
+
+def _heal(job: DeliveryJob, report: ReconcileReport) -> None:
+    """Re-send what the destination lost, under the same keys, and record the findings."""
+    destination, ledger, run, now = job.destination, job.ledger, job.run, job.now()
+    name = destination.name
+    hour_of_key = {key: line.hour for line in report.lines for key in line.lost}
+    if not hour_of_key:
+        return
+    rows = ledger.mark_lost(name, list(hour_of_key), run, now,
+                            reason=f"reconciliation: delivered, but {name} does not hold it; re-sent under its key")
+    ledger.record_findings(name, [
+        {"kind": MISSING_IN_DESTINATION, "hour": hour, "idempotency_key": key,
+         "detail": f"delivered per the ledger, not found by {name}'s search for the hour"}
+        for key, hour in hour_of_key.items()], run, now)
+    by_table: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_table[row["event_table"]].append(row["message_id"])
+    for table, message_ids in sorted(by_table.items()):
+        label = f"reconciliation: re-send {len(message_ids)} events {name} does not hold"
+        try:
+            delivery = deliver(job, Scope(Partition(table), ids=message_ids, label=label))
+        except DeliveryFailed as error:
+            report.notes.append(f"re-sending to {name} failed: {error}")
+            continue
+        report.notes.append(f"{table}: re-sent {delivery.accepted} of {len(message_ids)} lost events "
+                            f"({delivery.backfills} through backfills)")
+        log.info("%s", delivery.render())
+    statuses = ledger.status_of(name, list(hour_of_key))
+    healed = [key for key in hour_of_key if statuses.get(key) == DELIVERED]
+    ledger.heal_findings(name, MISSING_IN_DESTINATION, healed, run, now)
+    healed_set = set(healed)
+    for line in report.lines:
+        line.healed = [key for key in line.lost if key in healed_set]
+
+
+def _finish(job: DeliveryJob, report: ReconcileReport) -> ReconcileReport:
+    """Record what is still standing as findings (what was lost is recorded by the healing)."""
+    name = job.destination.name
+    findings: list[dict] = []
+    for line in report.lines:
+        findings += [{"kind": UNKNOWN_TO_LEDGER, "hour": line.hour, "idempotency_key": key,
+                      "detail": f"held by {name}, not delivered per the ledger: reported, not deleted"}
+                     for key in line.unknown]
+        for kind, count, detail in (
+                (NOT_DELIVERED, line.not_delivered - line.unknown_undelivered,
+                 "deliverable warehouse events the ledger has neither delivered nor rejected"),
+                (NOT_IN_WAREHOUSE, line.not_in_warehouse, "delivered events that are not deliverable warehouse rows"),
+                (UNMATCHED_COUNT, line.unmatched, f"{name}'s count minus the ledger's, after the key check")):
+            if count:
+                findings.append({"kind": kind, "hour": line.hour, "events": count, "detail": detail})
+    job.ledger.record_findings(name, findings, job.run, job.now())
+    return report
