@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import yaml
 
 from tests.integration.conftest import ORB_KEY, config, make_world
-from usage_billing.reconcile import reconcile
+from usage_billing.reconcile import Checking, reconcile
 from usage_billing.reconcile.compare import DISAGREES, SAMPLE, hour_of
 
 HOURS = 30
@@ -37,7 +37,7 @@ def check(world, run: str = "rec-1", **options):
     """Reconcile the world's whole range through the Orb hook, as the task does."""
     start = hour_of(world.now) - (HOURS + 1) * HOUR
     with world.hook() as hook:
-        return reconcile(world.job(hook, run), world.settings.source.events, start, world.now, **options)
+        return reconcile(world.job(hook, run), world.settings.source.events, start, world.now, Checking(**options))
 
 
 def delivered_key(world, older_than: timedelta | None = None, newer_than: timedelta | None = None) -> tuple[str, datetime]:
@@ -167,7 +167,7 @@ def test_a_busy_hour_is_searched_500_keys_at_a_time_and_a_long_range_counted_pag
         end = hour_of(world.now)
         with world.hook() as hook:
             report = reconcile(world.job(hook, "rec-busy"), world.settings.source.events, end - 150 * HOUR, end,
-                               sample_hours=1, rng=Busiest())
+                               Checking(sample_hours=1, rng=Busiest()))
         assert report.unresolved() == [], report.render()
         (sampled,) = report.checked_hours
         assert sampled.ledger > 500

@@ -16,6 +16,6 @@ agree, is checked key by key (Orb's ``POST /v1/events/search``).
 from __future__ import annotations
 
 from usage_billing.reconcile.compare import HourLine, ReconcileReport, choose_hours, hours_between
-from usage_billing.reconcile.run import EventReader, reconcile
+from usage_billing.reconcile.run import Checking, EventReader, reconcile
 
-__all__ = ["EventReader", "HourLine", "ReconcileReport", "choose_hours", "hours_between", "reconcile"]
+__all__ = ["Checking", "EventReader", "HourLine", "ReconcileReport", "choose_hours", "hours_between", "reconcile"]

@@ -13,6 +13,7 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -56,12 +57,22 @@ class EventReader(Protocol):
         """The keys among ``keys`` held with a timestamp in ``[start, end)``."""
 
 
-def reconcile(job: DeliveryJob, tables: Sequence[str], start: datetime, end: datetime, *, sample_hours: int = 2,
-              compare_volume: bool = True, rng: random.Random | None = None) -> ReconcileReport:
-    """Compare, check keys, heal and record the findings for the whole hours covering ``[start, end)``.
-
-    ``rng`` picks the sampled hours; by default it is seeded with the destination and the range, so a
+@dataclass(frozen=True)
+class Checking:
+    """How closely to check: ``sample_hours`` agreeing hours are also searched key by key; without
+    ``compare_volume`` every hour's keys are searched instead of comparing hourly counts. ``rng``
+    picks the sampled hours; by default it is seeded with the destination and the range, so a
     retried task checks the same hours."""
+
+    sample_hours: int = 2
+    compare_volume: bool = True
+    rng: random.Random | None = None
+
+
+def reconcile(job: DeliveryJob, tables: Sequence[str], start: datetime, end: datetime,
+              checking: Checking = Checking()) -> ReconcileReport:
+    """Compare, check keys, heal and record the findings for the whole hours covering ``[start, end)``."""
+    sample_hours, compare_volume, rng = checking.sample_hours, checking.compare_volume, checking.rng
     destination, ledger = job.destination, job.ledger
     name = destination.name
     hours = hours_between(start, end)

@@ -14,7 +14,7 @@ from billing_airflow.operators.deliver import _ConfiguredOperator, open_hook, op
 from usage_billing.delivery import DeliveryJob
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import RunRef
-from usage_billing.reconcile import reconcile
+from usage_billing.reconcile import Checking, reconcile
 from usage_billing.reconcile.compare import hour_of
 
 
@@ -58,8 +58,8 @@ class ReconcileOperator(_ConfiguredOperator):
         with open_warehouse(settings) as (source, ledger), hook:
             ledger.create()
             job = DeliveryJob.from_settings(settings, destination, source, ledger, hook, run)
-            report = reconcile(job, settings.source.events, start, end, sample_hours=options.sample_hours,
-                               compare_volume=options.compare_volume)
+            report = reconcile(job, settings.source.events, start, end,
+                               Checking(options.sample_hours, options.compare_volume))
         self.log.info("%s", report.render())
         unresolved = report.unresolved()
         if unresolved:

@@ -15,7 +15,7 @@ from tests.unit.delivery.conftest import NOW, events, settings
 from usage_billing.delivery import DeliveryJob, deliver_window
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
-from usage_billing.reconcile import reconcile
+from usage_billing.reconcile import Checking, reconcile
 from usage_billing.reconcile.compare import DISAGREES, SAMPLE
 from usage_billing.reconcile.fake import FakeReadingSender
 from usage_billing.sources import Partition, Window
@@ -52,7 +52,7 @@ def delivered_world(ledger: Ledger, name: str = "orb", start=START, count: int =
 
 
 def run(ledger, sender, source, name="orb", run="rec-1", start=START, **options):
-    return reconcile(job(ledger, sender, source, name, run), ["api_call"], start, NOW, **options)
+    return reconcile(job(ledger, sender, source, name, run), ["api_call"], start, NOW, Checking(**options))
 
 
 def test_a_delivered_range_agrees_and_only_the_sample_is_searched(ledger):
