@@ -511,6 +511,10 @@ class TimedSender:
 
         hook.pacer.acquire = timed_acquire
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything but send (customer lookups, backfills) goes to the hook untimed.
+        return getattr(self.hook, name)
+
     def send(self, events: list[dict], keys: list[str]) -> Any:
         profile = None
         if self.profiles is not None:

@@ -103,6 +103,10 @@ class World:
                 ids.update(r[0] for r in rows)
         return ids
 
+    def ingest_requests(self) -> list:
+        """The sandbox's event batches (its other requests: customer lookups, backfills)."""
+        return [r for r in self.sandbox.requests if r.path.rstrip("/").endswith(("/ingest", "/events/create"))]
+
     def ledger_keys(self, status: str) -> set[str]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(self.ledger.table.c.idempotency_key).where(

@@ -48,7 +48,7 @@ def test_batches_respect_the_configured_size(name, pg_engine, schemas, monkeypat
     for world in make_world(name, pg_engine, schemas, monkeypatch,
                             destination_overrides={name: {"batch_size": 7}}):
         reports = world.deliver()
-        sizes = [r.n_events for r in world.sandbox.requests]
+        sizes = [r.n_events for r in world.ingest_requests()]
         assert max(sizes) == 7
         assert sum(r.batches for r in reports) == len(sizes) >= len(world.deliverable_ids()) / 7
         assert_exactly_once(world)
@@ -94,4 +94,4 @@ def test_a_batch_refused_whole_is_bisected_and_its_good_events_delivered(world):
     delivered = world.ledger_keys("delivered")
     assert delivered == world.deliverable_ids(tables=["api_call"]), "every good event of the refused batch"
     assert world.sandbox.accepted_keys() == delivered
-    assert sum(r.requests for r in reports) == len(world.sandbox.requests), "the refused request is counted"
+    assert sum(r.requests for r in reports) == len(world.ingest_requests()), "the refused request is counted"

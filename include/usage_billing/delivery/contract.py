@@ -76,3 +76,10 @@ class BackfillApi(Protocol):
 
     def close_backfill(self, backfill_id: str) -> dict:
         """Close a backfill so the destination reflects its events; returns the backfill object."""
+
+
+class CustomerDirectory(Protocol):
+    """Customer lookups, for destinations that declare them (Orb)."""
+
+    def customer_exists(self, external_id: str) -> bool:
+        """Whether the destination has a billing customer with this id (cached per task)."""

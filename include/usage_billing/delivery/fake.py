@@ -33,6 +33,9 @@ class FakeSender:
     requests: int = 0
     batches: list[int] = field(default_factory=list)
     backfills: dict[str, dict] = field(default_factory=dict)
+    # The billing customers that exist (None: every customer exists).
+    customers: set[str] | None = None
+    lookups: list[str] = field(default_factory=list)
     in_backfill: dict[str, list[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -52,6 +55,11 @@ class FakeSender:
                     if backfill_id:
                         self.in_backfill.setdefault(backfill_id, []).append(key)
             return BatchOutcome(accepted=[k for k in keys if k not in refused], rejected=refused)
+
+    def customer_exists(self, external_id: str) -> bool:
+        with self._lock:
+            self.lookups.append(external_id)
+            return self.customers is None or external_id in self.customers
 
     def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
         with self._lock:

@@ -50,6 +50,8 @@ class DeliveryReport:
     seconds: float = 0.0
     cost: str = ""
     reasons: Counter = field(default_factory=Counter)
+    # Events per billing customer the destination does not know (sent anyway, or held).
+    unknown_customers: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
     lateness_seconds: list[float] = field(default_factory=list, repr=False)
     stages: Counter = field(default_factory=Counter)
@@ -82,6 +84,7 @@ class DeliveryReport:
             for name in _ADDITIVE:
                 setattr(total, name, getattr(total, name) + getattr(report, name))
             total.reasons.update(report.reasons)
+            total.unknown_customers.update(report.unknown_customers)
             total.stages.update(report.stages)
             total.notes.extend(report.notes)
             total.lateness_seconds.extend(report.lateness_seconds)
@@ -90,7 +93,8 @@ class DeliveryReport:
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in self.__dict__.items()
-                if k not in ("reasons", "lateness_seconds", "stages", "_stage_lock")}
+                if k not in ("reasons", "lateness_seconds", "stages", "_stage_lock", "unknown_customers")}
+        data["unknown_customers"] = dict(self.unknown_customers.most_common(100))
         data["rejected"] = self.rejected
         data["stages"] = {stage: round(seconds, 3) for stage, seconds in self.stages.items()}
         data["top_reasons"] = self.reasons.most_common(5)
@@ -122,9 +126,15 @@ class DeliveryReport:
         ]
         for reason, count in self.reasons.most_common(5):
             lines.append(f"    {count:>8} x {reason}")
+        if self.unknown_customers:
+            named = ", ".join(f"{customer} ({count})" for customer, count in self.unknown_customers.most_common(10))
+            more = len(self.unknown_customers) - 10
+            lines.append(f"  unknown customers {sum(self.unknown_customers.values())} events of "
+                         f"{len(self.unknown_customers)} customers {self.destination} does not have: {named}"
+                         + (f" and {more} more" if more > 0 else ""))
         if self.held:
-            lines.append(f"  held              {self.held} (stamped too far in the future for {self.destination}; "
-                         f"sent by a later run once due)")
+            lines.append(f"  held              {self.held} (stamped too far in the future, or of an unknown "
+                         f"customer; sent by a later run once due)")
         late = lateness_summary(self.lateness_seconds)
         if late:
             lines.append(f"  lateness          loaded after event time: median {late['median']}, "

@@ -48,10 +48,12 @@ def deliver_window(job: DeliveryJob, partition: Partition, window: Window) -> De
     table's held events that are now due (by the table's first partition only, so hash buckets
     do not send them twice)."""
     report = deliver(job, Scope(partition, window=window, label=str(window)))
-    limit = job.destination.future_limit
-    if limit is None or partition.bucket != 0:
+    destination = job.destination
+    holds = destination.future_limit is not None or destination.unknown_customers == "hold"
+    if not holds or partition.bucket != 0:
         return report
-    due = job.ledger.held_due(job.destination.name, partition.table, (job.now() + limit).astimezone(UTC))
+    limit = destination.future_limit or timedelta(0)
+    due = job.ledger.held_due(destination.name, partition.table, (job.now() + limit).astimezone(UTC), job.run)
     if not due:
         return report
     label = f"{len(due)} held events now due"

@@ -15,6 +15,7 @@ from usage_billing.delivery.backfills import backfill_session, group_by_day, tim
 from usage_billing.delivery.contract import (
     BatchOutcome,
     BatchRejected,
+    CustomerDirectory,
     DeliveryFailed,
     FatalDeliveryError,
     Sender,
@@ -115,7 +116,7 @@ class Sending:
                 known = self.job.ledger.known_keys(self.job.destination.name, mapped.keys, self.job.retry_rejected)
             self.report.already_delivered += len(known)
             todo = np.array([i for i, key in enumerate(mapped.keys) if key not in known], dtype=np.int64)
-        self.route(mapped, todo)
+        self.route(mapped, self.preflight(mapped, todo))
 
     def reject(self, rejections: Sequence[Rejection], reasons: Sequence[str] | None = None) -> None:
         """Record rejections; count those the ledger already held as rejected separately.
@@ -127,6 +128,34 @@ class Sending:
         self.report.rejected_before += sum(1 for status in statuses.values() if status == REJECTED)
         self.writer.rejected(list(rejections))
         self.report.reasons.update(reasons if reasons is not None else (generic_reason(r.reason) for r in rejections))
+
+    def preflight(self, mapped: Mapped, todo: np.ndarray) -> np.ndarray:
+        """Ask the destination about the chunk's billing customers (when it can answer): events of
+        unknown ones are counted and named in the summary, and held rather than sent when the
+        destination's ``unknown_customers`` setting says so. Returns the positions to send."""
+        destination = self.job.destination
+        if not destination.capabilities.customer_lookup or not len(todo):
+            return todo
+        directory: CustomerDirectory = self.job.sender  # type: ignore[assignment]  # declared capability
+        customer_of = {p: destination.describe(mapped.payloads[p])[0] for p in todo.tolist()}
+        unknown = {c for c in set(customer_of.values()) if c is not None and not directory.customer_exists(c)}
+        if not unknown:
+            return todo
+        strays = [p for p, customer in customer_of.items() if customer in unknown]
+        self.report.unknown_customers.update(customer_of[p] for p in strays)
+        if destination.unknown_customers != "hold":
+            log.warning("%s has no customer %s: %d events sent anyway (they bill nothing until the customer "
+                        "exists)", destination.name, ", ".join(sorted(unknown)[:10]), len(strays))
+            return todo
+        held = [Rejection(key=mapped.keys[p], message_id=mapped.message_ids[p], table=mapped.tables[p],
+                          event_timestamp=mapped.timestamp(p),
+                          reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: customer {customer_of[p]!r} "
+                                 f"does not exist in {destination.name}: held until it does")
+                for p in strays]
+        self.report.held += len(held)
+        self.writer.rejected(held, HELD)
+        keep = set(todo.tolist()) - set(strays)
+        return np.array([p for p in todo.tolist() if p in keep], dtype=np.int64)
 
     def route(self, mapped: Mapped, todo: np.ndarray) -> None:
         """Live ingestion for recent events; one backfill per UTC day for events past the grace period."""

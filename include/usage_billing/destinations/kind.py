@@ -26,6 +26,8 @@ class Capabilities:
     backfills: bool = False
     # An API to read back what the destination holds (event counts, search by key).
     read_api: bool = False
+    # An API saying whether a billing customer exists (events of unknown ones bill nothing).
+    customer_lookup: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Destination:
     old_event_warning: timedelta | None = None
     # Events stamped further ahead than this are held until due (None: the destination takes any).
     future_limit: timedelta | None = None
+    # With customer_lookup: "send" events of customers the destination does not know (with a
+    # warning), or "hold" them until the customer exists.
+    unknown_customers: str = "send"
 
     def backfill_cutoff(self, now: datetime) -> datetime | None:
         """Events with a timestamp before this go through a backfill; None: never."""

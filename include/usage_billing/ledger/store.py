@@ -476,12 +476,15 @@ class Ledger:
             clause = sa.and_(clause, t.reason.like(f"%{reason_contains}%"))
         return clause
 
-    def held_due(self, destination: str, table: str, until: datetime) -> list[str]:
-        """Message ids of a table's held events whose timestamp is now acceptable (at or before ``until``)."""
+    def held_due(self, destination: str, table: str, until: datetime, run: RunRef | None = None) -> list[str]:
+        """Message ids of a table's held events whose timestamp is now acceptable (at or before ``until``),
+        leaving out those ``run`` itself just held (it looks again next run)."""
         t = self.table.c
         query = (sa.select(t.message_id).where(t.destination == destination, t.status == HELD, t.event_table == table,
                                                t.event_timestamp <= until, t.message_id.is_not(None))
                  .order_by(t.event_timestamp))
+        if run is not None:
+            query = query.where(sa.or_(t.run_id.is_(None), t.run_id != run.run_id, t.dag_id != run.dag_id))
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 

@@ -46,11 +46,13 @@ Sandbox simplifications (documented deviations from the real service):
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import math
 import re
+import urllib.parse
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -116,6 +118,7 @@ NEW_BACKFILL_FIELDS = frozenset(
 _ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}(:?\d{2})?)?$")
 
 _BACKFILL_PATH = re.compile(r"^/v1/events/backfills/([^/]+)(?:/(close|revert))?/?$")
+_CUSTOMER_PATH = re.compile(r"^/v1/customers/external_customer_id/([^/]+)/?$")
 
 
 def problem(status: int, type_: str, title: str, detail: str, **extra: Any) -> Response:
@@ -324,6 +327,7 @@ class OrbSandbox(SandboxServer):
         *,
         validation_response: str | int = "400",
         max_events: int = MAX_EVENTS_PER_REQUEST,
+        customers: Iterable[str] | None = None,
     ) -> None:
         """Configure the sandbox (see :class:`~usage_billing.sandbox.server.SandboxServer`).
 
@@ -335,6 +339,9 @@ class OrbSandbox(SandboxServer):
                 spec's behaviour); ``"200"`` ingests the valid events and lists the failures
                 in ``validation_failed``.
             max_events: per-request event cap (Orb's default is 500).
+            customers: the external customer ids that exist in the account (``GET
+                /v1/customers/external_customer_id/{id}`` answers 404 for others); None: every
+                customer exists. Ingest accepts events of unknown customers either way, as Orb does.
         """
         super().__init__(latency=latency, seed=seed, state_file=state_file, port=port)
         mode = str(validation_response)
@@ -345,6 +352,13 @@ class OrbSandbox(SandboxServer):
         self.validation_response = mode
         self.max_events = int(max_events)
         self._backfills: dict[str, _Backfill] = {}
+        self._customers: set[str] | None = None if customers is None else set(customers)
+
+    def add_customers(self, *external_ids: str) -> None:
+        """Create customers (as Orb's Create customer endpoint would), for tests and demos."""
+        with self._lock:
+            if self._customers is not None:
+                self._customers.update(external_ids)
 
     # ------------------------------------------------------------------ public accessors
 
@@ -655,6 +669,9 @@ class OrbSandbox(SandboxServer):
                 },
                 {"Allow": "POST"},
             )
+        match = _CUSTOMER_PATH.match(path)
+        if match and method == "GET":
+            return self._customer(urllib.parse.unquote(match.group(1)))
         if path.rstrip("/") == "/v1/events/volume" and method == "GET":
             return self._event_volume(query)
         if path.rstrip("/") == "/v1/events/search" and method == "POST":
@@ -674,6 +691,18 @@ class OrbSandbox(SandboxServer):
             if action == "revert" and method == "POST":
                 return self._with_backfill(backfill_id, self._revert_action)
         return self._not_found(path)
+
+    def _customer(self, external_id: str) -> Response:
+        """``GET /v1/customers/external_customer_id/{id}``: the Customer, or Orb's 404 problem."""
+        with self._lock:
+            known = self._customers is None or external_id in self._customers
+        if not known:
+            return problem(404, TYPE_NOT_FOUND, "Resource not found",
+                           f"Customer with external_customer_id {external_id} not found")
+        orb_id = "cus_orb_" + hashlib.blake2b(external_id.encode(), digest_size=8).hexdigest()
+        return Response(200, {"id": orb_id, "external_customer_id": external_id,
+                              "name": external_id, "email": f"{external_id}@example.com", "currency": "USD",
+                              "timezone": "UTC", "metadata": {}})
 
     # ------------------------------------------------------------------ reading events back
 

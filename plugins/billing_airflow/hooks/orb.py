@@ -18,12 +18,14 @@ request), through the same retries and pacing as every other call.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import requests
 
-from billing_airflow.hooks.base import BillingApiHook
+from billing_airflow.hooks.base import BillingApiHook, RetryableResponse, describe
 from usage_billing.delivery.contract import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
 
 
@@ -35,6 +37,10 @@ class OrbHook(BillingApiHook):
     hook_name = "Orb"
     endpoint = "v1/ingest"
     destination = "orb"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._customers: dict[str, bool] = {}
 
     def auth_headers(self, login: str | None, password: str | None) -> dict[str, str]:
         if not password:
@@ -134,6 +140,34 @@ class OrbHook(BillingApiHook):
         return found
 
     # -- backfills (usage_billing.delivery.contract.BackfillApi) -----------------------------------------------
+
+    def customer_exists(self, external_id: str) -> bool:
+        """Whether Orb has a customer with this external id (``GET /v1/customers/external_customer_id/{id}``).
+
+        Orb accepts events of an unknown external customer and bills them only once such a customer
+        exists with a matching subscription; the core asks before sending. Answers are cached for the
+        task (a customer created meanwhile is seen by the next run), and the calls are paced and
+        retried like every request."""
+        with self._lock:
+            if external_id in self._customers:
+                return self._customers[external_id]
+        self.pacer.acquire(1)
+        endpoint = f"/v1/customers/external_customer_id/{urllib.parse.quote(external_id, safe='')}"
+        retrying = self._retrying()
+        try:
+            response = retrying(self.request, "GET", endpoint)
+        except (RetryableResponse, requests.ConnectionError, requests.Timeout) as error:
+            raise TransientDeliveryError(f"orb: customer lookup: {describe(error)}") from None
+        if response.status_code == 404:
+            exists = False
+        elif response.ok:
+            exists = True
+        else:
+            raise FatalDeliveryError(f"orb: customer lookup: {self.error_message(response)} "
+                                     f"(check the connection {self.http_conn_id!r})")
+        with self._lock:
+            self._customers[external_id] = exists
+        return exists
 
     def open_backfill(self, start: datetime, end: datetime, replace: bool) -> dict:
         """Create a pending backfill for ``[start, end)``; reuse a pending one that covers it.

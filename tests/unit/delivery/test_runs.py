@@ -184,3 +184,33 @@ def test_held_events_are_not_sent_by_other_hash_buckets(core):
     assert core.sender.requests == requests, "bucket 1 leaves the due held events to bucket 0"
     deliver_window(core.job("later", now=lambda: later), Partition("api_call", 0, 2), Window(later, later))
     assert set(future["id"]) <= set(core.sender.held)
+
+
+def test_events_of_a_customer_orb_does_not_have_are_sent_and_the_customer_named(core):
+    core.sender.customers = {f"cus_{i}" for i in range(30) if i != 7}
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    assert report.unknown_customers == {"cus_7": 10}
+    assert report.accepted == 300, "sent anyway: Orb attributes them once the customer exists"
+    assert "unknown customers 10 events of 1 customers orb does not have: cus_7 (10)" in report.render()
+
+
+def test_with_unknown_customers_hold_their_events_wait_until_the_customer_exists(core):
+    core.overrides = {"unknown_customers": "hold"}
+    core.sender.customers = {f"cus_{i}" for i in range(30) if i != 7}
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    strays = {k for k in core.source.tables["api_call"]["id"] if int(k[1:]) // 10 == 7}
+    assert report.held == 10 and report.accepted == 290 and not strays & set(core.sender.held)
+    assert {core.statuses()[k] for k in strays} == {"held"}
+
+    deliver_window(core.job("next-hour"), PARTITION, Window(NOW, NOW))  # still unknown: still held
+    assert not strays & set(core.sender.held)
+    core.sender.customers.add("cus_7")
+    deliver_window(core.job("after-signup"), PARTITION, Window(NOW, NOW))
+    assert strays <= set(core.sender.held) and {core.statuses()[k] for k in strays} == {"delivered"}
+    assert max(core.sender.accepted_counts.values()) == 1
+
+
+def test_kable_has_no_customer_lookup_and_asks_nothing(core):
+    core.name = "kable"
+    deliver_window(core.job(), PARTITION, WINDOW)
+    assert not core.sender.lookups

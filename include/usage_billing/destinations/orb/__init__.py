@@ -9,7 +9,7 @@ from usage_billing.sources.layout import column_for, property_column
 
 __all__ = ["KIND", "OrbSettings", "destination", "map_events", "required_columns"]
 
-CAPABILITIES = Capabilities(backfills=True, read_api=True)
+CAPABILITIES = Capabilities(backfills=True, read_api=True, customer_lookup=True)
 
 
 def destination(config: OrbSettings) -> Destination:
@@ -27,7 +27,8 @@ def destination(config: OrbSettings) -> Destination:
         key_column=column_for(config.idempotency_key_field),
         # The margin covers the time between mapping an event and Orb receiving it (retries).
         grace=config.grace_period - config.grace_margin,
-        future_limit=FUTURE_TOLERANCE)
+        future_limit=FUTURE_TOLERANCE,
+        unknown_customers=config.unknown_customers)
 
 
 KIND = DestinationKind(name="orb", settings_model=OrbSettings, build=destination,

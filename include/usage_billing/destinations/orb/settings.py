@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
@@ -23,6 +23,10 @@ class OrbSettings(DeliverySettings):
     # events close to the boundary through a backfill too, since retries may delay them.
     grace_period: timedelta = timedelta(hours=12)
     grace_margin: timedelta = timedelta(hours=1)
+    # Orb accepts events of an external customer id it does not know and bills them only once such a
+    # customer exists: "send" them anyway with a warning naming the customers (Segment's behaviour),
+    # or "hold" them in the ledger until the customer exists (each run checks again).
+    unknown_customers: Literal["send", "hold"] = "send"
 
     @model_validator(mode="after")
     def _margin_below_grace(self) -> OrbSettings:
