@@ -127,7 +127,8 @@ def fakesnow_server(timeout: float = 30.0) -> Iterator[FakesnowServer]:
     cert, key = self_signed_certificate(directory)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(fakesnow_app.app, host="127.0.0.1", port=port, log_level="warning",
-                                           ssl_certfile=str(cert), ssl_keyfile=str(key)))
+                                           ssl_certfile=str(cert), ssl_keyfile=str(key),
+                                           timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, name="fakesnow", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
