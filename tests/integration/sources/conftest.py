@@ -22,6 +22,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,59 @@ def redshift(pg_url) -> Iterator[RedshiftHarness]:
 def harness(request):
     """The conformance harness: every test using it runs once per emulated warehouse."""
     return request.getfixturevalue(request.param)
+
+
+# --------------------------------------------------------------------------------------------------
+# Delivery: an emulated warehouse as a task's source (tests/integration/sources/test_delivery_warehouses.py,
+# tests/e2e/test_warehouse_dags.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Warehouse:
+    """One emulated warehouse holding one Segment source's event tables."""
+
+    kind: str
+    conn_id: str
+    schema: str
+    loaded_at_column: str
+    load: Any  # (rows by table) -> None; appends
+
+    def loaded_at(self, row: Mapping[str, Any]) -> dt.datetime:
+        # bqemulator's loaded_at is the row's uuid_ts (warehouses.load_bigquery)
+        return row["uuid_ts"] if self.loaded_at_column == "loaded_at" else row[self.loaded_at_column]
+
+
+def emulated_warehouse(kind: str, request: pytest.FixtureRequest, schema: str, pg_url: str,
+                       monkeypatch: pytest.MonkeyPatch) -> Warehouse:
+    """An empty emulated warehouse of ``kind`` for one Segment source (``schema``), its Airflow connection set.
+
+    Snowflake gets a database of its own on the session's fakesnow server, BigQuery a dataset on the
+    session's bqemulator, Redshift a schema in the test PostgreSQL (drop it with the ``schemas`` fixture)."""
+    if kind == "snowflake":
+        server = request.getfixturevalue("fakesnow")
+        monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_SNOWFLAKE", json.dumps(warehouses.snowflake_connection(
+            server.port, f"segment_events_{uuid.uuid4().hex[:8]}")))
+        return Warehouse(kind, "segment_snowflake", schema, "received_at",
+                         lambda rows: warehouses.load_snowflake("segment_snowflake", schema, rows))
+    if kind == "bigquery":
+        emulator = request.getfixturevalue("bqemulator")
+        monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_BIGQUERY", json.dumps(warehouses.bigquery_connection(emulator)))
+        # The one warehouse where Segment writes loaded_at, which the README advises as the loaded-at column.
+        return Warehouse(kind, "segment_bigquery", schema, "loaded_at",
+                         lambda rows: warehouses.load_bigquery(emulator, schema, rows))
+    harness = RedshiftHarness(pg_url, monkeypatch)
+    created: set[str] = set()
+
+    def load(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        for table, batch in rows.items():
+            if table not in created:
+                harness.create(schema, table, kinds(table))
+                created.add(table)
+            if batch:
+                harness.insert(schema, table, [name for name, _ in kinds(table)], batch)
+
+    return Warehouse(kind, harness.conn_id, schema, "received_at", load)
 
 
 __all__ = ["PROJECT", "free_port", "kinds", "subprocess", "sys", "utc_text"]

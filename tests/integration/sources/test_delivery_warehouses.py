@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,12 +29,11 @@ import sqlalchemy as sa
 
 from tests.conftest import PROJECT
 from tests.integration.conftest import config, connection_env, start_sandbox
-from tests.integration.sources.conftest import RedshiftHarness
+from tests.integration.sources.conftest import Warehouse, emulated_warehouse
 from usage_billing import sample_data
 from usage_billing.delivery import DeliveryJob, deliver_window
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
-from usage_billing.sandbox import warehouses
 from usage_billing.settings import parse_settings
 from usage_billing.sources import Partition, Window
 
@@ -46,53 +44,9 @@ CHUNK = 100  # several chunks per table, so several batched ledger lookups per w
 COST_SHOWS = {"snowflake": "query ids", "bigquery": "MB processed", "redshift": "rows scanned"}
 
 
-@dataclass
-class Warehouse:
-    """One emulated warehouse holding one Segment source's event tables."""
-
-    kind: str
-    conn_id: str
-    schema: str
-    loaded_at_column: str
-    load: Any  # (rows by table) -> None; appends
-
-    def loaded_at(self, row: Mapping[str, Any]) -> datetime:
-        # bqemulator's loaded_at is the row's uuid_ts (warehouses.load_bigquery)
-        return row["uuid_ts"] if self.loaded_at_column == "loaded_at" else row[self.loaded_at_column]
-
-
 @pytest.fixture(params=["snowflake", "bigquery", "redshift"])
-def warehouse(request, schemas, pg_url, monkeypatch) -> Iterator[Warehouse]:
-    kind, schema = request.param, schemas[0]
-    if kind == "snowflake":
-        server = request.getfixturevalue("fakesnow")
-        conn_id = "segment_snowflake"
-        monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_SNOWFLAKE", json.dumps(warehouses.snowflake_connection(
-            server.port, f"segment_events_{uuid.uuid4().hex[:8]}")))
-        yield Warehouse(kind, conn_id, schema, "received_at",
-                        lambda rows: warehouses.load_snowflake(conn_id, schema, rows))
-    elif kind == "bigquery":
-        emulator = request.getfixturevalue("bqemulator")
-        monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_BIGQUERY", json.dumps(warehouses.bigquery_connection(emulator)))
-        # BigQuery is the one warehouse where Segment writes loaded_at: the README's advice
-        yield Warehouse(kind, "segment_bigquery", schema, "loaded_at",
-                        lambda rows: warehouses.load_bigquery(emulator, schema, rows))
-    else:
-        harness = RedshiftHarness(pg_url, monkeypatch)  # the source schema is dropped by `schemas`
-        created: set[str] = set()
-
-        def load(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
-            for table, batch in rows.items():
-                columns = [name for name, _ in sample_data.BASE_COLUMNS] + [
-                    p.column for p in sample_data.EVENTS[table].properties]
-                if table not in created:
-                    harness.create(schema, table, list(sample_data.BASE_COLUMNS) + [
-                        (p.column, p.kind) for p in sample_data.EVENTS[table].properties])
-                    created.add(table)
-                if batch:
-                    harness.insert(schema, table, columns, batch)
-
-        yield Warehouse(kind, harness.conn_id, schema, "received_at", load)
+def warehouse(request, schemas, pg_url, monkeypatch) -> Warehouse:
+    return emulated_warehouse(request.param, request, schemas[0], pg_url, monkeypatch)
 
 
 @dataclass
