@@ -322,3 +322,27 @@ def load_bigquery(emulator: BigQueryEmulator, dataset: str, rows: Mapping[str, S
 
 def _json_value(value: Any) -> Any:
     return value.astimezone(dt.UTC).isoformat() if isinstance(value, dt.datetime) else value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m usage_billing.sandbox.warehouses fakesnow``: the fakesnow server in a process of its own
+    (so a benchmark does not share its GIL); prints ``{"port": …, "ca_bundle": …}`` once it listens and
+    runs until SIGTERM."""
+    import signal
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["fakesnow"]:
+        print("usage: python -m usage_billing.sandbox.warehouses fakesnow", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with fakesnow_server() as server:
+        print(json.dumps({"port": server.port, "ca_bundle": str(server.ca_bundle)}), flush=True)
+        while not stop.wait(0.5):
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
