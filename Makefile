@@ -24,7 +24,9 @@ $(BQEMU_VENV)/.synced: requirements-bqemulator.lock $(VENV)/.synced
 	touch $@
 
 ## Run the pipeline end to end on the embedded demo (SQLite warehouse, local Orb and Kable sandboxes).
-run: $(VENV)/.synced
+## ARGS="--warehouse bigquery" needs the BigQuery emulator's environment too; only then is it built.
+RUN_NEEDS := $(VENV)/.synced $(if $(findstring bigquery,$(ARGS)),$(BQEMU_VENV)/.synced)
+run: $(RUN_NEEDS)
 	$(PY) -m usage_billing.demo $(ARGS)
 
 ## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis.
@@ -39,7 +41,7 @@ lock: $(VENV)/.synced
 	$(VENV)/bin/uv pip compile requirements.txt --python-version 3.11 -o requirements.lock
 	$(VENV)/bin/uv pip compile requirements-bqemulator.txt --python-version 3.11 -o requirements-bqemulator.lock
 
-bench: $(VENV)/.synced
+bench: $(RUN_NEEDS)
 	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:

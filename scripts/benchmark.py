@@ -19,6 +19,15 @@
    says whether the sandbox, rather than the pipeline, limits the result;
 7. drops the schemas (unless ``--keep``).
 
+``--warehouse snowflake|bigquery|redshift`` runs the same pipeline with that warehouse's source
+(through the Source contract and the connection type, the ledger staying in PostgreSQL): the same rows
+are loaded into fakesnow's server (a process of its own) or bqemulator, or, for Redshift, copied into
+Redshift-layout tables (TIMESTAMP without time zone) in PostgreSQL read by the Redshift source. These
+rows are EMULATED: DuckDB or PostgreSQL on the same cores, no network, no warehouse scheduling; they
+measure this pipeline around the client library, not the service. The default event count is
+smaller there (the emulators are slower to load and read), and the floor (a PostgreSQL cursor) is
+skipped.
+
 The rate limits are overridden (``--requests-per-second`` / ``--events-per-minute``) so pacing does
 not cap the throughput. Correctness is checked too: every deliverable event delivered and in the
 ledger once; a failed check exits 1. Missed performance targets are reported but exit 0.
@@ -27,6 +36,7 @@ ledger once; a failed check exits 1. Missed performance targets are reported but
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import itertools
@@ -74,6 +84,10 @@ GENERATE_CHUNK = 50_000
 TARGET_EVENTS = 1_000_000
 TARGET_SECONDS_INSTANT, TARGET_SECONDS_LATENCY, TARGET_SECONDS_RERUN = 20.0, 30.0, 5.0
 TARGET_MEMORY_MB, TARGET_FLOOR_RATIO = 512.0, 3.0
+WAREHOUSES = ("postgres", "snowflake", "bigquery", "redshift")
+# Events in the window when the source is an emulator: a run of a few minutes on 2 cores.
+EMULATED_EVENTS = 100_000
+WAREHOUSE_CONN_ID = "bench_warehouse"
 MB = 1024 * 1024
 
 
@@ -278,8 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scripts/benchmark.py",
         description="Benchmark the delivery pipeline on one hourly window of N events in PostgreSQL "
                     "against the Orb/Kable sandbox, and compare it with a no-pandas, no-ledger floor.")
-    parser.add_argument("--events", type=int, default=1_000_000,
-                        help="events in the hourly window, all three event tables together (default 1000000)")
+    parser.add_argument("--events", type=int, default=None,
+                        help=f"events in the hourly window, all three event tables together (default 1000000; "
+                             f"{EMULATED_EVENTS} with an emulated --warehouse)")
+    parser.add_argument("--warehouse", choices=WAREHOUSES, default="postgres",
+                        help="the source: PostgreSQL (default) or a warehouse through its emulator (EMULATED)")
     parser.add_argument("--latency", type=float, default=0.05,
                         help="seconds the sandbox adds to every ingest response (default 0.05; 0 = instant)")
     parser.add_argument("--both-latencies", action=argparse.BooleanOptionalAction, default=True,
@@ -418,6 +435,133 @@ def window_counts(engine: Any, schema: str, table: str, window: Any, customer_co
 
 
 # ------------------------------------------------------------------------------------------------
+# An emulated warehouse as the source (--warehouse)
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_emulator_worker(kind: str, schema: str, hour: datetime, jobs: list[tuple[int, int]],
+                          emulator: Any) -> None:
+    """Child process: generate the rows generate_window() put into PostgreSQL (same seeds, same hour)
+    and load them into the emulator, one job at a time so memory stays bounded."""
+    from usage_billing import sample_data
+    from usage_billing.sandbox import warehouses
+
+    for seed, count in jobs:
+        rows = sample_data.generate_rows(hour, 1, count, seed=seed, now=hour + timedelta(days=3))
+        if kind == "snowflake":
+            warehouses.load_snowflake(WAREHOUSE_CONN_ID, schema, rows)
+        else:
+            warehouses.load_bigquery(emulator, schema, rows)
+
+
+class EmulatedWarehouse:
+    """The benchmark window's rows in a warehouse stand-in, and the source that reads them there.
+
+    Snowflake: fakesnow's server in a process of its own (``python -m usage_billing.sandbox.warehouses
+    fakesnow``), loaded with COPY INTO from Parquet. BigQuery: bqemulator (a subprocess already), loaded
+    with streaming inserts. Redshift: the PostgreSQL tables copied into a schema of Redshift's types
+    (TIMESTAMP without time zone), read by the Redshift source over psycopg2."""
+
+    def __init__(self, kind: str, url: str, pg_schema: str):
+        self.kind, self.url, self.pg_schema = kind, url, pg_schema
+        self.schema = pg_schema if kind != "redshift" else f"{pg_schema}_rs"
+        self.stack = contextlib.ExitStack()
+        self.emulator: Any = None
+        self.description = ""
+
+    def start(self) -> None:
+        import sqlalchemy as sa
+
+        from usage_billing.sandbox import warehouses
+
+        if self.kind == "snowflake":
+            process = subprocess.Popen([sys.executable, "-m", "usage_billing.sandbox.warehouses", "fakesnow"],
+                                       stdout=subprocess.PIPE, cwd=PROJECT,
+                                       env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                           [str(PROJECT / "include"), str(PROJECT / "plugins")])})
+            self.stack.callback(_stop_process, process)
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            line = process.stdout.readline() if ready else b""
+            if not line:
+                raise RuntimeError("the fakesnow server process did not start")
+            announced = json.loads(line)
+            os.environ["REQUESTS_CA_BUNDLE"] = announced["ca_bundle"]
+            connection = warehouses.snowflake_connection(announced["port"], "segment_events")
+            self.description = f"fakesnow server (pid {process.pid}) on https://127.0.0.1:{announced['port']}"
+        elif self.kind == "bigquery":
+            self.emulator = self.stack.enter_context(warehouses.bqemulator_server())
+            connection = warehouses.bigquery_connection(self.emulator)
+            self.description = (f"bqemulator on {self.emulator.api_endpoint} "
+                                f"(Storage Read {self.emulator.read_api_endpoint})")
+        else:
+            url = sa.make_url(self.url)
+            connection = {"conn_type": "redshift", "host": url.host, "port": url.port or 5432, "schema": url.database,
+                          "login": url.username, "password": url.password, "extra": {"sslmode": "disable"}}
+            self.description = f"Redshift-layout tables in PostgreSQL schema {self.schema}, read by the Redshift source"
+        os.environ[f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}"] = json.dumps(connection)
+
+    def load(self, hour: datetime, events: int, seed: int) -> None:
+        """The same rows as generate_window() loaded into PostgreSQL."""
+        if self.kind == "redshift":
+            self._copy_to_redshift_layout()
+            return
+        per_type = math.ceil(events / len(TABLES) / WINDOW_SHARE)
+        counts = [GENERATE_CHUNK] * (per_type // GENERATE_CHUNK) + (
+            [per_type % GENERATE_CHUNK] if per_type % GENERATE_CHUNK else [])
+        jobs = [(seed * 1000 + n, count) for n, count in enumerate(counts)]
+        context = multiprocessing.get_context("spawn")
+        process = context.Process(target=_load_emulator_worker, args=(self.kind, self.schema, hour, jobs,
+                                                                     self.emulator))
+        process.start()
+        process.join()
+        if process.exitcode:
+            raise RuntimeError(f"loading the {self.kind} emulator failed (exit code {process.exitcode})")
+
+    def _copy_to_redshift_layout(self) -> None:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f'CREATE SCHEMA "{self.schema}"'))
+                # Segment's Redshift types: TIMESTAMP without time zone holding UTC.
+                for table in TABLES:
+                    conn.execute(sa.text(f'CREATE TABLE "{self.schema}"."{table}" AS '
+                                         f'SELECT * FROM "{self.pg_schema}"."{table}"'))
+                    zoned = conn.execute(sa.text(
+                        "SELECT column_name FROM information_schema.columns WHERE table_schema = :s "
+                        "AND table_name = :t AND data_type = 'timestamp with time zone'"),
+                        {"s": self.schema, "t": table}).scalars().all()
+                    if zoned:
+                        conn.execute(sa.text(f'ALTER TABLE "{self.schema}"."{table}" ' + ", ".join(
+                            f'ALTER COLUMN "{c}" TYPE timestamp USING "{c}" AT TIME ZONE \'UTC\'' for c in zoned)))
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                for table in TABLES:
+                    conn.execute(sa.text(f'VACUUM ANALYZE "{self.schema}"."{table}"'))
+        finally:
+            engine.dispose()
+
+    def open_source(self, settings: Any) -> Any:
+        from usage_billing.sources import SOURCES
+
+        return SOURCES[self.kind].open(settings)
+
+    def stop(self) -> None:
+        self.stack.close()
+
+
+def _stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# ------------------------------------------------------------------------------------------------
 # The sandbox process
 # ------------------------------------------------------------------------------------------------
 
@@ -547,6 +691,7 @@ class PipelineResult:
     pacer_seconds: float = 0.0
     pacer_waited: float = 0.0
     profile: str = ""
+    costs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -558,6 +703,8 @@ class Context:
     settings: Any
     destination: Any
     counts: WindowCounts
+    # The source each partition opens (a new connection per task, as the DAG's deliver tasks do).
+    open_source: Callable[[], Any] | None = None
 
 
 def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str, label: str,
@@ -583,8 +730,9 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
             if main_profile is not None:
                 main_profile.enable()
             try:
-                with hook:
-                    job = DeliveryJob.from_settings(ctx.settings, ctx.destination, SqlSource(ctx.engine, ctx.schema),
+                source = ctx.open_source() if ctx.open_source else SqlSource(ctx.engine, ctx.schema)
+                with hook, contextlib.closing(source):
+                    job = DeliveryJob.from_settings(ctx.settings, ctx.destination, source,
                                                     ledger, sender, RunRef("benchmark", run_id))
                     report = deliver_window(job, Partition(table), ctx.window)
             finally:
@@ -594,6 +742,7 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
               f"VmHWM {_proc_status('VmHWM'):,.0f} MB, VmRSS {_proc_status('VmRSS'):,.0f} MB; {_malloc_summary()}",
               file=sys.stderr, flush=True)
         result.stages.update(report.stages)
+        result.costs.append(f"{table}: {report.cost}")
         for name in ("rows_read", "duplicates_dropped", "unique_events", "mapping_rejected", "already_delivered",
                      "sent", "accepted", "destination_rejected", "batches", "requests",
                      "retries", "bisections"):
@@ -914,6 +1063,8 @@ def print_pipeline(result: PipelineResult, ctx: Context) -> None:
           f"{_n(t['already_delivered'])} already delivered, {_n(t['sent'])} sent in {_n(t['requests'])} requests "
           f"({t['retries']} retries), {_n(t['accepted'])} accepted, {_n(t['destination_rejected'])} rejected "
           f"by {ctx.destination.name}")
+    if ctx.args.warehouse != "postgres":
+        print(f"  {ctx.args.warehouse} (EMULATED) reported: " + "; ".join(result.costs))
 
 
 def check_delivery(result: PipelineResult, ctx: Context, first: bool) -> list[str]:
@@ -1015,6 +1166,11 @@ def main(argv: list[str] | None = None) -> int:
     global MONITOR
     signal.signal(signal.SIGTERM, _terminated)
     args = build_parser().parse_args(argv)
+    if args.events is None:
+        args.events = 1_000_000 if args.warehouse == "postgres" else EMULATED_EVENTS
+    emulated = args.warehouse != "postgres"
+    if emulated and not args.skip_floor:
+        args.skip_floor = True  # the floor reads PostgreSQL: no yardstick for an emulator's client path
     if args.events < 3:
         raise SystemExit("--events must be at least 3")
     home = Path(tempfile.mkdtemp(prefix="usage-billing-bench-"))
@@ -1028,11 +1184,13 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = []
     started_all = time.perf_counter()
     engine = None
+    warehouse: EmulatedWarehouse | None = None
     try:
         hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
         print(f"benchmark: {_n(args.events)} events, one hourly window {hour:%Y-%m-%d %H:%M} UTC, destination "
               f"{args.destination}, concurrency {args.concurrency}, batch {args.batch_size}, chunk {args.chunk_size}, "
-              f"latencies {', '.join(f'{1000 * x:.0f} ms' for x in latencies)}; PostgreSQL schema {schema}; "
+              f"latencies {', '.join(f'{1000 * x:.0f} ms' for x in latencies)}; source {args.warehouse}"
+              f"{' (EMULATED)' if emulated else ''}; PostgreSQL schema {schema}; "
               f"{os.cpu_count()} cores")
         busy0, total0 = _machine_cpu()
         time.sleep(1.0)
@@ -1047,6 +1205,16 @@ def main(argv: list[str] | None = None) -> int:
             rows, unique = generate_window(url, schema, hour, args.events, args.seed, args.generate_workers)
             print(f"data: generated {_n(rows)} rows ({_n(unique)} distinct events) with sample_data in "
                   f"{time.perf_counter() - generating:.1f} s (child processes, not measured)")
+        if emulated:
+            warehouse = EmulatedWarehouse(args.warehouse, url, schema)
+            loading = time.perf_counter()
+            warehouse.start()
+            warehouse.load(hour, args.events, args.seed)
+            if args.warehouse == "redshift":
+                created.append(warehouse.schema)
+            print(f"source: {args.warehouse} EMULATED — {warehouse.description}; the same rows loaded in "
+                  f"{time.perf_counter() - loading:.1f} s (not measured). An emulator runs on these cores with no "
+                  f"network: its timings say nothing about the real service's speed")
 
         from usage_billing.destinations import get_destination
         from usage_billing.ledger import Ledger
@@ -1057,9 +1225,12 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = {"batch_size": args.batch_size, "concurrency": args.concurrency,
                      "requests_per_second": args.requests_per_second, "events_per_minute": args.events_per_minute}
+        source_section = {"schema": schema, "events": list(TABLES), "loaded_at_column": "received_at",
+                          "lookback": "0s", "chunk_size": args.chunk_size}
+        if warehouse is not None:
+            source_section.update(conn_id=WAREHOUSE_CONN_ID, schema=warehouse.schema)
         settings = parse_settings({
-            "source": {"schema": schema, "events": list(TABLES), "loaded_at_column": "received_at",
-                       "lookback": "0s", "chunk_size": args.chunk_size},
+            "source": source_section,
             "ledger": {"schema": ledger_prefix},
             "destinations": {
                 "orb": {"external_customer_id_field": "userId",
@@ -1080,7 +1251,8 @@ def main(argv: list[str] | None = None) -> int:
             counts.add(window_counts(engine, schema, table, window, customer))
         print(f"window {window} on received_at: {_n(counts.rows)} rows, {_n(counts.unique)} unique events, "
               f"{_n(counts.deliverable)} deliverable (the rest have no customer id)")
-        ctx = Context(args, engine, schema, window, settings, destination, counts)
+        ctx = Context(args, engine, schema, window, settings, destination, counts,
+                      open_source=(lambda: warehouse.open_source(settings)) if warehouse is not None else None)
         scale = counts.unique / TARGET_EVENTS
 
         for index, latency in enumerate(latencies):
@@ -1130,13 +1302,17 @@ def main(argv: list[str] | None = None) -> int:
                 for variable in sandbox.connection_env():
                     os.environ.pop(variable, None)
 
-        print(f"\n== targets (the 1,000,000-event targets scaled to {_n(counts.unique)} events)")
+        print(f"\n== targets (the 1,000,000-event targets scaled to {_n(counts.unique)} events)"
+              + (f"; set for PostgreSQL, shown for reference only: the source is {args.warehouse} EMULATED"
+                 if emulated else ""))
         for target in targets:
             print(f"  {target.name:<44} {target.value:>12}   {target.limit:<14} {'met' if target.met else 'MISSED'}")
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak memory of the benchmark process: {maxrss:,.0f} MB ru_maxrss (whole run, floor included); "
               f"total benchmark time {time.perf_counter() - started_all:.0f} s")
     finally:
+        if warehouse is not None:
+            warehouse.stop()
         if engine is not None:
             engine.dispose()
         if MONITOR is not None:

@@ -83,3 +83,38 @@ def airflow_db() -> None:
     from airflow.utils import db
 
     db.resetdb()
+
+
+@pytest.fixture(scope="session")
+def fakesnow():
+    """fakesnow's server (Snowflake's protocol on DuckDB) over TLS on loopback, one per session
+    (``usage_billing.sandbox.warehouses``); ``REQUESTS_CA_BUNDLE`` trusts it while it runs."""
+    from usage_billing.sandbox.warehouses import EmulatorUnavailable, fakesnow_server
+
+    try:
+        server = fakesnow_server()
+        started = server.__enter__()
+    except EmulatorUnavailable as error:
+        pytest.skip(str(error))
+    try:
+        yield started
+    finally:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def bqemulator():
+    """bqemulator (BigQuery REST + Storage Read on DuckDB) from ``.venv-bqemulator``, one per session."""
+    from usage_billing.sandbox.warehouses import EmulatorUnavailable, bqemulator_server
+
+    try:
+        server = bqemulator_server()
+        started = server.__enter__()
+    except EmulatorUnavailable as error:
+        if "is not installed at" in str(error):
+            pytest.skip(str(error))
+        pytest.fail(str(error))
+    try:
+        yield started
+    finally:
+        server.__exit__(None, None, None)

@@ -9,6 +9,14 @@
 
 Run it again and it delivers nothing new: the ledger skips what was delivered. ``--fresh`` starts
 over. ``--hours`` and ``--events-per-hour`` size the sample.
+
+``--warehouse snowflake`` or ``--warehouse bigquery`` reads the same sample from a local emulator
+instead (``usage_billing.sandbox.warehouses``: fakesnow's server in this process, bqemulator as a
+subprocess from ``.venv-bqemulator``), through an Airflow connection of that warehouse's type. The
+ledger cannot live in those warehouses (no enforced keys, no locks), so it goes to a SQLite file of its
+own (connection ``billing_ledger``): the demo needs no PostgreSQL. The emulators keep nothing between
+runs, so each run loads the same rows again (same seed, same load time); the ledger and the sandboxes
+keep their state under ``.demo/<warehouse>/``, and a second run sends nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]
 API_KEYS = {"orb": "demo-orb-api-key", "kable_client": "kci_demo", "kable": "sk_test.demo"}
+WAREHOUSES = ("sqlite", "snowflake", "bigquery")
+LEDGER_CONN_ID = "billing_ledger"
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -36,11 +46,15 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--events-per-hour", type=int, default=300)
     parser.add_argument("--fresh", action="store_true", help="delete the demo state and start over")
     parser.add_argument("--verbose", action="store_true", help="show Airflow's own task logs")
+    parser.add_argument("--warehouse", choices=WAREHOUSES, default="sqlite",
+                        help="where the Segment tables live: the embedded SQLite file (default) or a local emulator")
     return parser.parse_args(argv)
 
 
-def _airflow_environment(state: Path, warehouse_db: Path, orb_url: str, kable_url: str) -> None:
-    """Airflow reads its configuration at import: set everything before importing it."""
+def _airflow_environment(state: Path, warehouse: dict, orb_url: str, kable_url: str) -> None:
+    """Airflow reads its configuration at import: set everything before importing it.
+
+    ``warehouse`` is the Airflow connection (as AIRFLOW_CONN_ JSON) the source reads."""
     home = state / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     os.environ.update({
@@ -50,7 +64,7 @@ def _airflow_environment(state: Path, warehouse_db: Path, orb_url: str, kable_ur
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
         "AIRFLOW__API_AUTH__JWT_SECRET": "usage-billing-demo-" + "x" * 64,
-        "AIRFLOW_CONN_SEGMENT_WAREHOUSE": json.dumps({"conn_type": "sqlite", "host": str(warehouse_db)}),
+        "AIRFLOW_CONN_SEGMENT_WAREHOUSE": json.dumps(warehouse),
         "AIRFLOW_CONN_ORB_DEFAULT": json.dumps({"conn_type": "http", "host": orb_url, "password": API_KEYS["orb"]}),
         "AIRFLOW_CONN_KABLE_DEFAULT": json.dumps({"conn_type": "http", "host": kable_url,
                                                   "login": API_KEYS["kable_client"], "password": API_KEYS["kable"]}),
@@ -69,11 +83,17 @@ def _summary_lines(title: str, events: list[dict], customer_key: str, name_of) -
     return lines
 
 
-def _ledger_counts(warehouse_db: Path, settings) -> dict:
-    from usage_billing.ledger import Ledger
+def _ledger_engine(ledger_db: Path, settings):
+    """The ledger's SQLite engine: the warehouse file itself (sqlite) or the ledger's own file."""
     from usage_billing.sources.postgres import create_engine
 
-    engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
+    return create_engine(f"sqlite:///{ledger_db}", [settings.source.schema_, settings.ledger.schema_])
+
+
+def _ledger_counts(ledger_db: Path, settings) -> dict:
+    from usage_billing.ledger import Ledger
+
+    engine = _ledger_engine(ledger_db, settings)
     try:
         ledger = Ledger(engine, settings.ledger.schema_)
         ledger.create()
@@ -84,7 +104,9 @@ def _ledger_counts(warehouse_db: Path, settings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
-    state = Path(args.state_dir).resolve()
+    root = Path(args.state_dir).resolve()
+    emulated = args.warehouse != "sqlite"
+    state = root / args.warehouse if emulated else root
     if args.fresh and state.exists():
         shutil.rmtree(state)
     state.mkdir(parents=True, exist_ok=True)
@@ -95,50 +117,79 @@ def main(argv: list[str] | None = None) -> int:
     from usage_billing.settings import load_settings
     from usage_billing.sources.postgres import create_engine
 
-    settings = load_settings()
+    settings = _emulator_settings(state, args.warehouse) if emulated else load_settings()
     warehouse_db = state / "warehouse.db"
+    # With an emulated warehouse the ledger has a file of its own; the embedded one shares the warehouse's.
+    ledger_db = state / "ledger.db" if emulated else warehouse_db
     now = datetime.now(UTC)
     last_hour = now.replace(minute=0, second=0, microsecond=0)
     first_hour = last_hour - timedelta(hours=args.hours)
-    engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
     marker = state / "sample.json"
-    if not marker.exists():
-        stats = sample_data.generate(engine, settings.source.schema_, start=first_hour - timedelta(hours=6),
-                                     hours=args.hours + 6, events_per_hour=args.events_per_hour, seed=7, now=now)
-        marker.write_text(json.dumps({"created_at": now.isoformat(), "first_hour": first_hour.isoformat()}))
-        print(f"warehouse: created {warehouse_db.name} with {stats.rows} Segment rows "
-              f"({stats.duplicates} duplicates, {stats.anonymous} anonymous, {stats.late} loaded late) "
-              f"in {settings.source.schema_}.{{{', '.join(stats.per_event)}}}")
-    else:
-        first_hour = datetime.fromisoformat(json.loads(marker.read_text())["first_hour"])
-        print(f"warehouse: reusing {warehouse_db} (make run ARGS=--fresh starts over)")
-    engine.dispose()
+    sample = json.loads(marker.read_text()) if marker.exists() else None
+    if sample:
+        first_hour, now = datetime.fromisoformat(sample["first_hour"]), datetime.fromisoformat(sample["created_at"])
+        if emulated:  # the emulator is refilled with exactly the rows of the first run
+            args.hours, args.events_per_hour = sample["hours"], sample["events_per_hour"]
+    if not emulated:
+        engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
+        if not sample:
+            stats = sample_data.generate(engine, settings.source.schema_, start=first_hour - timedelta(hours=6),
+                                         hours=args.hours + 6, events_per_hour=args.events_per_hour, seed=7, now=now)
+            print(f"warehouse: created {warehouse_db.name} with {stats.rows} Segment rows "
+                  f"({stats.duplicates} duplicates, {stats.anonymous} anonymous, {stats.late} loaded late) "
+                  f"in {settings.source.schema_}.{{{', '.join(stats.per_event)}}}")
+        else:
+            print(f"warehouse: reusing {warehouse_db} (make run ARGS=--fresh starts over)")
+        engine.dispose()
+    if not sample:
+        marker.write_text(json.dumps({"created_at": now.isoformat(), "first_hour": first_hour.isoformat(),
+                                      "hours": args.hours, "events_per_hour": args.events_per_hour}))
 
-    with OrbSandbox(api_key=API_KEYS["orb"], state_file=state / "orb-accepted.jsonl") as orb, \
-            KableSandbox(client_id=API_KEYS["kable_client"], api_key=API_KEYS["kable"],
-                         state_file=state / "kable-accepted.jsonl") as kable:
+    log_path = state / "airflow-tasks.log"
+    log_offset = log_path.stat().st_size if log_path.exists() else 0
+    with contextlib.ExitStack() as stack:
+        orb = stack.enter_context(OrbSandbox(api_key=API_KEYS["orb"], state_file=state / "orb-accepted.jsonl"))
+        kable = stack.enter_context(KableSandbox(client_id=API_KEYS["kable_client"], api_key=API_KEYS["kable"],
+                                                 state_file=state / "kable-accepted.jsonl"))
         before = {"orb": len(orb.accepted()), "kable": len(kable.accepted())}
-        _airflow_environment(state, warehouse_db, orb.url, kable.url)
+        if emulated:
+            emulator = stack.enter_context(_emulator(args.warehouse))
+            _airflow_environment(state, emulator.connection, orb.url, kable.url)
+            os.environ[f"AIRFLOW_CONN_{LEDGER_CONN_ID.upper()}"] = json.dumps({"conn_type": "sqlite",
+                                                                              "host": str(ledger_db)})
+            # The emulator starts empty every time: the same rows (same seed, same load time) again.
+            rows = sample_data.generate_rows(first_hour - timedelta(hours=6), args.hours + 6, args.events_per_hour,
+                                             seed=7, now=now)
+            emulator.load(settings.source.schema_, rows)
+            stats = sample_data.summarize(rows)
+            print(f"warehouse: {emulator.description}; loaded {stats.rows} Segment rows ({stats.duplicates} "
+                  f"duplicates, {stats.anonymous} anonymous, {stats.late} loaded late) into "
+                  f"{emulator.location(settings.source.schema_)}.{{{', '.join(stats.per_event)}}}")
+            print(f"ledger: SQLite {ledger_db} (connection {LEDGER_CONN_ID}; {args.warehouse} cannot hold it)")
+        else:
+            _airflow_environment(state, {"conn_type": "sqlite", "host": str(warehouse_db)}, orb.url, kable.url)
         print(f"running segment_to_orb and segment_to_kable for {args.hours} hours "
-              f"(Airflow task logs: {state / 'airflow-tasks.log'})", flush=True)
+              f"(Airflow task logs: {log_path})", flush=True)
         sandboxes = {"orb": orb, "kable": kable}
 
         def progress(name: str) -> dict:
-            counts = _ledger_counts(warehouse_db, settings).get(name, {})
+            counts = _ledger_counts(ledger_db, settings).get(name, {})
             return {"accepted": len(sandboxes[name].accepted()), "rejected": counts.get("rejected", 0)}
 
-        runs = _run_dags(first_hour, args.hours, args.verbose, state / "airflow-tasks.log", progress)
+        runs = _run_dags(first_hour, args.hours, args.verbose, log_path, progress)
         new = {"orb": orb.accepted()[before["orb"]:], "kable": kable.accepted()[before["kable"]:]}
         totals = {"orb": len(orb.accepted()), "kable": len(kable.accepted())}
 
     from usage_billing.ledger import Ledger
 
-    engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
+    engine = _ledger_engine(ledger_db, settings)
     ledger = Ledger(engine, settings.ledger.schema_)
     counts = ledger.counts()
     print()
     print(f"Delivery report: {args.hours} hourly runs per DAG, windows {first_hour:%Y-%m-%d %H:00} .. "
-          f"{first_hour + timedelta(hours=args.hours):%H:00} UTC, lookback {settings.source.lookback}")
+          f"{first_hour + timedelta(hours=args.hours):%H:00} UTC, lookback {settings.source.lookback}"
+          + (f", source {args.warehouse} (emulated), loaded-at column {settings.source.loaded_at_column}"
+             if emulated else ""))
     for name, failed in runs.items():
         print(f"  segment_to_{name}: {len(failed)} failed runs" + (f" ({', '.join(failed)})" if failed else ""))
     lines = _summary_lines("Orb sandbox received now", new["orb"], "external_customer_id",
@@ -149,11 +200,70 @@ def main(argv: list[str] | None = None) -> int:
                             lambda e: (e.get("data") or {}).get("event", "(no event name)"))
     lines += [f"      sandbox total {totals['kable']}; ledger {counts.get('kable', {})}"]
     lines += [f"      rejected: {count} x {reason}" for reason, count in ledger.rejected_reasons("kable", 4)]
+    if emulated and not args.verbose:
+        lines += _cost_lines(log_path, log_offset, args.warehouse)
     print("\n".join(lines))
     engine.dispose()
     if not new["orb"] and not new["kable"]:
         print("Nothing new was delivered: every event in these windows is already in the ledger.")
     return 1 if any(runs.values()) else 0
+
+
+def _emulator_settings(state: Path, warehouse: str):
+    """The shipped configuration with the ledger on its own connection (a warehouse cannot host it) and,
+    on BigQuery, Segment's ``loaded_at`` as the loaded-at column; written to ``state`` for the tasks."""
+    import yaml
+
+    from usage_billing.settings import CONFIG_ENV_VAR, DEFAULT_CONFIG_PATH, load_settings
+
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text(encoding="utf-8"))
+    config["ledger"] = {**config.get("ledger", {}), "conn_id": LEDGER_CONN_ID}
+    if warehouse == "bigquery":
+        config["source"]["loaded_at_column"] = "loaded_at"
+    path = state / "usage_billing.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    os.environ[CONFIG_ENV_VAR] = str(path)
+    return load_settings(path)
+
+
+class _Emulator:
+    """A started warehouse emulator: its Airflow connection, how to load it, how to name it."""
+
+    def __init__(self, connection: dict, load: Callable, description: str, location: Callable[[str], str]):
+        self.connection, self.load, self.description, self.location = connection, load, description, location
+
+
+@contextlib.contextmanager
+def _emulator(warehouse: str) -> Iterator[_Emulator]:
+    from usage_billing.sandbox import warehouses
+
+    if warehouse == "snowflake":
+        database = "segment_events"
+        with warehouses.fakesnow_server() as server:
+            yield _Emulator(warehouses.snowflake_connection(server.port, database),
+                            lambda schema, rows: warehouses.load_snowflake("segment_warehouse", schema, rows),
+                            f"Snowflake emulated by fakesnow's server on https://127.0.0.1:{server.port}",
+                            lambda schema: f"{database}.{schema}".upper())
+        return
+    with warehouses.bqemulator_server() as emulator:
+        yield _Emulator(warehouses.bigquery_connection(emulator),
+                        lambda schema, rows: warehouses.load_bigquery(emulator, schema, rows),
+                        f"BigQuery emulated by bqemulator on {emulator.api_endpoint} (Storage Read "
+                        f"{emulator.read_api_endpoint})", lambda schema: f"{emulator.project}.{schema}")
+
+
+def _cost_lines(log_path: Path, offset: int, warehouse: str) -> list[str]:
+    """What the warehouse reported, from this run's deliver-task summaries (their ``warehouse`` line)."""
+    try:
+        with log_path.open(encoding="utf-8", errors="replace") as log:
+            log.seek(offset)
+            costs = [line.split("warehouse", 1)[1].strip() for line in log if "  warehouse         " in line]
+    except OSError:
+        return []
+    if not costs:
+        return []
+    return [f"  {warehouse} (emulated) as the deliver tasks reported it: {len(costs)} task summaries, e.g.",
+            *(f"      {cost}" for cost in costs[-2:])]
 
 
 def _run_dags(first_hour: datetime, hours: int, verbose: bool, log_path: Path,

@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import ipaddress
 import json
-import os
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from usage_billing import sample_data
+from usage_billing.sandbox import warehouses
 
 PROJECT = Path(__file__).resolve().parents[3]
 
@@ -60,61 +57,10 @@ def utc_text(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path) -> Path:
-    """A certificate for 127.0.0.1 and its key; returns the certificate (also the CA bundle)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                          serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-    return directory / "cert.pem"
-
-
 @pytest.fixture(scope="session")
-def fakesnow_server() -> Iterator[int]:
-    """fakesnow's HTTP app under uvicorn with TLS on a loopback port (what ``fakesnow.server()`` does,
-    plus a certificate); the connector trusts it through ``REQUESTS_CA_BUNDLE``."""
-    fakesnow_server_module = pytest.importorskip("fakesnow.server", reason="fakesnow is not installed")
-    import uvicorn
-
-    directory = Path(tempfile.mkdtemp(prefix="fakesnow-tls-"))
-    cert = _self_signed(directory)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fakesnow_server_module.app, host="127.0.0.1", port=port,
-                                           log_level="warning", ssl_certfile=str(cert),
-                                           ssl_keyfile=str(directory / "key.pem")))
-    thread = threading.Thread(target=server.run, name="fakesnow", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not server.started:
-        pytest.fail("fakesnow server did not start")
-    previous = os.environ.get("REQUESTS_CA_BUNDLE")
-    os.environ["REQUESTS_CA_BUNDLE"] = str(cert)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        if previous is None:
-            os.environ.pop("REQUESTS_CA_BUNDLE", None)
-        else:
-            os.environ["REQUESTS_CA_BUNDLE"] = previous
+def fakesnow_server(fakesnow) -> int:
+    """The port of the session's fakesnow server (``tests/conftest.py``: TLS, ``REQUESTS_CA_BUNDLE`` set)."""
+    return fakesnow.port
 
 
 SNOWFLAKE_TYPES = {"string": "VARCHAR(512)", "integer": "NUMBER(38,0)", "float": "FLOAT", "boolean": "BOOLEAN",
@@ -189,62 +135,13 @@ def snowflake(fakesnow_server) -> Iterator[SnowflakeHarness]:
 # BigQuery: bqemulator in its own environment
 # --------------------------------------------------------------------------------------------------
 
-BQEMULATOR = Path(os.environ.get("BQEMULATOR_VENV", PROJECT / ".venv-bqemulator"))
-BQ_PROJECT = "segment-billing-test"
-
-
-def bqemulator_home(venv: Path, directory: Path) -> Path:
-    """A HOME whose DuckDB extension directory holds the spatial extension from the
-    duckdb-extension-spatial wheel, so the emulator's ``INSTALL spatial`` finds it and never downloads."""
-    wheels = list(venv.glob("lib/python3*/site-packages/duckdb_extension_spatial/extensions/v*/spatial.duckdb_extension"))
-    if not wheels:
-        pytest.fail(f"{venv}: duckdb-extension-spatial is not installed (see requirements-bqemulator.lock)")
-    target = directory / ".duckdb" / "extensions" / wheels[0].parent.name / "linux_amd64"
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "spatial.duckdb_extension").symlink_to(wheels[0])
-    return directory
+BQ_PROJECT = warehouses.BQ_PROJECT
 
 
 @pytest.fixture(scope="session")
-def bqemulator_server() -> Iterator[dict[str, str]]:
-    """bqemulator (REST and Storage Read gRPC) on loopback ports, offline, in memory."""
-    executable = BQEMULATOR / "bin" / "bqemulator"
-    if not executable.exists():
-        pytest.skip(f"bqemulator is not installed at {BQEMULATOR} (make test creates it from "
-                    f"requirements-bqemulator.lock)")
-    directory = Path(tempfile.mkdtemp(prefix="bqemulator-"))
-    home = bqemulator_home(BQEMULATOR, directory)
-    rest, grpc_port = free_port(), free_port()
-    env = {**os.environ, "HOME": str(home), "OTEL_SDK_DISABLED": "true", "BQEMU_ENABLE_FORMAT_EXTENSIONS": "false"}
-    log = (directory / "bqemulator.log").open("wb")
-    process = subprocess.Popen([str(executable), "start", "--rest-host", "127.0.0.1", "--rest-port", str(rest),
-                                "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--ephemeral",
-                                "--project", BQ_PROJECT, "--log-level", "warning"],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        import requests
-
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bqemulator exited: {(directory / 'bqemulator.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{rest}/bigquery/v2/projects/{BQ_PROJECT}/datasets",
-                                timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("bqemulator did not answer within 60 s")
-            time.sleep(0.2)
-        yield {"api_endpoint": f"http://127.0.0.1:{rest}", "read_api_endpoint": f"http://127.0.0.1:{grpc_port}"}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+def bqemulator_server(bqemulator) -> dict[str, str]:
+    """The endpoints of the session's bqemulator (``tests/conftest.py``)."""
+    return bqemulator.endpoints
 
 
 BIGQUERY_TYPES = {"string": "STRING", "integer": "INTEGER", "float": "FLOAT", "boolean": "BOOLEAN",
@@ -416,6 +313,59 @@ def redshift(pg_url) -> Iterator[RedshiftHarness]:
 def harness(request):
     """The conformance harness: every test using it runs once per emulated warehouse."""
     return request.getfixturevalue(request.param)
+
+
+# --------------------------------------------------------------------------------------------------
+# Delivery: an emulated warehouse as a task's source (tests/integration/sources/test_delivery_warehouses.py,
+# tests/e2e/test_warehouse_dags.py)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Warehouse:
+    """One emulated warehouse holding one Segment source's event tables."""
+
+    kind: str
+    conn_id: str
+    schema: str
+    loaded_at_column: str
+    load: Any  # (rows by table) -> None; appends
+
+    def loaded_at(self, row: Mapping[str, Any]) -> dt.datetime:
+        # bqemulator's loaded_at is the row's uuid_ts (warehouses.load_bigquery)
+        return row["uuid_ts"] if self.loaded_at_column == "loaded_at" else row[self.loaded_at_column]
+
+
+def emulated_warehouse(kind: str, request: pytest.FixtureRequest, schema: str, pg_url: str,
+                       monkeypatch: pytest.MonkeyPatch) -> Warehouse:
+    """An empty emulated warehouse of ``kind`` for one Segment source (``schema``), its Airflow connection set.
+
+    Snowflake gets a database of its own on the session's fakesnow server, BigQuery a dataset on the
+    session's bqemulator, Redshift a schema in the test PostgreSQL (drop it with the ``schemas`` fixture)."""
+    if kind == "snowflake":
+        server = request.getfixturevalue("fakesnow")
+        monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_SNOWFLAKE", json.dumps(warehouses.snowflake_connection(
+            server.port, f"segment_events_{uuid.uuid4().hex[:8]}")))
+        return Warehouse(kind, "segment_snowflake", schema, "received_at",
+                         lambda rows: warehouses.load_snowflake("segment_snowflake", schema, rows))
+    if kind == "bigquery":
+        emulator = request.getfixturevalue("bqemulator")
+        monkeypatch.setenv("AIRFLOW_CONN_SEGMENT_BIGQUERY", json.dumps(warehouses.bigquery_connection(emulator)))
+        # The one warehouse where Segment writes loaded_at, which the README advises as the loaded-at column.
+        return Warehouse(kind, "segment_bigquery", schema, "loaded_at",
+                         lambda rows: warehouses.load_bigquery(emulator, schema, rows))
+    harness = RedshiftHarness(pg_url, monkeypatch)
+    created: set[str] = set()
+
+    def load(rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        for table, batch in rows.items():
+            if table not in created:
+                harness.create(schema, table, kinds(table))
+                created.add(table)
+            if batch:
+                harness.insert(schema, table, [name for name, _ in kinds(table)], batch)
+
+    return Warehouse(kind, harness.conn_id, schema, "received_at", load)
 
 
 __all__ = ["PROJECT", "free_port", "kinds", "subprocess", "sys", "utc_text"]
