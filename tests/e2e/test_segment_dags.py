@@ -168,3 +168,23 @@ def test_a_customer_field_that_no_table_has_fails_the_run_and_sends_nothing(stac
     plan = next(ti for ti in run.get_task_instances() if ti.task_id == "plan")
     assert plan.state == "failed"
     assert not stack["orb"].requests, "nothing was sent"
+
+
+def test_a_dry_run_dag_previews_a_replace_and_sends_and_writes_nothing(stack):
+    from airflow.models.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    bag = DagBag(dag_folder=str(PROJECT / "dags"))
+    run_hours(bag.dags["segment_to_orb"], stack["first_hour"])
+    requests, counts = len(stack["orb"].requests), stack["ledger"].counts("orb")
+    backfills = len(stack["orb"].backfills())
+    hour = stack["first_hour"] + timedelta(hours=1)
+    run = bag.dags["usage_billing_dry_run"].test(run_conf={
+        "destination": "orb", "mode": "replace", "start": hour.isoformat(), "end": (hour + timedelta(hours=1)).isoformat()})
+    assert run.state == DagRunState.SUCCESS
+    preview = run.get_task_instance("preview").xcom_pull(task_ids="preview")
+    assert preview["mode"] == "replace" and preview["would_send"] > 0
+    assert preview["in_backfills"] == preview["would_send"], "a replace sends everything inside its backfill"
+    ingest = [r for r in stack["orb"].requests[requests:] if r.path.endswith("/ingest")]
+    assert not ingest and len(stack["orb"].backfills()) == backfills, "nothing sent, no backfill created"
+    assert stack["ledger"].counts("orb") == counts, "nothing written to the ledger"
