@@ -1580,3 +1580,30 @@ assert gc.collect() >= 1
     env = {**os.environ, "PYTHONPATH": str(include)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+# ============================================================================ Orb: customers
+
+
+def customer(orb: OrbSandbox, external_id: str) -> requests.Response:
+    return requests.get(f"{orb.url}/v1/customers/external_customer_id/{requests.utils.quote(external_id, safe='')}",
+                        headers=ORB_AUTH, timeout=5)
+
+
+def test_orb_customers_by_external_id_exist_once_created() -> None:
+    with OrbSandbox(api_key=ORB_KEY, customers={"cus_acme"}) as orb:
+        found = customer(orb, "cus_acme")
+        assert found.status_code == 200 and found.json()["external_customer_id"] == "cus_acme"
+        missing = customer(orb, "cus new/ü")
+        assert missing.status_code == 404 and missing.json()["type"] == f"{ORB_ERRORS}#404-resource-not-found"
+        orb.add_customers("cus new/ü")
+        assert customer(orb, "cus new/ü").status_code == 200
+
+
+def test_orb_customers_need_the_api_key(orb: OrbSandbox) -> None:
+    resp = requests.get(f"{orb.url}/v1/customers/external_customer_id/cus_acme", timeout=5)
+    assert resp.status_code == 401
+
+
+def test_orb_without_a_customer_list_knows_every_customer(orb: OrbSandbox) -> None:
+    assert customer(orb, "anyone").status_code == 200
