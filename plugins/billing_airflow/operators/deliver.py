@@ -17,10 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from billing_airflow.hooks.base import BillingApiHook
 from billing_airflow.hooks.kable import KableHook
 from billing_airflow.hooks.orb import OrbHook
+from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, run_request
 from usage_billing.delivery import deliver_partition, replace_window, replay_rejected
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
@@ -47,34 +49,19 @@ def sqlalchemy_url(conn_id: str) -> sa.URL:
                      f"(use postgres, or sqlite for the embedded warehouse)")
 
 
-def window_from_context(context: Any, settings: Settings) -> Window:
-    start, end = context["data_interval_start"], context["data_interval_end"]
-    if start is None or end is None or start >= end:
-        raise ValueError(f"the run has an empty data interval ({start} .. {end}); schedule the DAG with "
-                         f"an interval timetable, not a plain cron trigger")
-    return Window(start=datetime.fromtimestamp(start.timestamp(), UTC),
-                  end=datetime.fromtimestamp(end.timestamp(), UTC), lookback=settings.source.lookback)
-
-
-DELIVER, REPLAY_REJECTED, REPLACE = "deliver", "replay_rejected", "replace"
-MODES = (DELIVER, REPLAY_REJECTED, REPLACE)
 ALL_TABLES = "*"
 
 
-def run_mode(context: Any) -> tuple[str, str | None]:
-    """The run's ``mode`` and ``reason_contains`` params (defaults when absent)."""
-    params = context.get("params") or {}
-    mode = params.get("mode") or DELIVER
-    if mode not in MODES:
-        raise ValueError(f"param mode: {mode!r} is not one of {', '.join(MODES)}")
-    return mode, (params.get("reason_contains") or None)
-
-
 class _ConfiguredOperator(BaseOperator):
-    def __init__(self, *, destination: str, config_path: str | None = None, **kwargs: Any):
+    """``mode`` is the DAG's, fixed when the DAG is built (see run_request): never a run parameter."""
+
+    def __init__(self, *, destination: str, config_path: str | None = None, mode: str = DELIVER, **kwargs: Any):
         super().__init__(**kwargs)
         self.destination = destination
         self.config_path = config_path
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
 
     def settings(self) -> Settings:
         return load_settings(self.config_path)
@@ -94,8 +81,9 @@ class PlanPartitionsOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> list[dict]:
         settings = self.settings()
         get_destination(self.destination, settings)  # fail here, once, on a missing destination section
-        mode, reason_contains = run_mode(context)
-        window = window_from_context(context, settings)
+        request = run_request(context, settings, self.mode, self.destination)
+        self.log.info("%s", request.echo)
+        mode, reason_contains, window = request.mode, request.reason_contains, request.window
         warehouse, ledger_engine = self.engines(settings)
         ledger = Ledger(ledger_engine, settings.ledger.schema_)
         ledger.create()
@@ -108,8 +96,6 @@ class PlanPartitionsOperator(_ConfiguredOperator):
             ledger_engine.dispose()
             return [Partition(table).to_dict() for table in tables]
         if mode == REPLACE:
-            if self.destination != "orb":
-                raise ValueError("mode=replace exists only for Orb: Kable has no backfills to replace a period")
             self.log.warning("plan: REPLACE MODE for %s: one task re-sends every event with a timestamp in "
                              "[%s, %s) inside one replacing Orb backfill", self.destination,
                              window.start.isoformat(), window.end.isoformat())
@@ -145,14 +131,15 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> dict:
         settings = self.settings()
         destination = get_destination(self.destination, settings)
+        request = run_request(context, settings, self.mode, self.destination)
+        self.log.info("%s", request.echo)
+        mode, reason_contains, window = request.mode, request.reason_contains, request.window
         partition = Partition.from_dict(self.partition or {"table": settings.source.events[0]})
-        window = window_from_context(context, settings)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
         warehouse, ledger_engine = self.engines(settings)
         ledger = Ledger(ledger_engine, settings.ledger.schema_)
         hook = HOOKS[self.destination](destination.settings.conn_id, destination.settings,
                                        rate_limit_storage=settings.airflow.rate_limit_storage)
-        mode, reason_contains = run_mode(context)
         common = dict(engine=warehouse, schema=settings.source.schema_,
                       loaded_at_column=settings.source.loaded_at_column, chunk_size=settings.source.chunk_size,
                       destination=destination, sender=hook, ledger=ledger, run=run,
@@ -195,7 +182,9 @@ class DeliveryReportOperator(_ConfiguredOperator):
         if planned is None:
             # An empty list is a legitimate plan; no list at all means plan failed, and a success
             # here would mark the run successful with its window never delivered.
-            raise RuntimeError("plan did not finish: no partition list; see the plan task log and clear the run")
+            # Failed without retries: a retry cannot change the outcome, it only holds the DAG's run slot.
+            raise AirflowFailException("plan did not finish: no partition list; see the plan task log and clear "
+                                       "the run")
         pulled = ti.xcom_pull(task_ids=self.deliver_task_id)
         # One mapped instance comes back as its value, several as a sequence.
         reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
@@ -213,7 +202,7 @@ class DeliveryReportOperator(_ConfiguredOperator):
                       len(reports), len(planned), "\n".join(lines),
                       "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5)))
         if len(reports) < len(planned):
-            raise RuntimeError(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
+            raise AirflowFailException(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
                                f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
         return dict(total)
 
