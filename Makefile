@@ -9,7 +9,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # glibc otherwise keeps freed memory in one arena per sending thread (measured by make bench).
 export MALLOC_ARENA_MAX := 2
 
-.PHONY: run test lint lock bench clean
+.PHONY: run airflow test lint lock bench clean
 
 $(VENV)/.synced: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.synced: requirements.lock
 ## Run the pipeline end to end on the embedded demo (SQLite warehouse, local Orb and Kable sandboxes).
 run: $(VENV)/.synced
 	$(PY) -m usage_billing.demo $(ARGS)
+
+## A real local Airflow (api-server, scheduler, dag-processor) with the DAGs, sample data and both sandboxes.
+airflow: $(VENV)/.synced
+	$(PY) scripts/airflow_local.py $(ARGS)
 
 ## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis.
 test: $(VENV)/.synced
@@ -36,4 +40,4 @@ bench: $(VENV)/.synced
 	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .airflow .pytest_cache
