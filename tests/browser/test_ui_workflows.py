@@ -8,7 +8,8 @@ In order, on one Airflow (see conftest.py), each test building on the state the 
 * a deliver task's log opened in the UI: its label is the event table and its summary block is on
   the page, with the counts the ledger has for that task;
 * re-billing a period through ``segment_to_orb_replace``'s trigger form, then a replay of rejections
-  through ``segment_to_orb_replay_rejected``'s, each checked in the sandbox and the ledger.
+  through ``segment_to_orb_replay_rejected``'s, each checked in the sandbox and the ledger;
+* the Billing view (this project's Airflow plugin), opened from the UI's menu, against the ledger.
 
 No test uses the REST API to act; they read the metadata database only to wait for runs to finish.
 """
@@ -19,6 +20,7 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
+import requests
 import sqlalchemy as sa
 
 from tests.browser.conftest import EVENT_TABLES, HOURS, LOOKBACK, Stack
@@ -184,14 +186,17 @@ def test_rebilling_a_period_and_replaying_rejections_through_the_trigger_forms(p
     assert {r["idempotency_key"] for r in rebilled} == expected, "every event of the period, in the backfill"
     assert {r["run_id"] for r in rebilled} == {run.run_id}
 
-    # Replay: the anonymous events get their customer in the warehouse, then one click replays them.
+    # Replay: the anonymous api_call events get their customer in the warehouse, then one click replays
+    # every rejection for a missing customer; the other tables' are rejected again (still anonymous).
     reason = "external customer ID"
-    rejected = {r["idempotency_key"] for r in stack.ledger_rows("orb", "status = 'rejected' AND reason LIKE :p",
-                                                                  p=f"%{reason}%")}
-    assert rejected
+    rows = stack.ledger_rows("orb", "status = 'rejected' AND reason LIKE :p", p=f"%{reason}%")
+    rejected = {(r["event_table"], r["idempotency_key"]) for r in rows}
+    attempts = {r["idempotency_key"]: r["attempts"] for r in rows}
+    fixed = {key for table, key in rejected if table == "api_call"}
+    still_anonymous = {key for table, key in rejected if table != "api_call"}
+    assert fixed and still_anonymous
     with stack.warehouse.begin() as conn:
-        for table in EVENT_TABLES:
-            conn.execute(sa.text(f'UPDATE "{stack.schema}".{table} SET user_id = anonymous_id WHERE user_id IS NULL'))
+        conn.execute(sa.text(f'UPDATE "{stack.schema}".api_call SET user_id = anonymous_id WHERE user_id IS NULL'))
 
     def reason_contains(page, dialog):
         dialog.locator("input[name=element_reason_contains]").fill(reason)
@@ -202,5 +207,43 @@ def test_rebilling_a_period_and_replaying_rejections_through_the_trigger_forms(p
     assert run.conf == {"reason_contains": reason}
     assert f"only rejections whose reason contains {reason!r}" in stack.task_log(
         "segment_to_orb_replay_rejected", run.run_id, "plan")
-    assert rejected <= {e["idempotency_key"] for e in stack.sandbox("orb")["accepted"]}
-    assert stack.ledger_rows("orb", "status = 'rejected' AND reason LIKE :p", p=f"%{reason}%") == []
+    assert fixed <= {e["idempotency_key"] for e in stack.sandbox("orb")["accepted"]}
+    again = stack.ledger_rows("orb", "status = 'rejected'")
+    assert {r["idempotency_key"] for r in again} == still_anonymous
+    assert all(r["attempts"] == attempts[r["idempotency_key"]] + 1 for r in again), "rejected again by the replay"
+
+
+def test_the_billing_view_in_the_ui_shows_what_the_ledger_holds(page, stack):
+    """The plugin's page, opened from the UI's menu, against the ledger counted independently here."""
+    from playwright.sync_api import expect
+
+    assert requests.get(f"{stack.url}/billing/", timeout=30).status_code == 401, "behind Airflow's login"
+    page.goto(f"{stack.url}/", wait_until="networkidle")
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="Billing").click()
+    page.wait_for_url("**/plugin/billing")
+    view = page.frame_locator("iframe")
+    expect(view.get_by_role("heading", name=re.compile("^Billing"))).to_be_visible()
+
+    with stack.warehouse.connect() as conn:
+        expected = conn.execute(sa.text(
+            f"SELECT to_char(event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, destination, "
+            f"count(*) FILTER (WHERE status = 'delivered') AS delivered, "
+            f"count(*) FILTER (WHERE status = 'delivered' AND backfill_id IS NOT NULL) AS backfills, "
+            f"count(*) FILTER (WHERE status = 'rejected') AS rejected "
+            f'FROM "{stack.ledger_schema}".deliveries GROUP BY 1, 2')).all()
+    assert expected
+    assert sum(row.backfills for row in expected) > 0, "the replace run's events went through a backfill"
+    for row in expected:
+        for column in ("delivered", "backfills", "rejected"):
+            expect(view.get_by_test_id(f"{column}-{row.destination}-{row.day}")).to_have_text(
+                str(getattr(row, column)))
+
+    reasons = view.locator("#reasons tr").filter(has_text="external customer ID")
+    expect(reasons).to_have_count(1)
+    expect(reasons.locator("td.n")).to_have_text(str(len(stack.ledger_rows("orb", "status = 'rejected'"))))
+    link = reasons.get_by_role("link", name=re.compile("segment_to_orb_replay_rejected"))
+    expect(link).to_have_attribute("href", "/dags/segment_to_orb_replay_rejected")
+
+    [replaced] = [b for b in stack.sandbox("orb")["backfills"] if b["replace_existing_events"]]
+    expect(view.get_by_test_id(f"backfill-status-{replaced['id']}")).to_have_text(replaced["status"])
