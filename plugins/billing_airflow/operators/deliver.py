@@ -203,7 +203,8 @@ class DeliveryReportOperator(_ConfiguredOperator):
                       "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5)))
         if len(reports) < len(planned):
             raise AirflowFailException(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
-                               f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
+                                       f"see the deliver task logs. Clearing the failed tasks re-sends what is "
+                                       f"missing.")
         return dict(total)
 
 
