@@ -488,7 +488,7 @@ class LocalAirflow:
             f"Airflow is up in {self.timings.get('DAGs parsed', 0):.0f} s:  {self.url}",
             f"  login:      {self.options.username} / {self.password}",
             f"  DAGs:       {dags}",
-            "              paused at first: backfill from Trigger -> Backfill (tick \"Unpause\"), or turn one on",
+            "              paused at first: Trigger -> Backfill unpauses the DAG (ticked by default), or turn it on",
             f"  warehouse:  {database}, schema {settings.source.schema_}: {data}; hours to backfill "
             f"{sample['first_hour'][:16]} .. {sample['last_hour'][:16]} UTC",
             f"  ledger:     {database}, schema {settings.ledger.schema_}",
