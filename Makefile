@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins
 # glibc otherwise keeps freed memory in one arena per sending thread (measured by make bench).
 export MALLOC_ARENA_MAX := 2
 
-.PHONY: run test lint lock bench clean
+.PHONY: run airflow test lint lock bench clean
 
 $(VENV)/.synced: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ RUN_NEEDS := $(VENV)/.synced $(if $(findstring bigquery,$(ARGS)),$(BQEMU_VENV)/.
 run: $(RUN_NEEDS)
 	$(PY) -m usage_billing.demo $(ARGS)
 
+## A real local Airflow (api-server, scheduler, dag-processor) with the DAGs, sample data and both sandboxes.
+airflow: $(VENV)/.synced
+	$(PY) scripts/airflow_local.py $(ARGS)
+
 ## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis.
 test: $(VENV)/.synced $(BQEMU_VENV)/.synced
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -45,4 +49,4 @@ bench: $(RUN_NEEDS)
 	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(BQEMU_VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(BQEMU_VENV) .demo .airflow .pytest_cache

@@ -6,7 +6,7 @@ of the warehouse on the loaded-at column, for each destination, and delivers eve
 neither delivered nor rejected (through Orb backfills when past Orb's grace period). Each task logs
 a per-day table: events in the warehouse, delivered, rejected, missing before the sweep, delivered
 by the sweep, still missing (zero after a successful sweep). Rejected events are left alone: re-send
-them with `mode=replay_rejected` on the destination's DAG.
+them with the destination's replay DAG (`segment_to_orb_replay_rejected`, `segment_to_kable_replay_rejected`).
 
 After each sweep, `reconcile_<destination>` compares the warehouse, the ledger and the destination's
 own records per hour over the same horizon, re-sends what the destination lost, and fails when a

@@ -7,7 +7,7 @@
 The ledger database comes from ``--ledger-url`` or ``$USAGE_BILLING_LEDGER_URL`` (a SQLAlchemy
 URL such as ``postgresql+psycopg2://user@host/db`` or ``sqlite:///.demo/warehouse.db``); the schema
 from the configuration file. To re-send rejected events after fixing the mapping or the data,
-trigger the destination's DAG with the param ``mode=replay_rejected`` (README, "Rejected events").
+trigger the destination's replay DAG, ``segment_to_<destination>_replay_rejected`` (README, "Rejected events").
 """
 
 from __future__ import annotations

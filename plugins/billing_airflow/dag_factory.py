@@ -1,4 +1,4 @@
-"""Builds the hourly delivery DAG of one destination from the configuration file."""
+"""Builds the delivery DAGs (hourly, replace, replay of rejections) and the sweep DAG from the configuration file."""
 
 from __future__ import annotations
 
@@ -8,54 +8,93 @@ from datetime import timedelta
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule
 
 from billing_airflow.operators.deliver import (
-    MODES,
     CompletenessSweepOperator,
     DeliveryReportOperator,
     PlanPartitionsOperator,
     SegmentDeliveryOperator,
 )
 from billing_airflow.operators.reconcile import ReconcileOperator
+from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, dag_id_for
 from usage_billing.settings import ConfigError, load_settings
 
 log = logging.getLogger(__name__)
 
 
-def build_delivery_dag(destination: str, doc_md: str | None = None) -> DAG | None:
-    """The ``segment_to_<destination>`` DAG: plan -> deliver (one mapped task per partition) -> report.
+#: Mapped deliver tasks are labelled by their partition in the UI: ``api_call``, ``api_call #2/4``
+#: (bucket 1 of 4 counted from one), ``all event tables`` for the one task of a replace run.
+PARTITION_LABEL = (
+    "{% set p = task.partition or {} %}"
+    "{% if p.get('table') == '*' %}all event tables"
+    "{% else %}{{ p.get('table', '?') }}"
+    "{% if p.get('buckets', 1) > 1 %} #{{ p.get('bucket', 0) + 1 }}/{{ p.get('buckets') }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def _params(mode: str) -> dict[str, Param]:
+    """The run parameters of a mode's DAG. None for the hourly DAGs: their forms need nothing typed.
+
+    A string param with no usable default is shown as required by the Airflow UI's forms and keeps the
+    Trigger and Run Backfill buttons disabled, so an optional text is ``["null", "string"]`` with a null
+    default. The replace period has no default on purpose: re-billing needs a period chosen by hand.
+    """
+    if mode == REPLACE:
+        return {
+            "period_start": Param(type="string", format="date-time", title="Period start (UTC)", description=(
+                "First instant re-billed: every Orb event with a timestamp at or after it (and before the end), "
+                "for all customers, is REPLACED by what this run sends.")),
+            "period_end": Param(type="string", format="date-time", title="Period end (UTC, excluded)", description=(
+                "End of the period, excluded; at most 31 days after the start, and not in the future.")),
+        }
+    if mode == REPLAY_REJECTED:
+        return {
+            "reason_contains": Param(None, type=["null", "string"], title="Reason contains (optional)", description=(
+                "Replay only the rejections whose reason contains this text; empty replays every rejection.")),
+        }
+    return {}
+
+
+def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = DELIVER) -> DAG | None:
+    """A delivery DAG of one destination and one mode: plan -> deliver (one mapped task per partition) -> report.
+
+    ``mode=deliver`` is the hourly ``segment_to_<destination>``; ``replace`` (Orb only) and
+    ``replay_rejected`` are manually triggered DAGs of their own (``segment_to_orb_replace``,
+    ``segment_to_<destination>_replay_rejected``). The mode is given to the operators here, never
+    read from the run's parameters, so no form or backfill can turn a replace into a plain delivery.
 
     Reads only the local configuration file at parse time (no database or network access). Returns
     None, with a warning, when the destination is not configured, so an Orb-only setup shows no
     Kable DAG. An invalid configuration raises, which Airflow shows as an import error naming the
     setting.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == REPLACE and destination != "orb":
+        raise ValueError("mode=replace exists only for Orb: Kable has no backfills to replace a period")
     settings = load_settings()
+    dag_id = dag_id_for(destination, mode)
     if getattr(settings.destinations, destination) is None:
-        log.warning("destinations.%s is not configured: no segment_to_%s DAG", destination, destination)
+        log.warning("destinations.%s is not configured: no %s DAG", destination, dag_id)
         return None
     options = settings.airflow
-    try:
-        schedule = CronDataIntervalTimetable(options.schedule, timezone="UTC")
-    except Exception as error:  # croniter's messages do not name our setting
-        raise ConfigError(f"airflow.schedule: {options.schedule!r} is not a cron expression ({error})") from None
+    if mode == DELIVER:
+        try:
+            # A plain cron string is a zero-length trigger in Airflow 3; the window needs an interval.
+            schedule = CronDataIntervalTimetable(options.schedule, timezone="UTC")
+        except Exception as error:  # croniter's messages do not name our setting
+            raise ConfigError(f"airflow.schedule: {options.schedule!r} is not a cron expression ({error})") from None
+    else:
+        schedule = None  # triggered by hand only; a backfill of it cannot exist
 
     with DAG(
-        dag_id=f"segment_to_{destination}",
-        # A plain cron string is a zero-length trigger in Airflow 3; the window needs an interval.
+        dag_id=dag_id,
         schedule=schedule,
         start_date=options.start_date,
         catchup=False,
         max_active_runs=1,
         doc_md=doc_md,
-        tags=["usage-billing", "segment", destination],
-        params={
-            "mode": Param("deliver", enum=list(MODES), description=(
-                "deliver: the run's window (default). replay_rejected: re-send the events the ledger "
-                "holds as rejected, mapped with the current settings, with their original idempotency keys. "
-                "replace (Orb only): re-send every event with a timestamp in the window inside an Orb "
-                "backfill that REPLACES what Orb holds for that period (re-billing after a mapping change).")),
-            "reason_contains": Param("", type="string", description=(
-                "replay_rejected only: replay just the rejections whose reason contains this text.")),
-        },
+        tags=["usage-billing", "segment", destination, *([mode] if mode != DELIVER else [])],
+        params=_params(mode),
         default_args={
             "retries": options.retries,
             "retry_delay": options.retry_delay,
@@ -63,15 +102,17 @@ def build_delivery_dag(destination: str, doc_md: str | None = None) -> DAG | Non
             "max_retry_delay": timedelta(minutes=30),
         },
     ) as dag:
-        plan = PlanPartitionsOperator(task_id="plan", destination=destination)
+        plan = PlanPartitionsOperator(task_id="plan", destination=destination, mode=mode)
         deliver = SegmentDeliveryOperator.partial(
             task_id="deliver",
             destination=destination,
+            mode=mode,
+            map_index_template=PARTITION_LABEL,
             max_active_tis_per_dag=options.max_active_tis_per_dag,
             **({"pool": options.pool} if options.pool else {}),
         ).expand(partition=plan.output)
         report = DeliveryReportOperator(task_id="report", destination=destination, deliver_task_id="deliver",
-                                        plan_task_id="plan", trigger_rule=TriggerRule.ALL_DONE)
+                                        plan_task_id="plan", trigger_rule=TriggerRule.ALL_DONE, mode=mode)
         plan >> deliver >> report
     return dag
 

@@ -21,21 +21,84 @@ def test_no_import_errors(bag):
     assert bag.import_errors == {}
 
 
-@pytest.mark.parametrize("dag_id", ["segment_to_orb", "segment_to_kable"])
-def test_delivery_dag_shape(bag, dag_id):
-    from airflow.sdk import CronDataIntervalTimetable
+HOURLY = ["segment_to_orb", "segment_to_kable"]
+MANUAL = {"segment_to_orb_replace": "replace", "segment_to_orb_replay_rejected": "replay_rejected",
+          "segment_to_kable_replay_rejected": "replay_rejected"}
 
+
+def modes(dag) -> set[str]:
+    """The mode each task was built with (a mapped task holds it among its partial() arguments)."""
+    return {task.partial_kwargs["mode"] if hasattr(task, "partial_kwargs") else task.mode for task in dag.tasks}
+
+
+@pytest.mark.parametrize("dag_id", HOURLY + list(MANUAL))
+def test_delivery_dag_shape(bag, dag_id):
     dag = bag.dags[dag_id]
-    assert isinstance(dag.timetable, CronDataIntervalTimetable), "an hourly window, not a zero-length trigger"
     assert dag.catchup is False and dag.max_active_runs == 1
     assert {"usage-billing", "segment"} <= set(dag.tags)
-    assert dag.doc_md and "Backfill" in dag.doc_md
+    assert dag.doc_md
     assert set(dag.task_dict) == {"plan", "deliver", "report"}
     for task in dag.tasks:
         assert task.retries >= 1
         assert task.retry_delay == timedelta(minutes=2)
     assert dag.task_dict["deliver"].upstream_task_ids == {"plan"}
     assert dag.task_dict["report"].trigger_rule == "all_done"
+    assert dag.task_dict["deliver"].map_index_template
+
+
+@pytest.mark.parametrize("dag_id", HOURLY)
+def test_hourly_dags_have_a_window_and_no_parameter_to_type(bag, dag_id):
+    """Trigger and Run Backfill need nothing typed: a string param without a default disables them."""
+    from airflow.sdk import CronDataIntervalTimetable
+
+    dag = bag.dags[dag_id]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable), "an hourly window, not a zero-length trigger"
+    assert "Backfill" in dag.doc_md
+    assert dict(dag.params) == {}
+    assert modes(dag) == {"deliver"}
+
+
+@pytest.mark.parametrize(("dag_id", "mode"), MANUAL.items())
+def test_replace_and_replay_are_dags_of_their_own_with_the_mode_fixed(bag, dag_id, mode):
+    """The mode is the operators' constructor argument: no form, conf or backfill can change it."""
+    dag = bag.dags[dag_id]
+    assert not dag.timetable.can_be_scheduled, "triggered by hand only (schedule=None): no backfill"
+    assert modes(dag) == {mode}
+    assert mode in dag.tags
+
+
+def test_replace_needs_a_period_and_replay_needs_nothing(bag):
+    replace = bag.dags["segment_to_orb_replace"].params
+    assert set(replace) == {"period_start", "period_end"}
+    for name in replace:
+        schema = replace.get_param(name).schema
+        assert schema["type"] == "string" and schema["format"] == "date-time"
+        assert not replace.get_param(name).has_value, "no default: the period is chosen by hand"
+    for dag_id in ("segment_to_orb_replay_rejected", "segment_to_kable_replay_rejected"):
+        params = bag.dags[dag_id].params
+        assert set(params) == {"reason_contains"}
+        param = params.get_param("reason_contains")
+        # Optional in the UI's forms: null allowed, null default (not "", which the form calls required).
+        assert param.value is None and "null" in param.schema["type"]
+        params.validate()
+
+
+def test_kable_has_no_replace_dag(bag):
+    assert "segment_to_kable_replace" not in bag.dags
+
+
+@pytest.mark.parametrize(("partition", "label"), [
+    ({"table": "api_call", "bucket": 0, "buckets": 1}, "api_call"),
+    ({"table": "api_call", "bucket": 1, "buckets": 4}, "api_call #2/4"),
+    ({"table": "*", "bucket": 0, "buckets": 1}, "all event tables"),
+], ids=["one_partition_per_table", "hash_bucket_counted_from_one", "replace_all_tables"])
+def test_mapped_deliver_tasks_are_labelled_by_table_and_bucket(bag, partition, label):
+    from types import SimpleNamespace
+
+    dag = bag.dags["segment_to_orb"]
+    template = dag.task_dict["deliver"].map_index_template
+    rendered = dag.get_template_env().from_string(template).render(task=SimpleNamespace(partition=partition))
+    assert rendered == label
 
 
 def test_sweep_dag_shape(bag):
@@ -58,11 +121,6 @@ def test_reconcile_dag_runs_on_demand_for_a_range(bag):
     assert {"usage-billing", "reconcile"} <= set(dag.tags) and "sample_hours" in dag.doc_md
 
 
-@pytest.mark.parametrize("dag_id", ["segment_to_orb", "segment_to_kable"])
-def test_modes_are_params(bag, dag_id):
-    assert bag.dags[dag_id].params["mode"] == "deliver"
-
-
 def test_import_touches_no_database_or_network(tmp_path, monkeypatch):
     """Parsing with connections pointing nowhere still works: nothing is contacted at import time."""
     from airflow.models.dagbag import DagBag
@@ -83,6 +141,7 @@ def test_an_unconfigured_destination_has_no_dag(tmp_path, monkeypatch):
     monkeypatch.setenv("USAGE_BILLING_CONFIG", str(path))
     bag = DagBag(dag_folder=str(PROJECT / "dags"))
     assert "segment_to_orb" in bag.dags and "segment_to_kable" not in bag.dags
+    assert "segment_to_orb_replay_rejected" in bag.dags and "segment_to_kable_replay_rejected" not in bag.dags
     assert bag.import_errors == {}
 
 

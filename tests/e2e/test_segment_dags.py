@@ -100,7 +100,7 @@ def test_both_dags_deliver_each_event_exactly_once_and_a_second_pass_sends_nothi
 
 
 def test_replay_replace_and_sweep_through_the_dags(stack):
-    """The DAG params and the sweep DAG, end to end: replay_rejected, replace (Orb), the daily sweep."""
+    """The replay and replace DAGs and the sweep DAG, end to end."""
     from airflow.models.dagbag import DagBag
     from airflow.utils.state import DagRunState
 
@@ -112,12 +112,13 @@ def test_replay_replace_and_sweep_through_the_dags(stack):
         for table in ("api_call", "payment_confirmed", "tokens_used"):
             conn.execute(sa.text(f'UPDATE "{stack["schema"]}".{table} SET user_id = anonymous_id WHERE user_id IS NULL'))
     last = stack["first_hour"] + timedelta(hours=HOURS)
-    replay = orb_dag.test(logical_date=last, run_conf={"mode": "replay_rejected"})
+    replay = bag.dags["segment_to_orb_replay_rejected"].test(logical_date=None)
     assert replay.state == DagRunState.SUCCESS
     assert stack["orb"].accepted_keys() >= anonymous
     assert stack["ledger"].counts("orb")["orb"].get("rejected", 0) == 0
 
-    replace = orb_dag.test(logical_date=last - timedelta(hours=1), run_conf={"mode": "replace"})
+    period = {"period_start": (last - timedelta(hours=1)).isoformat(), "period_end": last.isoformat()}
+    replace = bag.dags["segment_to_orb_replace"].test(logical_date=None, run_conf=period)
     assert replace.state == DagRunState.SUCCESS
     replaced = [b for b in stack["orb"].backfills() if b["replace_existing_events"]]
     assert len(replaced) == 1 and replaced[0]["status"] == "reflected"
@@ -188,3 +189,36 @@ def test_a_dry_run_dag_previews_a_replace_and_sends_and_writes_nothing(stack):
     ingest = [r for r in stack["orb"].requests[requests:] if r.path.endswith("/ingest")]
     assert not ingest and len(stack["orb"].backfills()) == backfills, "nothing sent, no backfill created"
     assert stack["ledger"].counts("orb") == counts, "nothing written to the ledger"
+
+
+def test_a_run_without_a_logical_date_delivers_the_last_complete_hour(stack):
+    """`airflow dags trigger segment_to_orb` (no --logical-date): no data interval, no KeyError."""
+    from airflow.models.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["segment_to_orb"]
+    last_hour = stack["first_hour"] + timedelta(hours=HOURS)
+    run = dag.test(logical_date=None, run_after=last_hour + timedelta(minutes=30))
+    assert run.data_interval_start is None and run.state == DagRunState.SUCCESS
+    in_last_hour = {r["idempotency_key"] for r in stack["orb"].accepted()}
+    assert in_last_hour, "the last complete hour (and its lookback) was delivered"
+    with stack["engine"].connect() as conn:
+        loaded_after = {r[0] for table in ("api_call", "payment_confirmed", "tokens_used") for r in conn.execute(
+            sa.text(f'SELECT id FROM "{stack["schema"]}".{table} WHERE received_at >= :e'), {"e": last_hour})}
+    assert not in_last_hour & loaded_after, "nothing loaded after the window's end"
+
+
+@pytest.mark.parametrize("stack", [{"retries": 3}], indirect=True)
+def test_a_mode_in_the_conf_of_the_hourly_dag_fails_the_run_without_retrying(stack):
+    """The old README's `--conf '{"mode": "replay_rejected"}'` must not silently deliver instead."""
+    from airflow.models.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["segment_to_orb"]
+    run = dag.test(logical_date=stack["first_hour"] + timedelta(hours=1), run_conf={"mode": "replay_rejected"})
+    assert run.state == DagRunState.FAILED
+    tis = {ti.task_id: ti for ti in run.get_task_instances()}
+    assert dag.task_dict["plan"].retries == dag.task_dict["report"].retries == 3
+    for task_id in ("plan", "report"):  # a retry would hold the DAG's only active-run slot for minutes
+        assert tis[task_id].state == "failed" and tis[task_id].try_number == 1, f"{task_id}: failed at once"
+    assert stack["orb"].accepted() == []

@@ -25,15 +25,9 @@ from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import MARK_EVERY, LedgerWriter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import HELD, REJECTED, Route
+from usage_billing.ledger import HELD, REJECTED, Route, generic_reason
 
 log = logging.getLogger(__name__)
-
-
-def generic_reason(reason: str) -> str:
-    """'api_call row id=ajs-1: no external customer ID ...' -> 'no external customer ID ...'."""
-    head, sep, tail = reason.partition(": ")
-    return tail if sep and " row id=" in head else reason
 
 
 def dedupe_keys(mapped: Mapped) -> list[Rejection]:

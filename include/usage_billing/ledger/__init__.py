@@ -6,7 +6,8 @@ newest migration leaves them; ``migrate`` and ``migrations/`` version them with 
 
 from __future__ import annotations
 
-from usage_billing.ledger.store import MAX_REASON, EventRefs, Ledger, Route, RunRef
+from usage_billing.ledger.store import MAX_REASON, EventRefs, Ledger, Route, RunRef, generic_reason
 from usage_billing.ledger.tables import DELIVERED, HELD, LOST, REJECTED
 
-__all__ = ["DELIVERED", "HELD", "LOST", "MAX_REASON", "REJECTED", "EventRefs", "Ledger", "Route", "RunRef"]
+__all__ = ["DELIVERED", "HELD", "LOST", "MAX_REASON", "REJECTED", "EventRefs", "Ledger", "Route", "RunRef",
+           "generic_reason"]

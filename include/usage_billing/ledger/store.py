@@ -454,7 +454,7 @@ class Ledger:
         """Rejection reasons with their counts, most frequent first (row ids stripped for grouping)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(self.table.c.reason).where(self._rejected(destination)))
-            counter = Counter(_generic_reason(reason) for (reason,) in rows)
+            counter = Counter(generic_reason(reason) for (reason,) in rows)
         return counter.most_common(limit)
 
     def rejected(self, destination: str, reason_contains: str | None = None,
@@ -616,7 +616,7 @@ def _parse_time(value: object) -> datetime | None:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
-def _generic_reason(reason: str | None) -> str:
+def generic_reason(reason: str | None) -> str:
     """'api_call row id=ajs-1: no external customer ID ...' -> 'no external customer ID ...'."""
     if not reason:
         return "(no reason)"

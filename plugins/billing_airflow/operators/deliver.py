@@ -19,8 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from billing_airflow.hooks.base import BillingApiHook
+from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, run_request
 from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, sweep
 from usage_billing.destinations import DESTINATIONS, Destination, get_destination
 from usage_billing.ledger import Ledger, RunRef
@@ -65,34 +67,19 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
             engine.dispose()
 
 
-def window_from_context(context: Any, settings: Settings) -> Window:
-    start, end = context["data_interval_start"], context["data_interval_end"]
-    if start is None or end is None or start >= end:
-        raise ValueError(f"the run has an empty data interval ({start} .. {end}); schedule the DAG with "
-                         f"an interval timetable, not a plain cron trigger")
-    return Window(start=datetime.fromtimestamp(start.timestamp(), UTC),
-                  end=datetime.fromtimestamp(end.timestamp(), UTC), lookback=settings.source.lookback)
-
-
-DELIVER, REPLAY_REJECTED, REPLACE = "deliver", "replay_rejected", "replace"
-MODES = (DELIVER, REPLAY_REJECTED, REPLACE)
 ALL_TABLES = "*"
 
 
-def run_mode(context: Any) -> tuple[str, str | None]:
-    """The run's ``mode`` and ``reason_contains`` params (defaults when absent)."""
-    params = context.get("params") or {}
-    mode = params.get("mode") or DELIVER
-    if mode not in MODES:
-        raise ValueError(f"param mode: {mode!r} is not one of {', '.join(MODES)}")
-    return mode, (params.get("reason_contains") or None)
-
-
 class _ConfiguredOperator(BaseOperator):
-    def __init__(self, *, destination: str, config_path: str | None = None, **kwargs: Any):
+    """``mode`` is the DAG's, fixed when the DAG is built (see run_request): never a run parameter."""
+
+    def __init__(self, *, destination: str, config_path: str | None = None, mode: str = DELIVER, **kwargs: Any):
         super().__init__(**kwargs)
         self.destination = destination
         self.config_path = config_path
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
 
     def settings(self) -> Settings:
         return load_settings(self.config_path)
@@ -104,8 +91,9 @@ class PlanPartitionsOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> list[dict]:
         settings = self.settings()
         destination = get_destination(self.destination, settings)  # fails here, once, on a missing section
-        mode, reason_contains = run_mode(context)
-        window = window_from_context(context, settings)
+        request = run_request(context, settings, self.mode, self.destination)
+        self.log.info("%s", request.echo)
+        mode, reason_contains, window = request.mode, request.reason_contains, request.window
         with open_warehouse(settings) as (source, ledger):
             ledger.create()
             if mode == REPLAY_REJECTED:
@@ -149,9 +137,10 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> dict:
         settings = self.settings()
         destination = get_destination(self.destination, settings)
+        request = run_request(context, settings, self.mode, self.destination)
+        self.log.info("%s", request.echo)
+        mode, reason_contains, window = request.mode, request.reason_contains, request.window
         partition = Partition.from_dict(self.partition or {"table": settings.source.events[0]})
-        window = window_from_context(context, settings)
-        mode, reason_contains = run_mode(context)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
         hook = open_hook(destination, settings)
         with open_warehouse(settings) as (source, ledger), hook:
@@ -188,7 +177,9 @@ class DeliveryReportOperator(_ConfiguredOperator):
         if planned is None:
             # An empty list is a legitimate plan; no list at all means plan failed, and a success
             # here would mark the run successful with its window never delivered.
-            raise RuntimeError("plan did not finish: no partition list; see the plan task log and clear the run")
+            # Failed without retries: a retry cannot change the outcome, it only holds the DAG's run slot.
+            raise AirflowFailException("plan did not finish: no partition list; see the plan task log and clear "
+                                       "the run")
         pulled = ti.xcom_pull(task_ids=self.deliver_task_id)
         # One mapped instance comes back as its value, several as a sequence.
         reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
@@ -210,8 +201,9 @@ class DeliveryReportOperator(_ConfiguredOperator):
                       + "\n  (rejected: this run's rejections; known rej: of those, events already rejected by an "
                         "earlier run)")
         if len(reports) < len(planned):
-            raise RuntimeError(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
-                               f"see the deliver task logs. Clearing the failed tasks re-sends what is missing.")
+            raise AirflowFailException(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
+                                       f"see the deliver task logs. Clearing the failed tasks re-sends what is "
+                                       f"missing.")
         check_rejected_share(self.destination, total, reasons, self.settings())
         return dict(total)
 

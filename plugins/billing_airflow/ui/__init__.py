@@ -1,0 +1,1 @@
+"""The Billing view inside the Airflow UI (an Airflow 3 plugin): what the ledger says was delivered."""

@@ -1,0 +1,249 @@
+"""Every workflow a data engineer performs in the Airflow UI, in a real Chromium against a real Airflow.
+
+In order, on one Airflow (see conftest.py), each test building on the state the previous one left:
+
+* the default Backfill from the Trigger -> Backfill form of ``segment_to_orb``, with only the date
+  range chosen: every deliverable event reaches the Orb sandbox exactly once and the ledger agrees;
+* the same range again from the form ("All Runs"): the sandbox receives nothing;
+* a deliver task's log opened in the UI: its label is the event table and its summary block is on
+  the page, with the counts the ledger has for that task;
+* re-billing a period through ``segment_to_orb_replace``'s trigger form, then a replay of rejections
+  through ``segment_to_orb_replay_rejected``'s, each checked in the sandbox and the ledger;
+* the Billing view (this project's Airflow plugin), opened from the UI's menu, against the ledger.
+
+No test uses the REST API to act; they read the metadata database only to wait for runs to finish.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from tests.browser.conftest import EVENT_TABLES, HOURS, LOOKBACK, Stack
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
+
+DAG = "segment_to_orb"
+
+
+# ---------------------------------------------------------------------------------------- UI steps
+
+def open_trigger_form(page, stack: Stack, dag_id: str):
+    """The DAG page's Trigger dialog."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{stack.url}/dags/{dag_id}", wait_until="networkidle")
+    page.get_by_role("button", name="Trigger").first.click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    return dialog
+
+
+def pick_datetime(page, field, when: datetime) -> None:
+    """Fill one of the UI's date-time pickers (a popover with a date and a time box, in UTC)."""
+    from playwright.sync_api import expect
+
+    field.click()
+    popover = page.locator("[data-scope=popover][data-part=content][data-state=open]")
+    expect(popover.get_by_text("UTC")).to_be_visible()
+    popover.get_by_placeholder("YYYY/MM/DD").fill(f"{when:%Y/%m/%d}")
+    popover.get_by_placeholder("HH:mm").fill(f"{when:%H:%M}")
+    page.keyboard.press("Escape")
+    expect(popover).to_have_count(0)
+
+
+def backfill_from_the_form(page, stack: Stack, start: datetime, end: datetime, runs: int,
+                           reprocess: str | None = None) -> None:
+    """Trigger -> Backfill, the date range, optionally a reprocess behaviour, Run Backfill. Nothing else typed."""
+    from playwright.sync_api import expect
+
+    dialog = open_trigger_form(page, stack, DAG)
+    dialog.get_by_text("Backfill", exact=True).click()
+    pickers = dialog.get_by_test_id("datetime-input")
+    pick_datetime(page, pickers.nth(0), start)
+    pick_datetime(page, pickers.nth(1), end)
+    if reprocess:
+        dialog.get_by_text(reprocess, exact=True).click()
+    expect(dialog.get_by_text(f"{runs} runs will be triggered")).to_be_visible()
+    unpause = dialog.get_by_role("checkbox", name=re.compile("Unpause"))
+    if unpause.count():  # offered while the DAG is paused (new DAGs are), ticked by default
+        expect(unpause).to_be_checked()
+    run = dialog.get_by_role("button", name="Run Backfill")
+    expect(run).to_be_enabled()
+    run.click()
+    expect(dialog).to_be_hidden()
+
+
+def trigger_from_the_form(page, stack: Stack, dag_id: str, fill=None) -> None:
+    """Trigger -> Single Run, the run parameters filled by ``fill(page, dialog)``, Trigger."""
+    from playwright.sync_api import expect
+
+    dialog = open_trigger_form(page, stack, dag_id)
+    if fill:
+        fill(page, dialog)
+    button = dialog.get_by_role("button", name="Trigger", exact=True)
+    expect(button).to_be_enabled()
+    button.click()
+    expect(dialog).to_be_hidden()
+
+
+def param_field(dialog, label: str):
+    return dialog.get_by_role("group").filter(has_text=label).get_by_test_id("datetime-input")
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+def test_the_default_backfill_from_the_form_delivers_every_event_exactly_once(page, stack):
+    first, last = stack.first_hour, stack.last_hour
+    # The form's dates are logical dates, inclusive; an hourly run's logical date starts its interval.
+    backfill_from_the_form(page, stack, first, last - timedelta(hours=1), runs=HOURS)
+
+    runs = stack.wait_for_runs(DAG, HOURS, backfill=True)
+    assert sorted((r.data_interval_start, r.data_interval_end) for r in runs) == [
+        (first + timedelta(hours=h), first + timedelta(hours=h + 1)) for h in range(HOURS)]
+    assert [r.state for r in runs] == ["success"] * HOURS, stack.task_errors(DAG)
+
+    deliverable = stack.warehouse_ids(first - LOOKBACK, last, deliverable=True)
+    anonymous = stack.warehouse_ids(first - LOOKBACK, last, deliverable=False)
+    assert deliverable and anonymous
+    orb = stack.sandbox("orb")
+    keys = [event["idempotency_key"] for event in orb["accepted"]]
+    assert set(keys) == deliverable
+    assert len(keys) == len(deliverable) and orb["duplicates"] == 0, "no event twice"
+    ledger = stack.ledger_keys("orb")
+    assert ledger.get("delivered") == deliverable
+    assert ledger.get("rejected") == anonymous
+    assert set(ledger) == {"delivered", "rejected"}
+
+
+def test_the_same_range_again_from_the_form_sends_nothing(page, stack):
+    stack.wait_for_backfills_to_complete(DAG)
+    before = stack.sandbox("orb")
+    backfill_from_the_form(page, stack, stack.first_hour, stack.last_hour - timedelta(hours=1), runs=HOURS,
+                           reprocess="All Runs")
+    # "All Runs" clears the three runs in place (same run ids): wait for every task's second try.
+    tis = stack.wait_for_tries(DAG, 2)
+    assert {ti.state for ti in tis} == {"success"}, stack.task_errors(DAG)
+    assert len(stack.runs(DAG)) == HOURS
+    after = stack.sandbox("orb")
+    assert after["requests"] == before["requests"], "the second backfill sent requests"
+    assert len(after["accepted"]) == len(before["accepted"])
+
+
+def test_a_deliver_task_log_in_the_ui_shows_its_label_and_summary(page, stack):
+    from playwright.sync_api import expect
+
+    run = stack.runs(DAG)[0]
+    tis = [ti for ti in stack.task_instances(DAG, run.run_id) if ti.task_id == "deliver"]
+    labels = {ti.rendered_map_index for ti in tis}
+    assert labels == set(EVENT_TABLES), "map_index_template names each mapped task after its event table"
+    ti = next(ti for ti in tis if ti.rendered_map_index == "api_call")
+
+    page.goto(f"{stack.url}/dags/{DAG}/runs/{run.run_id}/tasks/deliver/mapped/{ti.map_index}",
+              wait_until="networkidle")
+    expect(page.get_by_text("api_call").first).to_be_visible()
+    summary = page.get_by_text("usage_billing summary: destination=orb partition=api_call")
+    expect(summary.first).to_be_visible()
+    text = page.locator("body").inner_text()
+    assert re.search(r"run request: orb, mode=deliver \(fixed by the DAG segment_to_orb\), window", text), \
+        "the run's request is echoed in the log"
+    # The log shown is the last try's, the second backfill's: everything in the window was known.
+    counts = {name: int(re.search(pattern, text).group(1)) for name, pattern in (
+        ("skipped", r"skipped\s+(\d+) already delivered"), ("accepted", r"accepted\s+(\d+)"),
+        ("rejected", r"rejected\s+(\d+) \("))}
+    start, end = run.data_interval_start - LOOKBACK, run.data_interval_end
+    assert counts == {
+        "skipped": len(stack.warehouse_ids(start, end, deliverable=True, tables=["api_call"])),
+        "accepted": 0,
+        "rejected": len(stack.warehouse_ids(start, end, deliverable=False, tables=["api_call"])),
+    }
+    assert counts["skipped"] > 0
+
+
+def test_rebilling_a_period_and_replaying_rejections_through_the_trigger_forms(page, stack):
+    start, end = stack.first_hour, stack.first_hour + timedelta(hours=1)
+    expected = stack.warehouse_ids(start, end, deliverable=True, column="timestamp")
+    assert expected
+
+    def period(page, dialog):
+        pick_datetime(page, param_field(dialog, "Period start"), start)
+        pick_datetime(page, param_field(dialog, "Period end"), end)
+
+    trigger_from_the_form(page, stack, "segment_to_orb_replace", period)
+    [run] = stack.wait_for_runs("segment_to_orb_replace", 1)
+    assert run.state == "success", stack.task_errors("segment_to_orb_replace")
+    assert (f"run request: orb, mode=replace (fixed by the DAG segment_to_orb_replace), period "
+            f"[{start.isoformat()}, {end.isoformat()})") in stack.task_log("segment_to_orb_replace", run.run_id, "plan")
+    orb = stack.sandbox("orb")
+    replaced = [b for b in orb["backfills"] if b["replace_existing_events"]]
+    assert len(replaced) == 1 and replaced[0]["status"] == "reflected"
+    assert len(orb["accepted"]) == len({e["idempotency_key"] for e in orb["accepted"]}), "no event twice"
+    rebilled = stack.ledger_rows("orb", "backfill_id = :b", b=replaced[0]["id"])
+    assert {r["idempotency_key"] for r in rebilled} == expected, "every event of the period, in the backfill"
+    assert {r["run_id"] for r in rebilled} == {run.run_id}
+
+    # Replay: the anonymous api_call events get their customer in the warehouse, then one click replays
+    # every rejection for a missing customer; the other tables' are rejected again (still anonymous).
+    reason = "external customer ID"
+    rows = stack.ledger_rows("orb", "status = 'rejected' AND reason LIKE :p", p=f"%{reason}%")
+    rejected = {(r["event_table"], r["idempotency_key"]) for r in rows}
+    attempts = {r["idempotency_key"]: r["attempts"] for r in rows}
+    fixed = {key for table, key in rejected if table == "api_call"}
+    still_anonymous = {key for table, key in rejected if table != "api_call"}
+    assert fixed and still_anonymous
+    with stack.warehouse.begin() as conn:
+        conn.execute(sa.text(f'UPDATE "{stack.schema}".api_call SET user_id = anonymous_id WHERE user_id IS NULL'))
+
+    def reason_contains(page, dialog):
+        dialog.locator("input[name=element_reason_contains]").fill(reason)
+
+    trigger_from_the_form(page, stack, "segment_to_orb_replay_rejected", reason_contains)
+    [run] = stack.wait_for_runs("segment_to_orb_replay_rejected", 1)
+    assert run.state == "success", stack.task_errors("segment_to_orb_replay_rejected")
+    assert run.conf == {"reason_contains": reason}
+    assert f"only rejections whose reason contains {reason!r}" in stack.task_log(
+        "segment_to_orb_replay_rejected", run.run_id, "plan")
+    assert fixed <= {e["idempotency_key"] for e in stack.sandbox("orb")["accepted"]}
+    again = stack.ledger_rows("orb", "status = 'rejected'")
+    assert {r["idempotency_key"] for r in again} == still_anonymous
+    assert all(r["attempts"] == attempts[r["idempotency_key"]] + 1 for r in again), "rejected again by the replay"
+
+
+def test_the_billing_view_in_the_ui_shows_what_the_ledger_holds(page, stack):
+    """The plugin's page, opened from the UI's menu, against the ledger counted independently here."""
+    from playwright.sync_api import expect
+
+    assert requests.get(f"{stack.url}/billing/", timeout=30).status_code == 401, "behind Airflow's login"
+    page.goto(f"{stack.url}/", wait_until="networkidle")
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name="Billing").click()
+    page.wait_for_url("**/plugin/billing")
+    view = page.frame_locator("iframe")
+    expect(view.get_by_role("heading", name=re.compile("^Billing"))).to_be_visible()
+
+    with stack.warehouse.connect() as conn:
+        expected = conn.execute(sa.text(
+            f"SELECT to_char(event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, destination, "
+            f"count(*) FILTER (WHERE status = 'delivered') AS delivered, "
+            f"count(*) FILTER (WHERE status = 'delivered' AND backfill_id IS NOT NULL) AS backfills, "
+            f"count(*) FILTER (WHERE status = 'rejected') AS rejected "
+            f'FROM "{stack.ledger_schema}".deliveries GROUP BY 1, 2')).all()
+    assert expected
+    assert sum(row.backfills for row in expected) > 0, "the replace run's events went through a backfill"
+    for row in expected:
+        for column in ("delivered", "backfills", "rejected"):
+            expect(view.get_by_test_id(f"{column}-{row.destination}-{row.day}")).to_have_text(
+                str(getattr(row, column)))
+
+    reasons = view.locator("#reasons tr").filter(has_text="external customer ID")
+    expect(reasons).to_have_count(1)
+    expect(reasons.locator("td.n")).to_have_text(str(len(stack.ledger_rows("orb", "status = 'rejected'"))))
+    link = reasons.get_by_role("link", name=re.compile("segment_to_orb_replay_rejected"))
+    expect(link).to_have_attribute("href", "/dags/segment_to_orb_replay_rejected")
+
+    [replaced] = [b for b in stack.sandbox("orb")["backfills"] if b["replace_existing_events"]]
+    expect(view.get_by_test_id(f"backfill-status-{replaced['id']}")).to_have_text(replaced["status"])
