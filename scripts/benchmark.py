@@ -1347,7 +1347,10 @@ def main(argv: list[str] | None = None) -> int:
         if MONITOR is not None:
             MONITOR.dispose()
         _cleanup(url, created, args.keep)
-        shutil.rmtree(home, ignore_errors=True)
+        if args.keep:
+            print(f"kept the Airflow homes and their dags test logs in {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
     if problems:
         print("\nCORRECTNESS CHECKS FAILED:\n  " + "\n  ".join(problems))
         return 1
