@@ -1,6 +1,6 @@
 """Benchmark the delivery pipeline on one hourly window of N Segment events in the real PostgreSQL.
 
-``make bench ARGS="--events 1000000"`` (or ``python scripts/benchmark.py --help``):
+``make bench ARGS="--events 1000000 --rounds 3"`` (or ``python scripts/benchmark.py --help``):
 
 1. creates a throwaway source schema in PostgreSQL and fills ONE hourly window with about N Segment
    ``track`` events (``usage_billing.sample_data``: three event tables, Segment Warehouses layout, with
@@ -8,20 +8,27 @@
    memory measures the pipeline only;
 2. starts the Orb / Kable sandbox as a separate process (``python -m usage_billing.sandbox``), so it
    does not share this process's GIL, once per latency (by default 0 and ``--latency``);
-3. runs the real pipeline (``usage_billing.delivery.deliver_window`` with the real Airflow hook,
-   pacing and retries, and the PostgreSQL ledger) once per event table, sequentially, like the DAG's
-   deliver tasks, and prints per stage the wall time and events/s, the total, and the peak memory;
-4. with ``--rerun``, runs the same window again under a new run id: the ledger skips everything;
+3. as users run it (unless ``--core-only``): ``airflow dags test segment_to_<destination> <date>`` of
+   the window in a child process with its own ``AIRFLOW_HOME`` (``scripts/benchmark_airflow.py``),
+   timed from process start to the last task's end, with where the time went, then the same DAG run
+   again (everything already delivered);
+4. the core only (unless ``--airflow-only``): ``usage_billing.delivery.deliver_window`` with the real
+   Airflow hook, pacing and retries, and the PostgreSQL ledger, once per event table, sequentially,
+   like the DAG's deliver tasks, with per stage the busy time and events/s, and the peak memory;
+   with ``--rerun`` the same window again under a new run id;
 5. measures the floor: read the same rows with a psycopg2 server-side cursor, build the same events
-   in plain Python, ``json.dumps`` them in batches of the same size and POST them with ``requests``
-   at the same concurrency to the same sandbox, and nothing else (no pandas, no ledger);
-6. measures the sandbox's own capacity (pre-serialised batches from another process) so the output
+   in plain Python, encode them with msgspec (C) in batches of the same size and POST them from
+   keep-alive ``requests`` sessions at the same concurrency to the same sandbox, nothing else (no
+   pandas, no ledger);
+6. repeats 3-5 ``--rounds`` times, interleaved, and prints the median and spread of each figure;
+7. measures the sandbox's own capacity (pre-serialised batches from another process) so the output
    says whether the sandbox, rather than the pipeline, limits the result;
-7. drops the schemas (unless ``--keep``).
+8. drops the schemas (unless ``--keep``).
 
 The rate limits are overridden (``--requests-per-second`` / ``--events-per-minute``) so pacing does
 not cap the throughput. Correctness is checked too: every deliverable event delivered and in the
-ledger once; a failed check exits 1. Missed performance targets are reported but exit 0.
+ledger once, the reruns sent nothing; a failed check exits 1. Missed performance targets are
+reported but exit 0: no timing is a pass/fail test.
 """
 
 from __future__ import annotations
