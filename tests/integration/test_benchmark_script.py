@@ -1,8 +1,9 @@
 """Smoke test of scripts/benchmark.py: a tiny window end to end against PostgreSQL and the sandbox.
 
 Not a performance test (the timings of 3,000 events mean nothing): it checks that the script runs
-the real pipeline, the rerun, the floor and the capacity probe, prints every part of its report,
-and that what it delivered adds up.
+the real pipeline, the rerun, the floor and the capacity probe, and the DAG run through Airflow
+(``airflow dags test``) with its rerun, prints every part of its report, and that what it delivered
+adds up.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from tests.conftest import PROJECT, TEST_DATABASE_URL
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 STAGES = ("extract", "transform", "ledger_filter", "deliver", "ledger_write")
 
@@ -30,7 +31,7 @@ def run() -> subprocess.CompletedProcess:
     env = {**os.environ, "TEST_DATABASE_URL": TEST_DATABASE_URL}
     return subprocess.run(
         [sys.executable, str(PROJECT / "scripts" / "benchmark.py"), "--events", "3000", "--latency", "0",
-         "--rerun", "--capacity-seconds", "0.3", "--concurrency", "4"],
+         "--rerun", "--capacity-seconds", "0.3", "--concurrency", "4", "--core-only"],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=110, check=False)
 
 
@@ -44,7 +45,7 @@ def test_every_stage_the_floor_and_peak_memory_are_reported(run):
         assert re.search(rf"^\s+{stage}\s+\d+\.\d+\s", out, re.MULTILINE), f"no {stage} line in:\n{out}"
     assert re.search(r"^\s+total \(wall\)\s+\d+\.\d+\s", out, re.MULTILINE), out
     assert re.search(r"^\s+floor: \d+\.\d+ s for [\d,]+ rows read", out, re.MULTILINE), out
-    assert re.search(r"ratio pipeline / floor: \d+\.\d+", out), out
+    assert re.search(r"^\s+core / floor\s+\d+\.\d+ x", out, re.MULTILINE), out
     assert re.search(r"peak memory: [\d,]+ MB ru_maxrss", out), out
     assert re.search(r"sandbox capacity at concurrency\s+4: .* events/s", out), out
     assert "== targets" in out, out
@@ -68,3 +69,31 @@ def test_everything_deliverable_was_delivered_once_and_the_rerun_sent_nothing(ru
     floor = re.search(r"floor: .* ([\d,]+) events posted", out)
     assert floor and _number(floor.group(1)) == deliverable, out
     assert "CORRECTNESS CHECKS FAILED" not in out
+
+
+@pytest.fixture(scope="module")
+def as_run() -> subprocess.CompletedProcess:
+    env = {**os.environ, "TEST_DATABASE_URL": TEST_DATABASE_URL}
+    return subprocess.run(
+        [sys.executable, str(PROJECT / "scripts" / "benchmark.py"), "--events", "3000", "--latency", "0",
+         "--airflow-only", "--capacity-seconds", "0", "--concurrency", "4"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=280, check=False)
+
+
+def test_the_dag_run_through_airflow_and_its_rerun_are_timed_and_broken_down(as_run):
+    out = as_run.stdout
+    assert as_run.returncode == 0, out[-3000:] + as_run.stderr[-3000:]
+    assert "CORRECTNESS CHECKS FAILED" not in out
+    runs = re.findall(r"airflow dags test segment_to_orb \S+: (\d+\.\d+) s from process start to the last task's "
+                      r"end .* dag run success; ([\d,]+) events, ([\d,]+) sent, ([\d,]+) already delivered", out)
+    assert len(runs) == 2, out  # the run and its rerun
+    (_, events, sent, skipped), (_, events_again, sent_again, skipped_again) = runs
+    assert _number(events) == _number(events_again) and _number(skipped) == 0
+    assert _number(sent) == _number(skipped_again) > 0 and _number(sent_again) == 0
+    for part in ("process start, Python and Airflow imports", "DAG parsing", "metadata database",
+                 "in-process Execution API start", "plan (execute)", "deliver (execute, 3 mapped tasks)",
+                 "report (execute)", "between tasks"):
+        assert len(re.findall(rf"^\s+{re.escape(part)}.*\s\d+\.\d+\s+-?\d+\.\d+%$", out, re.MULTILINE)) == 2, part
+    assert re.search(r"deliver stages .*: extract \d+\.\d+, transform", out), out
+    assert re.search(r"peak memory of the airflow process .*: [\d,]+ MB", out), out
+    assert re.search(r"^\s+as run / floor\s+\d+\.\d+ x", out, re.MULTILINE), out
