@@ -135,14 +135,17 @@ def test_orb_accepts_batch_and_logs_request(orb: OrbSandbox) -> None:
     assert record.received_at.tzinfo is not None
 
 
-def test_orb_keep_alive_connection_is_reused_quickly(orb: OrbSandbox) -> None:
+def test_orb_keep_alive_connection_is_reused_without_nagle_stalls(orb: OrbSandbox) -> None:
+    from usage_billing.sandbox.server import _Handler
+
     with requests.Session() as session:
-        started = time.perf_counter()
         for i in range(20):
             assert ingest(orb, [orb_event(f"k{i}")], session=session).status_code == 200
-        elapsed = time.perf_counter() - started
-    # With Nagle's algorithm on, each request would stall ~40 ms on delayed ACKs (~0.8 s here).
-    assert elapsed < 0.6
+        pools = session.get_adapter(orb.url).poolmanager.pools
+        opened = sum(pools[key].num_connections for key in pools.keys())
+        assert opened == 1, "one keep-alive connection for all 20 requests"
+    # With Nagle's algorithm on, each request would stall ~40 ms on delayed ACKs.
+    assert _Handler.disable_nagle_algorithm is True
     assert len(orb.accepted_keys()) == 20
 
 
@@ -472,10 +475,8 @@ def test_orb_faults_apply_in_fifo_order_with_times(orb: OrbSandbox) -> None:
 
 def test_orb_slow_fault_times_client_out_then_processes(orb: OrbSandbox) -> None:
     orb.inject(Fault.SLOW, delay=1.0)
-    started = time.monotonic()
     with pytest.raises(requests.Timeout):
         ingest(orb, [orb_event("slow")], timeout=0.5)
-    assert time.monotonic() - started < 0.9
     # The server still processes the request after the delay, as a slow real server would.
     assert wait_until(lambda: orb.accepted_keys() == {"slow"})
     assert orb.requests[-1].fault == "slow" and orb.requests[-1].status == 200
@@ -501,10 +502,9 @@ def test_stop_interrupts_slow_request(orb: OrbSandbox) -> None:
     thread = threading.Thread(target=client)
     thread.start()
     assert wait_until(lambda: orb.pending_faults == 0)
-    started = time.monotonic()
     orb.stop()
-    thread.join(timeout=5)
-    assert time.monotonic() - started < 2
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "stop() ended the slow request instead of waiting 30 s for it"
     assert len(errors) == 1 and isinstance(errors[0], requests.ConnectionError)
     assert orb.accepted() == []
 
