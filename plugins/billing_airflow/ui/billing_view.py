@@ -3,9 +3,10 @@
 Per day of the events' own timestamps (the day they are billed for) and destination: events
 delivered, of which sent through Orb backfills, rejected, held, and what reconciliation found (events
 a destination lost, and whether re-sending healed them; events a destination holds that the ledger
-does not know). The rejections and the held events grouped by reason with a few examples, each
-rejection reason linked to the destination's replay DAG; per destination, one row per billing
-customer; the Orb backfills and their status.
+does not know; warehouse events neither delivered nor rejected, as the latest reconciliation counted).
+The rejections and the held events grouped by reason with a few examples, each rejection reason
+linked to the destination's replay DAG; per destination, one row per billing customer; the Orb
+backfills and their status.
 
 Everything comes from the ledger's tables (``deliveries``, ``findings``, ``backfills``) by SQL that
 runs on PostgreSQL and SQLite alike; nothing here writes. Every value that reaches the page is
@@ -35,7 +36,7 @@ MAX_EVENT_NAMES = 10
 
 # Reconciliation's finding kinds (usage_billing.reconcile.compare), not imported: the view must not
 # pull in the delivery core. The lost ones are healed once re-sending delivered them again.
-FOUND_LOST, UNKNOWN_TO_LEDGER = "missing_in_destination", "unknown_to_ledger"
+FOUND_LOST, UNKNOWN_TO_LEDGER, NOT_DELIVERED = "missing_in_destination", "unknown_to_ledger", "not_delivered"
 
 # Held because the destination has no such customer: the hold's reason names the customer
 # (usage_billing.delivery.sending), which the ledger's customer_id column does not have for held rows.
@@ -56,6 +57,7 @@ class DayRow:
     found_lost: int = 0
     found_lost_healed: int = 0
     unknown_to_ledger: int = 0
+    missing: int = 0  # warehouse events the ledger has neither delivered nor rejected, as last reconciled
 
 
 @dataclass
@@ -108,6 +110,8 @@ class BillingSummary:
 
 def _day(value: Any) -> str:
     """``date(...)`` comes back as a date (PostgreSQL) or a string (SQLite)."""
+    if isinstance(value, datetime) and value.tzinfo:
+        value = value.astimezone(UTC)
     if isinstance(value, datetime | date):
         return value.isoformat()[:10]
     return str(value)[:10] if value else "(no timestamp)"
@@ -206,27 +210,33 @@ def _rejections_and_holds(conn: sa.Connection, ledger: Ledger, customer: str | N
 
 
 def _findings(conn: sa.Connection, ledger: Ledger, day_row) -> list[FindingRow]:
-    """Reconciliation's findings per day (of the hour they are about) and per destination x kind."""
+    """Reconciliation's findings per day (of the hour they are about) and per destination x kind.
+
+    Every reconciliation of an hour records what it finds again, so a finding about one event (it has
+    a key) counts once however often it was found, and a count about an hour counts as the latest
+    reconciliation of that hour found it. Findings are exceptions: few rows, aggregated here."""
     f = ledger.findings_table.c
-    healed = f.healed_at.is_not(None)
-    rows = conn.execute(sa.select(sa.func.date(f.hour).label("day"), f.destination, f.kind, healed.label("healed"),
-                                  sa.func.count().label("n"), sa.func.sum(f.events).label("events"),
-                                  sa.func.max(f.hour).label("last_hour"), sa.func.max(f.detail).label("detail"))
-                        .group_by(sa.func.date(f.hour), f.destination, f.kind, healed))
+    latest: dict[tuple, Any] = {}
+    for row in conn.execute(sa.select(f.destination, f.kind, f.hour, f.idempotency_key, f.events, f.detail,
+                                      f.healed_at).order_by(f.id)):
+        what = row.idempotency_key if row.idempotency_key is not None else _time(row.hour)
+        latest[(row.destination, row.kind, row.idempotency_key is not None, what)] = row
     kinds: dict[tuple[str, str], FindingRow] = {}
-    for row in rows:
-        events = int(row.events or 0)
-        entry = day_row(row.day, row.destination)
+    for row in latest.values():
+        events, healed = int(row.events or 0), row.healed_at is not None
+        entry = day_row(_day(row.hour), row.destination)
         if row.kind == FOUND_LOST:
             entry.found_lost += events
-            entry.found_lost_healed += events if row.healed else 0
+            entry.found_lost_healed += events if healed else 0
         elif row.kind == UNKNOWN_TO_LEDGER:
             entry.unknown_to_ledger += events
+        elif row.kind == NOT_DELIVERED:
+            entry.missing += events
         kind = kinds.setdefault((row.destination, row.kind), FindingRow(row.destination, row.kind))
-        kind.findings += row.n
+        kind.findings += 1
         kind.events += events
-        kind.healed += events if row.healed else 0
-        kind.last_hour = max(kind.last_hour, _time(row.last_hour))
+        kind.healed += events if healed else 0
+        kind.last_hour = max(kind.last_hour, _time(row.hour))
         kind.detail = kind.detail or (row.detail or "")
     return [kinds[key] for key in sorted(kinds)]
 
@@ -298,7 +308,8 @@ _DAY_COLUMNS = (("delivered", "delivered", "delivered"), ("backfills", "via_back
                 ("rejected", "rejected", "rejected"), ("held", "held", "held"),
                 ("lost-now", "lost_now", "lost, to re-send"), ("found-lost", "found_lost", "found lost"),
                 ("found-lost-healed", "found_lost_healed", "of which healed"),
-                ("unknown", "unknown_to_ledger", "unknown to the ledger"))
+                ("unknown", "unknown_to_ledger", "unknown to the ledger"),
+                ("missing", "missing", "in the warehouse, not delivered"))
 
 
 def render(summary: BillingSummary, base_url: str = "") -> str:

@@ -53,6 +53,11 @@ def ledger(tmp_path):
          "detail": "delivered per the ledger, not found by orb's search for the hour"} for key in ("d0", "d1")] + [
         {"kind": "unknown_to_ledger", "hour": DAY1.replace(minute=0), "idempotency_key": "zz",
          "detail": "held by orb, not delivered per the ledger"}], RUN, NOW)
+    # Reconciled again later: the same unknown event (counted once) and the hour's missing count, now 2 (not 5).
+    hour = DAY1.replace(minute=0)
+    ledger.record_findings("orb", [{"kind": "not_delivered", "hour": hour, "events": 5}], RUN, NOW)
+    ledger.record_findings("orb", [{"kind": "unknown_to_ledger", "hour": hour, "idempotency_key": "zz"},
+                                   {"kind": "not_delivered", "hour": hour, "events": 2}], RUN, NOW + timedelta(days=1))
     later = NOW + timedelta(hours=1)
     ledger.mark_delivered("orb", RUN, EventRefs(["d1"], ["d1"], ["api_call"], [DAY1]), later)
     ledger.heal_findings("orb", "missing_in_destination", ["d1"], RUN, later)
@@ -71,12 +76,13 @@ def test_days_destinations_and_backfills_add_up(ledger):
     assert [(b["backfill_id"], b["status"]) for b in summary.backfills] == [("bf_1", "reflected")]
 
 
-def test_reconciliation_findings_count_lost_healed_and_unknown_per_day(ledger):
+def test_reconciliation_findings_count_lost_healed_unknown_and_missing_per_day_once(ledger):
     summary = summarize(ledger)
     [day1] = [r for r in summary.days if (r.day, r.destination) == ("2026-11-23", "orb")]
-    assert (day1.lost_now, day1.found_lost, day1.found_lost_healed, day1.unknown_to_ledger) == (1, 2, 1, 1)
+    assert (day1.lost_now, day1.found_lost, day1.found_lost_healed, day1.unknown_to_ledger, day1.missing) == (
+        1, 2, 1, 1, 2)
     kinds = {r.kind: (r.findings, r.events, r.healed) for r in summary.findings}
-    assert kinds == {"missing_in_destination": (2, 2, 1), "unknown_to_ledger": (1, 1, 0)}
+    assert kinds == {"missing_in_destination": (2, 2, 1), "unknown_to_ledger": (1, 1, 0), "not_delivered": (1, 2, 0)}
 
 
 def test_rejections_are_grouped_by_reason_without_the_row_id_with_examples(ledger):
@@ -149,6 +155,7 @@ def test_the_page_links_each_reason_to_the_replay_dag(ledger):
     assert "data-testid='delivered-orb-2026-11-23'>3<" in page
     assert "data-testid='held-orb-2026-11-24'>3<" in page
     assert "data-testid='found-lost-healed-orb-2026-11-23'>1<" in page
+    assert "data-testid='missing-orb-2026-11-23'>2<" in page
     assert "href='/dags/segment_to_orb_replay_rejected'" in page and "target='_top'" in page
 
 
