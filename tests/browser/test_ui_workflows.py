@@ -9,7 +9,8 @@ In order, on one Airflow (see conftest.py), each test building on the state the 
   the page, with the counts the ledger has for that task;
 * re-billing a period through ``segment_to_orb_replace``'s trigger form, then a replay of rejections
   through ``segment_to_orb_replay_rejected``'s, each checked in the sandbox and the ledger;
-* the Billing view (this project's Airflow plugin), opened from the UI's menu, against the ledger.
+* the Billing view (this project's Airflow plugin), opened from the UI's menu, against the ledger:
+  per day and destination, the busiest customer's row, and the customer filter.
 
 No test uses the REST API to act; they read the metadata database only to wait for runs to finish.
 """
@@ -230,12 +231,13 @@ def test_the_billing_view_in_the_ui_shows_what_the_ledger_holds(page, stack):
             f"SELECT to_char(event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, destination, "
             f"count(*) FILTER (WHERE status = 'delivered') AS delivered, "
             f"count(*) FILTER (WHERE status = 'delivered' AND backfill_id IS NOT NULL) AS backfills, "
-            f"count(*) FILTER (WHERE status = 'rejected') AS rejected "
+            f"count(*) FILTER (WHERE status = 'rejected') AS rejected, "
+            f"count(*) FILTER (WHERE status = 'held') AS held "
             f'FROM "{stack.ledger_schema}".deliveries GROUP BY 1, 2')).all()
     assert expected
     assert sum(row.backfills for row in expected) > 0, "the replace run's events went through a backfill"
     for row in expected:
-        for column in ("delivered", "backfills", "rejected"):
+        for column in ("delivered", "backfills", "rejected", "held"):
             expect(view.get_by_test_id(f"{column}-{row.destination}-{row.day}")).to_have_text(
                 str(getattr(row, column)))
 
@@ -247,3 +249,49 @@ def test_the_billing_view_in_the_ui_shows_what_the_ledger_holds(page, stack):
 
     [replaced] = [b for b in stack.sandbox("orb")["backfills"] if b["replace_existing_events"]]
     expect(view.get_by_test_id(f"backfill-status-{replaced['id']}")).to_have_text(replaced["status"])
+
+    check_the_busiest_customer_and_filter_by_it(view, stack)
+
+
+def check_the_busiest_customer_and_filter_by_it(view, stack: Stack) -> None:
+    """The per-customer table against the ledger, then the customer filter (a form inside the view)."""
+    from playwright.sync_api import expect
+
+    with stack.warehouse.connect() as conn:
+        busiest = conn.execute(sa.text(
+            f"SELECT customer_id, count(*) AS delivered, "
+            f"to_char(max(delivered_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS last "
+            f'FROM "{stack.ledger_schema}".deliveries WHERE destination = \'orb\' AND status = \'delivered\' '
+            f"AND customer_id IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1")).one()
+        names = conn.execute(sa.text(
+            f'SELECT DISTINCT event_name FROM "{stack.ledger_schema}".deliveries WHERE destination = \'orb\' '
+            f"AND status = 'delivered' AND customer_id = :c"), {"c": busiest.customer_id}).scalars().all()
+        # The view's customers: of delivered, rejected and held rows, and those a hold names.
+        customers = conn.execute(sa.text(
+            f"SELECT count(DISTINCT coalesce(customer_id, substring(reason from 'customer ''(.*?)'' does not exist'))) "
+            f'FROM "{stack.ledger_schema}".deliveries '
+            f"WHERE destination = 'orb' AND status IN ('delivered', 'rejected', 'held')")).scalar_one()
+    assert customers > 1, "the sample has several billing customers: the filter has something to leave out"
+    customer = busiest.customer_id
+    # Rejected and held events carry no customer id in the ledger, except a hold for a customer Orb lacks.
+    not_delivered = stack.ledger_rows("orb", "status IN ('rejected', 'held') AND (customer_id = :c OR reason LIKE :r)",
+                                      c=customer, r=f"%customer '{customer}' does not exist%")
+    cell = f"orb-{customer}"
+    expect(view.get_by_test_id(f"customer-delivered-{cell}")).to_have_text(str(busiest.delivered))
+    expect(view.get_by_test_id(f"customer-rejected-{cell}")).to_have_text(
+        str(sum(r["status"] == "rejected" for r in not_delivered)))
+    expect(view.get_by_test_id(f"customer-held-{cell}")).to_have_text(
+        str(sum(r["status"] == "held" for r in not_delivered)))
+    row = view.locator("#customers-orb tr").filter(has=view.get_by_test_id(f"customer-delivered-{cell}"))
+    expect(row).to_contain_text(busiest.last)
+    for name in names:
+        expect(row).to_contain_text(name or "(no name)")
+
+    expect(view.locator("#customers-orb tr")).to_have_count(customers + 1)  # with the header
+    view.locator("#customer-filter input[name=customer]").fill(customer)
+    view.get_by_role("button", name="Filter").click()
+    expect(view.locator("#customers-orb tr")).to_have_count(2)
+    expect(view.get_by_test_id(f"customer-delivered-{cell}")).to_have_text(str(busiest.delivered))
+    expect(view.locator("#customer-filter input[name=customer]")).to_have_value(customer)
+    view.get_by_role("link", name="all customers").click()
+    expect(view.locator("#customers-orb tr")).to_have_count(customers + 1)

@@ -37,7 +37,8 @@ def ledger_url(conn_id: str) -> sa.URL:
     raise ValueError(f"connection {conn_id!r}: conn_type {conn.conn_type!r} is not supported for the ledger")
 
 
-def billing_page() -> str:
+def billing_page(customer: str | None = None) -> str:
+    """The page, read from the ledger on a connection of its own (closed again: the api-server is long-lived)."""
     from billing_airflow.ui.billing_view import render, summarize
     from usage_billing.ledger import Ledger
     from usage_billing.settings import load_settings
@@ -46,7 +47,7 @@ def billing_page() -> str:
     settings = load_settings()
     engine = create_engine(ledger_url(settings.ledger.conn_id), [settings.ledger.schema_])
     try:
-        return render(summarize(Ledger(engine, settings.ledger.schema_)))
+        return render(summarize(Ledger(engine, settings.ledger.schema_), customer=customer))
     finally:
         engine.dispose()
 
@@ -55,9 +56,9 @@ app = FastAPI(title="usage_billing: Billing view", dependencies=[Depends(require
 
 
 @app.get("/", response_class=HTMLResponse)
-def billing() -> str:
-    """The Billing view (HTML)."""
-    return billing_page()
+def billing(customer: str | None = None) -> str:
+    """The Billing view (HTML); ``?customer=<id>`` shows only that customer in the per-customer table."""
+    return billing_page((customer or "").strip() or None)
 
 
 class BillingViewPlugin(AirflowPlugin):
