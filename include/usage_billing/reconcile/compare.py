@@ -108,7 +108,8 @@ class HourLine:
         elif self.unmatched < 0:
             lines.append(f"{-self.unmatched} fewer events in {destination} than the keys found there")
         if self.rejected:
-            lines.append(f"{self.rejected} rejected (ledger; replay them with mode=replay_rejected)")
+            lines.append(f"{self.rejected} rejected (ledger; replay them with the "
+                         f"segment_to_{destination}_replay_rejected DAG)")
         return lines
 
     def unresolved(self, destination: str) -> list[str]:
