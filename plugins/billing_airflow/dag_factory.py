@@ -16,6 +16,7 @@ from billing_airflow.operators.deliver import (
     SegmentDeliveryOperator,
 )
 from billing_airflow.operators.dry_run import DryRunOperator
+from billing_airflow.operators.gate import LargeBackfillGateOperator
 from billing_airflow.operators.reconcile import ReconcileOperator
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, dag_id_for
 from usage_billing.settings import ConfigError, load_settings
@@ -62,6 +63,8 @@ def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = 
 
     The replace DAG starts with preview -> approve (``airflow.approve_replace``, on by default): the run
     waits in the UI's Required Actions with the dry run's impact, and Reject skips everything after it.
+    The hourly DAG starts with a gate (``airflow.approve_backfills_above``, None: no gate) that holds a
+    backfill run for approval the same way when it would send more events than that.
 
     ``mode=deliver`` is the hourly ``segment_to_<destination>``; ``replace`` (Orb only) and
     ``replay_rejected`` are manually triggered DAGs of their own (``segment_to_orb_replace``,
@@ -117,6 +120,14 @@ def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = 
                                      retries=0)
             approve = PreviewApprovalOperator(task_id="approve", preview_task_id="preview", retries=0)
             preview >> approve >> plan
+        if mode == DELIVER and options.approve_backfills_above is not None:
+            gate = LargeBackfillGateOperator(task_id="gate", destination=destination, approve_task_id="approve",
+                                             continue_task_id="plan", retries=0)
+            approve = PreviewApprovalOperator(task_id="approve", preview_task_id="gate", retries=0)
+            # plan runs after an Approve, or straight after the gate when the approval was branched away.
+            plan.trigger_rule = TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
+            gate >> [approve, plan]
+            approve >> plan
         deliver = SegmentDeliveryOperator.partial(
             task_id="deliver",
             destination=destination,

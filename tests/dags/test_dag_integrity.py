@@ -38,7 +38,8 @@ def test_delivery_dag_shape(bag, dag_id):
     assert dag.catchup is False and dag.max_active_runs == 1
     assert {"usage-billing", "segment"} <= set(dag.tags)
     assert dag.doc_md
-    gate = {"preview", "approve"} if dag_id == "segment_to_orb_replace" else set()
+    gate = {"preview", "approve"} if dag_id == "segment_to_orb_replace" else {"gate", "approve"} if dag_id in HOURLY \
+        else set()
     assert set(dag.task_dict) == {"plan", "deliver", "report"} | gate
     for task in dag.tasks:
         # A preview only reads and an approval is a person's answer: retrying either re-asks nobody.
@@ -103,6 +104,25 @@ def config_with(tmp_path, monkeypatch, **airflow) -> None:
     path = tmp_path / "usage_billing.yaml"
     path.write_text(yaml.safe_dump(data))
     monkeypatch.setenv("USAGE_BILLING_CONFIG", str(path))
+
+
+@pytest.mark.parametrize("dag_id", HOURLY)
+def test_a_large_backfill_run_is_previewed_and_may_wait_for_approval_before_plan(bag, dag_id):
+    """The gate branches to approve (a large backfill run) or straight to plan (every other run)."""
+    dag = bag.dags[dag_id]
+    gate, approve, plan = dag.task_dict["gate"], dag.task_dict["approve"], dag.task_dict["plan"]
+    assert gate.downstream_task_ids == {"approve", "plan"} and gate.mode == "deliver" and gate.run_window
+    assert approve.preview_task_id == "gate" and approve.ignore_downstream_trigger_rules
+    assert plan.upstream_task_ids == {"gate", "approve"}
+    assert plan.trigger_rule == "none_failed_min_one_success", "plan runs when the approval was branched away"
+
+
+def test_no_backfill_threshold_means_no_gate(tmp_path, monkeypatch):
+    from billing_airflow.dag_factory import build_delivery_dag
+
+    config_with(tmp_path, monkeypatch, approve_backfills_above=None)
+    dag = build_delivery_dag("orb")
+    assert set(dag.task_dict) == {"plan", "deliver", "report"} and dag.task_dict["plan"].trigger_rule == "all_success"
 
 
 def test_a_team_can_turn_the_replace_approval_off(tmp_path, monkeypatch):

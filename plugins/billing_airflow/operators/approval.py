@@ -79,3 +79,11 @@ class PreviewApprovalOperator(ApprovalOperator):
         self.body = approval_body(preview)
         self.log.info("waiting for approval in Required Actions: %s", self.subject)
         return super().execute(context)
+
+
+def needs_approval(run_type: str, would_send: int | None, threshold: int | None) -> bool:
+    """A backfill run that would send more than ``airflow.approve_backfills_above`` events waits for a person.
+
+    Scheduled and manual runs deliver one hour and are never held: an hour late is worse than a
+    large hour. ``would_send`` is None when no preview was made (not a backfill, or no threshold)."""
+    return run_type == "backfill" and threshold is not None and would_send is not None and would_send > threshold

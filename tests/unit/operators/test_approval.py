@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from billing_airflow.operators.approval import MAX_ROWS, approval_body, approval_subject
+import pytest
+
+from billing_airflow.operators.approval import MAX_ROWS, approval_body, approval_subject, needs_approval
 
 PREVIEW = {"destination": "orb", "mode": "replace", "start": "2026-11-01T00:00:00+00:00",
            "end": "2026-11-01T02:00:00+00:00", "would_send": 120, "in_backfills": 120, "backfills": 1,
@@ -34,3 +36,16 @@ def test_long_tables_are_cut_with_a_count_of_what_is_left_out():
     rows = [["2026-11-01", f"c{i}", "api_call", 1] for i in range(MAX_ROWS + 5)]
     body = approval_body({**PREVIEW, "by_day_customer_event": rows})
     assert "... 5 more rows" in body and f"| c{MAX_ROWS} |" not in body
+
+
+@pytest.mark.parametrize(("run_type", "would_send", "threshold", "held"), [
+    ("backfill", 101, 100, True),
+    ("backfill", 100, 100, False),
+    ("backfill", 10**9, None, False),
+    ("scheduled", 10**9, 100, False),
+    ("manual", 10**9, 100, False),
+    ("backfill", None, 100, False),
+], ids=["backfill_above_threshold", "backfill_at_threshold", "no_threshold", "scheduled_never_held",
+        "manual_never_held", "no_preview"])
+def test_only_a_backfill_run_above_the_threshold_waits_for_approval(run_type, would_send, threshold, held):
+    assert needs_approval(run_type, would_send, threshold) is held
