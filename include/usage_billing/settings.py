@@ -106,11 +106,35 @@ class AirflowSettings(StrictSettings):
     partitions_per_table: int = Field(default=1, ge=1, le=256)
     # memory:// paces each task on its own; redis://host:6379 paces all workers together.
     rate_limit_storage: str = "memory://"
+    # A replace re-bills a whole period for all customers and cannot be undone: its run waits for a
+    # person's Approve in the UI's Required Actions, showing the preview. False runs it straight through.
+    approve_replace: bool = True
+    # An hourly run (a backfill's included) that would send more events than this waits for approval
+    # too; None never asks.
+    approve_backfills_above: int | None = Field(default=100_000, ge=0)
+    # Dotted path of a callable or notifier (an instance, or a class built with no arguments) called
+    # when any task of any DAG fails, e.g. my_alerts.slack (a SlackNotifier); None: only Airflow's UI.
+    on_failure_callback: str | None = None
+    # An hourly run not finished this long after its hour's start (its logical date) is flagged by a
+    # DeadlineAlert: an ERROR log and the on_failure_callback. None: no deadline.
+    delivery_deadline: timedelta | None = timedelta(hours=3)
 
     @field_validator("retry_delay", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> timedelta:
         return parse_duration(value)
+
+    @field_validator("delivery_deadline", mode="before")
+    @classmethod
+    def _optional_duration(cls, value: Any) -> timedelta | None:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("on_failure_callback")
+    @classmethod
+    def _dotted_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "." not in value.strip()):
+            raise ValueError(f"expected a dotted path such as my_alerts.slack_notifier, got {value!r}")
+        return value.strip() if value else None
 
     @field_validator("start_date", mode="after")
     @classmethod

@@ -7,12 +7,16 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TriggerRule
 
+from billing_airflow.alerts import alert_default_args, delivery_deadline
+from billing_airflow.operators.approval import PreviewApprovalOperator
 from billing_airflow.operators.deliver import (
     CompletenessSweepOperator,
     DeliveryReportOperator,
     PlanPartitionsOperator,
     SegmentDeliveryOperator,
 )
+from billing_airflow.operators.dry_run import DryRunOperator
+from billing_airflow.operators.gate import LargeBackfillGateOperator
 from billing_airflow.operators.reconcile import ReconcileOperator
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, dag_id_for
 from usage_billing.settings import ConfigError, load_settings
@@ -57,6 +61,11 @@ def _params(mode: str) -> dict[str, Param]:
 def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = DELIVER) -> DAG | None:
     """A delivery DAG of one destination and one mode: plan -> deliver (one mapped task per partition) -> report.
 
+    The replace DAG starts with preview -> approve (``airflow.approve_replace``, on by default): the run
+    waits in the UI's Required Actions with the dry run's impact, and Reject skips everything after it.
+    The hourly DAG starts with a gate (``airflow.approve_backfills_above``, None: no gate) that holds a
+    backfill run for approval the same way when it would send more events than that.
+
     ``mode=deliver`` is the hourly ``segment_to_<destination>``; ``replace`` (Orb only) and
     ``replay_rejected`` are manually triggered DAGs of their own (``segment_to_orb_replace``,
     ``segment_to_<destination>_replay_rejected``). The mode is given to the operators here, never
@@ -100,9 +109,25 @@ def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = 
             "retry_delay": options.retry_delay,
             "retry_exponential_backoff": True,
             "max_retry_delay": timedelta(minutes=30),
+            **alert_default_args(settings),
         },
+        deadline=delivery_deadline(settings) if mode == DELIVER else None,
     ) as dag:
         plan = PlanPartitionsOperator(task_id="plan", destination=destination, mode=mode)
+        if mode == REPLACE and options.approve_replace:
+            # Retries would re-ask nobody anything: the preview is read-only and the approval is a person's.
+            preview = DryRunOperator(task_id="preview", destination=destination, mode=REPLACE, run_window=True,
+                                     retries=0)
+            approve = PreviewApprovalOperator(task_id="approve", preview_task_id="preview", retries=0)
+            preview >> approve >> plan
+        if mode == DELIVER and options.approve_backfills_above is not None:
+            gate = LargeBackfillGateOperator(task_id="gate", destination=destination, approve_task_id="approve",
+                                             continue_task_id="plan", retries=0)
+            approve = PreviewApprovalOperator(task_id="approve", preview_task_id="gate", retries=0)
+            # plan runs after an Approve, or straight after the gate when the approval was branched away.
+            plan.trigger_rule = TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS
+            gate >> [approve, plan]
+            approve >> plan
         deliver = SegmentDeliveryOperator.partial(
             task_id="deliver",
             destination=destination,
@@ -133,7 +158,7 @@ def build_sweep_dag(doc_md: str | None = None) -> DAG:
         doc_md=doc_md,
         tags=["usage-billing", "segment", "sweep"],
         default_args={"retries": settings.airflow.retries, "retry_delay": settings.airflow.retry_delay,
-                      "retry_exponential_backoff": True},
+                      "retry_exponential_backoff": True, **alert_default_args(settings)},
     ) as dag:
         for destination in settings.configured_destinations():
             sweep = CompletenessSweepOperator(task_id=f"sweep_{destination}", destination=destination,
@@ -160,7 +185,8 @@ def build_reconcile_dag(doc_md: str | None = None) -> DAG:
             "start": Param(None, type=["null", "string"], description="range start, UTC ISO 8601 (required)"),
             "end": Param(None, type=["null", "string"], description="range end, exclusive, UTC ISO 8601 (required)"),
         },
-        default_args={"retries": settings.airflow.retries, "retry_delay": settings.airflow.retry_delay},
+        default_args={"retries": settings.airflow.retries, "retry_delay": settings.airflow.retry_delay,
+                      **alert_default_args(settings)},
     ) as dag:
         ReconcileOperator(task_id="reconcile", destination="{{ params.destination }}", start="{{ params.start }}",
                           end="{{ params.end }}", required_range=True)

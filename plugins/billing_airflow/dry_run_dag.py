@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import DAG, Param
 
+from billing_airflow.alerts import alert_default_args
 from billing_airflow.operators.dry_run import DryRunOperator
 from usage_billing.settings import load_settings
 
@@ -27,7 +28,7 @@ def build_dry_run_dag(doc_md: str | None = None) -> DAG:
             "start": Param(None, type=["null", "string"], description="range start, UTC ISO 8601 (required)"),
             "end": Param(None, type=["null", "string"], description="range end, exclusive, UTC ISO 8601 (required)"),
         },
-        default_args={"retries": 0},
+        default_args={"retries": 0, **alert_default_args(settings)},
     ) as dag:
         DryRunOperator(task_id="preview", destination="{{ params.destination }}", mode="{{ params.mode }}",
                        start="{{ params.start }}", end="{{ params.end }}")

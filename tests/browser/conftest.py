@@ -144,13 +144,16 @@ class Stack:
         raise AssertionError(f"{dag_id}: a backfill is still not complete after {RUN_TIMEOUT} s")
 
     def wait_for_tries(self, dag_id: str, tries: int) -> list:
-        """Wait until every task instance of the DAG has run ``tries`` times and finished; them all."""
+        """Wait until every task instance of the DAG has run ``tries`` times and finished; them all.
+
+        A task a branch skipped never runs (the approval of a run too small to need one): it counts as done."""
         deadline = time.monotonic() + RUN_TIMEOUT
         tis: list = []
         while time.monotonic() < deadline:
             self.local.check_running()
             tis = [ti for run in self.runs(dag_id) for ti in self.task_instances(dag_id, run.run_id)]
-            if tis and all(ti.try_number >= tries and ti.state in ("success", "failed") for ti in tis):
+            if tis and all(ti.state == "skipped" or (ti.try_number >= tries and ti.state in ("success", "failed"))
+                           for ti in tis):
                 return tis
             time.sleep(1)
         raise AssertionError(f"{dag_id}: not every task ran {tries} times within {RUN_TIMEOUT} s: "

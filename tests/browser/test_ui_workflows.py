@@ -7,8 +7,10 @@ In order, on one Airflow (see conftest.py), each test building on the state the 
 * the same range again from the form ("All Runs"): the sandbox receives nothing;
 * a deliver task's log opened in the UI: its label is the event table and its summary block is on
   the page, with the counts the ledger has for that task;
-* re-billing a period through ``segment_to_orb_replace``'s trigger form, then a replay of rejections
-  through ``segment_to_orb_replay_rejected``'s, each checked in the sandbox and the ledger;
+* re-billing a period through ``segment_to_orb_replace``'s trigger form, approved on the run's Required
+  Actions page (which shows the dry run's impact), then a replay of rejections through
+  ``segment_to_orb_replay_rejected``'s, each checked in the sandbox and the ledger;
+* a second replace, rejected on the Required Actions page: nothing reaches the sandbox;
 * the Billing view (this project's Airflow plugin), opened from the UI's menu, against the ledger:
   per day and destination, the busiest customer's row, and the customer filter.
 
@@ -18,13 +20,14 @@ No test uses the REST API to act; they read the metadata database only to wait f
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timedelta
 
 import pytest
 import requests
 import sqlalchemy as sa
 
-from tests.browser.conftest import EVENT_TABLES, HOURS, LOOKBACK, Stack
+from tests.browser.conftest import EVENT_TABLES, HOURS, LOOKBACK, RUN_TIMEOUT, Stack
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
@@ -39,7 +42,8 @@ def open_trigger_form(page, stack: Stack, dag_id: str):
 
     page.goto(f"{stack.url}/dags/{dag_id}", wait_until="networkidle")
     page.get_by_role("button", name="Trigger").first.click()
-    dialog = page.get_by_role("dialog")
+    # Not by role alone: a date picker's closed popover is a "dialog" too once a date has been picked.
+    dialog = page.locator("[role=dialog][data-scope=dialog]")
     expect(dialog).to_be_visible()
     return dialog
 
@@ -69,7 +73,7 @@ def backfill_from_the_form(page, stack: Stack, start: datetime, end: datetime, r
     pick_datetime(page, pickers.nth(1), end)
     if reprocess:
         dialog.get_by_text(reprocess, exact=True).click()
-    expect(dialog.get_by_text(f"{runs} runs will be triggered")).to_be_visible()
+    expect(dialog.get_by_text(f"{runs} run{'s' if runs > 1 else ''} will be triggered")).to_be_visible()
     unpause = dialog.get_by_role("checkbox", name=re.compile("Unpause"))
     if unpause.count():  # offered while the DAG is paused (new DAGs are), ticked by default
         expect(unpause).to_be_checked()
@@ -94,6 +98,52 @@ def trigger_from_the_form(page, stack: Stack, dag_id: str, fill=None) -> None:
 
 def param_field(dialog, label: str):
     return dialog.get_by_role("group").filter(has_text=label).get_by_test_id("datetime-input")
+
+
+REPLACE = "segment_to_orb_replace"
+
+
+def trigger_replace(page, stack: Stack, start: datetime, end: datetime) -> str:
+    """Trigger the replace DAG for ``[start, end)`` from its form; the new run's id, once it waits for approval."""
+    before = len(stack.runs(REPLACE))
+
+    def period(page, dialog):
+        pick_datetime(page, param_field(dialog, "Period start"), start)
+        pick_datetime(page, param_field(dialog, "Period end"), end)
+
+    trigger_from_the_form(page, stack, REPLACE, period)
+    return wait_for_approval_request(stack, REPLACE, before)
+
+
+def wait_for_approval_request(stack: Stack, dag_id: str, before: int = 0, run_id: str | None = None) -> str:
+    """The id of the DAG's run (a new one after the first ``before``, or ``run_id``) once it waits for approval."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        stack.local.check_running()
+        runs = [r for r in stack.runs(dag_id)[before:] if run_id in (None, r.run_id)]
+        if runs:
+            states = {ti.task_id: ti.state for ti in stack.task_instances(dag_id, runs[0].run_id)}
+            if states.get("approve") == "awaiting_input":
+                return runs[0].run_id
+            assert runs[0].state != "failed", stack.task_errors(dag_id)
+        time.sleep(1)
+    raise AssertionError(f"{dag_id}: no run waiting for approval within {RUN_TIMEOUT} s")
+
+
+def answer_required_action(page, stack: Stack, run_id: str, subject: str, option: str, dag_id: str = REPLACE,
+                           shown: tuple[str, ...] = ("Hourly change against what the destination holds now",)) -> None:
+    """Open the run's Required Actions page, check it shows the subject and the preview, click ``option``."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{stack.url}/dags/{dag_id}/runs/{run_id}/tasks/approve/required_actions", wait_until="networkidle")
+    expect(page.get_by_text(subject).first).to_be_visible()
+    for text in ("events that would be sent", *shown):
+        expect(page.get_by_text(text).first).to_be_visible()
+    page.get_by_role("button", name=option, exact=True).click()
+
+
+def replace_subject(start: datetime, end: datetime) -> str:
+    return f"Re-bill (REPLACE) orb for [{start.isoformat()}, {end.isoformat()})"
 
 
 # ---------------------------------------------------------------------------------------- tests
@@ -128,7 +178,9 @@ def test_the_same_range_again_from_the_form_sends_nothing(page, stack):
                            reprocess="All Runs")
     # "All Runs" clears the three runs in place (same run ids): wait for every task's second try.
     tis = stack.wait_for_tries(DAG, 2)
-    assert {ti.state for ti in tis} == {"success"}, stack.task_errors(DAG)
+    # The approval is skipped by the gate: these runs are far below airflow.approve_backfills_above.
+    assert {ti.state for ti in tis if ti.task_id != "approve"} == {"success"}, stack.task_errors(DAG)
+    assert {ti.state for ti in tis if ti.task_id == "approve"} == {"skipped"}
     assert len(stack.runs(DAG)) == HOURS
     after = stack.sandbox("orb")
     assert after["requests"] == before["requests"], "the second backfill sent requests"
@@ -165,16 +217,14 @@ def test_a_deliver_task_log_in_the_ui_shows_its_label_and_summary(page, stack):
     assert counts["skipped"] > 0
 
 
-def test_rebilling_a_period_and_replaying_rejections_through_the_trigger_forms(page, stack):
+def test_rebilling_a_period_after_approving_it_and_replaying_rejections_through_the_trigger_forms(page, stack):
     start, end = stack.first_hour, stack.first_hour + timedelta(hours=1)
     expected = stack.warehouse_ids(start, end, deliverable=True, column="timestamp")
     assert expected
 
-    def period(page, dialog):
-        pick_datetime(page, param_field(dialog, "Period start"), start)
-        pick_datetime(page, param_field(dialog, "Period end"), end)
-
-    trigger_from_the_form(page, stack, "segment_to_orb_replace", period)
+    run_id = trigger_replace(page, stack, start, end)
+    assert not [b for b in stack.sandbox("orb")["backfills"] if b["replace_existing_events"]], "nothing before Approve"
+    answer_required_action(page, stack, run_id, replace_subject(start, end), "Approve")
     [run] = stack.wait_for_runs("segment_to_orb_replace", 1)
     assert run.state == "success", stack.task_errors("segment_to_orb_replace")
     assert (f"run request: orb, mode=replace (fixed by the DAG segment_to_orb_replace), period "
@@ -212,6 +262,21 @@ def test_rebilling_a_period_and_replaying_rejections_through_the_trigger_forms(p
     again = stack.ledger_rows("orb", "status = 'rejected'")
     assert {r["idempotency_key"] for r in again} == still_anonymous
     assert all(r["attempts"] == attempts[r["idempotency_key"]] + 1 for r in again), "rejected again by the replay"
+
+
+def test_a_rejected_replace_sends_nothing(page, stack):
+    start, end = stack.first_hour + timedelta(hours=1), stack.first_hour + timedelta(hours=2)
+    run_id = trigger_replace(page, stack, start, end)
+    before = stack.sandbox("orb")
+    answer_required_action(page, stack, run_id, replace_subject(start, end), "Reject")
+    [run] = stack.wait_for_runs(REPLACE, 1, since=1)
+    states = {ti.task_id: ti.state for ti in stack.task_instances(REPLACE, run.run_id)}
+    assert states == {"preview": "success", "approve": "success", "plan": "skipped", "deliver": "skipped",
+                      "report": "skipped"}, stack.task_errors(REPLACE)
+    after = stack.sandbox("orb")
+    assert after["requests"] == before["requests"], "a rejected replace sent requests"
+    assert after["backfills"] == before["backfills"] and len(after["accepted"]) == len(before["accepted"])
+    assert not stack.ledger_rows("orb", "run_id = :r", r=run.run_id), "nothing written to the ledger"
 
 
 def test_the_billing_view_in_the_ui_shows_what_the_ledger_holds(page, stack):

@@ -28,7 +28,8 @@ MANUAL = {"segment_to_orb_replace": "replace", "segment_to_orb_replay_rejected":
 
 def modes(dag) -> set[str]:
     """The mode each task was built with (a mapped task holds it among its partial() arguments)."""
-    return {task.partial_kwargs["mode"] if hasattr(task, "partial_kwargs") else task.mode for task in dag.tasks}
+    return {task.partial_kwargs["mode"] if hasattr(task, "partial_kwargs") else task.mode for task in dag.tasks
+            if hasattr(task, "partial_kwargs") or hasattr(task, "mode")}
 
 
 @pytest.mark.parametrize("dag_id", HOURLY + list(MANUAL))
@@ -37,9 +38,12 @@ def test_delivery_dag_shape(bag, dag_id):
     assert dag.catchup is False and dag.max_active_runs == 1
     assert {"usage-billing", "segment"} <= set(dag.tags)
     assert dag.doc_md
-    assert set(dag.task_dict) == {"plan", "deliver", "report"}
+    gate = {"preview", "approve"} if dag_id == "segment_to_orb_replace" else {"gate", "approve"} if dag_id in HOURLY \
+        else set()
+    assert set(dag.task_dict) == {"plan", "deliver", "report"} | gate
     for task in dag.tasks:
-        assert task.retries >= 1
+        # A preview only reads and an approval is a person's answer: retrying either re-asks nobody.
+        assert task.retries >= 1 or task.task_id in gate
         assert task.retry_delay == timedelta(minutes=2)
     assert dag.task_dict["deliver"].upstream_task_ids == {"plan"}
     assert dag.task_dict["report"].trigger_rule == "all_done"
@@ -81,6 +85,95 @@ def test_replace_needs_a_period_and_replay_needs_nothing(bag):
         # Optional in the UI's forms: null allowed, null default (not "", which the form calls required).
         assert param.value is None and "null" in param.schema["type"]
         params.validate()
+
+
+def test_a_replace_waits_for_approval_with_its_preview_before_anything_is_planned(bag):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    dag = bag.dags["segment_to_orb_replace"]
+    preview, approve = dag.task_dict["preview"], dag.task_dict["approve"]
+    assert preview.mode == "replace" and preview.run_window, "the preview is of the run's own period"
+    assert isinstance(approve, ApprovalOperator) and approve.preview_task_id == "preview"
+    assert approve.upstream_task_ids == {"preview"} and dag.task_dict["plan"].upstream_task_ids == {"approve"}
+    assert approve.ignore_downstream_trigger_rules, "Reject skips the report (all_done) too: nothing runs"
+
+
+def config_with(tmp_path, monkeypatch, **airflow) -> None:
+    data = yaml.safe_load((PROJECT / "include" / "usage_billing.yaml").read_text())
+    data.setdefault("airflow", {}).update(airflow)
+    path = tmp_path / "usage_billing.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("USAGE_BILLING_CONFIG", str(path))
+
+
+@pytest.mark.parametrize("dag_id", HOURLY)
+def test_a_large_backfill_run_is_previewed_and_may_wait_for_approval_before_plan(bag, dag_id):
+    """The gate branches to approve (a large backfill run) or straight to plan (every other run)."""
+    dag = bag.dags[dag_id]
+    gate, approve, plan = dag.task_dict["gate"], dag.task_dict["approve"], dag.task_dict["plan"]
+    assert gate.downstream_task_ids == {"approve", "plan"} and gate.mode == "deliver" and gate.run_window
+    assert approve.preview_task_id == "gate" and approve.ignore_downstream_trigger_rules
+    assert plan.upstream_task_ids == {"gate", "approve"}
+    assert plan.trigger_rule == "none_failed_min_one_success", "plan runs when the approval was branched away"
+
+
+def test_no_backfill_threshold_means_no_gate(tmp_path, monkeypatch):
+    from billing_airflow.dag_factory import build_delivery_dag
+
+    config_with(tmp_path, monkeypatch, approve_backfills_above=None)
+    dag = build_delivery_dag("orb")
+    assert set(dag.task_dict) == {"plan", "deliver", "report"} and dag.task_dict["plan"].trigger_rule == "all_success"
+
+
+def test_a_team_can_turn_the_replace_approval_off(tmp_path, monkeypatch):
+    from billing_airflow.dag_factory import build_delivery_dag
+
+    config_with(tmp_path, monkeypatch, approve_replace=False)
+    assert set(build_delivery_dag("orb", mode="replace").task_dict) == {"plan", "deliver", "report"}
+
+
+def test_every_dag_calls_the_configured_alert_on_failure(tmp_path, monkeypatch):
+    from airflow.models.dagbag import DagBag
+
+    from billing_airflow.alerts import log_alert
+
+    config_with(tmp_path, monkeypatch, on_failure_callback="billing_airflow.alerts.log_alert")
+    bag = DagBag(dag_folder=str(PROJECT / "dags"))
+    assert bag.import_errors == {} and len(bag.dags) >= 7
+    for dag in bag.dags.values():
+        for task in dag.tasks:
+            callbacks = task.on_failure_callback
+            assert log_alert in (callbacks if isinstance(callbacks, list) else [callbacks]), (dag.dag_id, task)
+
+
+def test_no_alert_is_configured_by_default(bag):
+    assert all(not task.on_failure_callback for dag in bag.dags.values() for task in dag.tasks)
+
+
+def test_an_unimportable_alert_is_an_import_error_naming_the_setting(tmp_path, monkeypatch):
+    from airflow.models.dagbag import DagBag
+
+    config_with(tmp_path, monkeypatch, on_failure_callback="no_such_module.notify")
+    errors = "\n".join(DagBag(dag_folder=str(PROJECT / "dags")).import_errors.values())
+    assert "airflow.on_failure_callback" in errors and "no_such_module.notify" in errors
+
+
+@pytest.mark.parametrize("dag_id", HOURLY)
+def test_hourly_dags_have_a_delivery_deadline_after_the_logical_date(bag, dag_id):
+    from airflow.sdk.definitions.deadline import DagRunLogicalDateDeadline
+
+    [deadline] = bag.dags[dag_id].deadline
+    assert isinstance(deadline.reference, DagRunLogicalDateDeadline)
+    assert deadline.interval == timedelta(hours=3)
+    assert deadline.callback.path == "billing_airflow.alerts.delivery_deadline_missed"
+
+
+def test_only_the_hourly_dags_have_a_deadline_and_none_disables_it(bag, tmp_path, monkeypatch):
+    from billing_airflow.dag_factory import build_delivery_dag
+
+    assert {d.dag_id for d in bag.dags.values() if d.deadline} == set(HOURLY)
+    config_with(tmp_path, monkeypatch, delivery_deadline=None)
+    assert not build_delivery_dag("orb").deadline
 
 
 def test_kable_has_no_replace_dag(bag):

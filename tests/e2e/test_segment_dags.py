@@ -33,6 +33,9 @@ def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path, request
                          events_per_hour=40, seed=5, now=now)
     path = tmp_path / "usage_billing.yaml"
     settings = config(schema, ledger_schema)
+    # dag.test() of Airflow 3.3.2 cannot finish a run of a DAG with a DeadlineAlert (DagRun.update_state
+    # looks the SDK's alert objects up as database ids); the scheduler runs them (tests/browser).
+    settings["airflow"]["delivery_deadline"] = None
     settings["airflow"].update(getattr(request, "param", {}))
     path.write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("USAGE_BILLING_CONFIG", str(path))
@@ -99,6 +102,8 @@ def test_both_dags_deliver_each_event_exactly_once_and_a_second_pass_sends_nothi
     assert stack["orb"].accepted_keys() == stack["kable"].accepted_keys() == deliverable
 
 
+# The replace's approval gate waits for a person in the UI; tests/browser approves and rejects it there.
+@pytest.mark.parametrize("stack", [{"approve_replace": False}], indirect=True)
 def test_replay_replace_and_sweep_through_the_dags(stack):
     """The replay and replace DAGs and the sweep DAG, end to end."""
     from airflow.models.dagbag import DagBag

@@ -115,11 +115,15 @@ class DryRunReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"destination": self.destination, "mode": self.mode, "would_send": sum(self.would_send.values()),
+        return {"destination": self.destination, "mode": self.mode, "start": self.window.start.isoformat(),
+                "end": self.window.end.isoformat(), "would_send": sum(self.would_send.values()),
                 "in_backfills": self.in_backfills, "backfills": self.backfills,
                 "already_delivered": self.delivery.already_delivered, "would_reject": self.delivery.rejected,
                 "would_hold": self.delivery.held,
-                "by_day_customer_event": [[*key, count] for key, count in sorted(self.would_send.items())]}
+                "by_day_customer_event": [[*key, count] for key, count in sorted(self.would_send.items())],
+                # Only the hours a replace would change: [hour (ISO), held now, would hold after].
+                "replace_change": [[f"{hour:%Y-%m-%dT%H:00}", now, after]
+                                   for hour, (now, after) in sorted(self.replace_change.items()) if now != after]}
 
 
 def dry_run(job: DeliveryJob, tables: Sequence[str], window: Window, replace: bool = False) -> DryRunReport:

@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from billing_airflow.operators.deliver import _ConfiguredOperator, open_hook, open_warehouse
+from billing_airflow.operators.run_request import DELIVER, REPLACE, run_request
 from usage_billing.delivery import DeliveryJob
 from usage_billing.delivery.dry_run import dry_run
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import RunRef
+from usage_billing.settings import Settings
 from usage_billing.sources import Window
 
 
@@ -23,25 +25,38 @@ class DryRunOperator(_ConfiguredOperator):
 
     A delivery's range is on the loaded-at column, as an hourly run's window; a replace's on the
     event timestamp, as a replace run's. Nothing is sent and nothing is written to the ledger; the
-    destination is only asked what it holds (customers, and hourly counts for a replace)."""
+    destination is only asked what it holds (customers, and hourly counts for a replace).
+
+    With ``run_window=True`` (no start/end) the range is the run's own, validated exactly as the
+    run's plan validates it: the hourly window for ``deliver``, the ``period_start``/``period_end``
+    params for ``replace``. That is the preview an approval gate shows before the real run sends."""
 
     template_fields = ("destination", "start", "end", "mode")
 
-    def __init__(self, *, start: str, end: str, mode: str = "deliver", **kwargs: Any):
+    def __init__(self, *, start: str | None = None, end: str | None = None, mode: str = "deliver",
+                 run_window: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
-        self.start, self.end, self.mode = start, end, mode
+        self.start, self.end, self.mode, self.run_window = start, end, mode, run_window
 
-    def execute(self, context: Any) -> dict:
-        if self.mode not in ("deliver", "replace"):
-            raise ValueError(f"param mode: {self.mode!r} is not deliver or replace")
+    def _window(self, context: Any, settings: Settings) -> Window:
+        if self.run_window:
+            request = run_request(context, settings, REPLACE if self.mode == "replace" else DELIVER, self.destination)
+            self.log.info("%s", request.echo)
+            return request.window
         if not self.start or not self.end or "None" in (self.start, self.end):
             raise ValueError("dry run: give both params start and end (UTC, ISO 8601, e.g. 2026-11-01T00:00:00Z)")
         window = Window(_utc(self.start), _utc(self.end))
         if window.end <= window.start:
             raise ValueError(f"dry run: end {window.end.isoformat()} is not after start {window.start.isoformat()}")
+        return window
+
+    def execute(self, context: Any) -> dict:
+        if self.mode not in ("deliver", "replace"):
+            raise ValueError(f"param mode: {self.mode!r} is not deliver or replace")
+        settings = self.settings()
+        window = self._window(context, settings)
         self.log.info("dry run requested: destination=%s mode=%s range [%s, %s): nothing will be sent or written",
                       self.destination, self.mode, window.start.isoformat(), window.end.isoformat())
-        settings = self.settings()
         destination = get_destination(self.destination, settings)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
         hook = open_hook(destination, settings)
