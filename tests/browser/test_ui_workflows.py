@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 import pytest
 import requests
 import sqlalchemy as sa
+import yaml
 
 from tests.browser.conftest import EVENT_TABLES, HOURS, LOOKBACK, RUN_TIMEOUT, Stack
 
@@ -360,3 +361,44 @@ def check_the_busiest_customer_and_filter_by_it(view, stack: Stack) -> None:
     expect(view.locator("#customer-filter input[name=customer]")).to_have_value(customer)
     view.get_by_role("link", name="all customers").click()
     expect(view.locator("#customers-orb tr")).to_have_count(customers + 1)
+
+
+def test_a_large_backfill_run_waits_for_approval_and_a_reject_sends_nothing(page, stack):
+    """With airflow.approve_backfills_above at 0 (read when the run runs), a backfill run that would send one
+    new event waits on its Required Actions page; Reject: the event is neither sent nor in the ledger."""
+    stack.wait_for_backfills_to_complete(DAG)
+    config = stack.local.config_path
+    shipped = config.read_text()
+    key = "held-by-the-large-backfill-gate"
+    table = f'"{stack.schema}".api_call'
+    hour = stack.first_hour
+    [run] = [r for r in stack.runs(DAG) if r.data_interval_start == hour]
+    try:
+        data = yaml.safe_load(shipped)
+        data["airflow"]["approve_backfills_above"] = 0
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        with stack.warehouse.begin() as conn:
+            conn.execute(sa.text(f"CREATE TEMP TABLE late AS SELECT * FROM {table} WHERE user_id IS NOT NULL LIMIT 1"))
+            conn.execute(sa.text("UPDATE late SET id = :id, received_at = :r"),
+                         {"id": key, "r": hour + timedelta(minutes=30)})
+            conn.execute(sa.text(f"INSERT INTO {table} SELECT * FROM late"))
+        backfill_from_the_form(page, stack, hour, hour, runs=1, reprocess="All Runs")
+        try:
+            wait_for_approval_request(stack, DAG, run_id=run.run_id)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{stack.task_log(DAG, run.run_id, 'gate')[-3000:]}") from None
+        # After the preview, which only reads (it looks the customers up in Orb).
+        before = stack.sandbox("orb")
+        answer_required_action(page, stack, run.run_id, f"Deliver orb for [{hour.isoformat()}, ", "Reject",
+                               dag_id=DAG, shown=())
+        stack.wait_for_backfills_to_complete(DAG)
+        states = {ti.task_id: ti.state for ti in stack.task_instances(DAG, run.run_id)}
+        assert states == {"gate": "success", "approve": "success", "plan": "skipped", "deliver": "skipped",
+                          "report": "skipped"}, stack.task_errors(DAG)
+        after = stack.sandbox("orb")
+        assert after["requests"] == before["requests"] and key not in {e["idempotency_key"] for e in after["accepted"]}
+        assert not stack.ledger_rows("orb", "idempotency_key = :k", k=key)
+    finally:
+        config.write_text(shipped)
+        with stack.warehouse.begin() as conn:
+            conn.execute(sa.text(f"DELETE FROM {table} WHERE id = :id"), {"id": key})

@@ -159,21 +159,24 @@ def test_an_unimportable_alert_is_an_import_error_naming_the_setting(tmp_path, m
 
 
 @pytest.mark.parametrize("dag_id", HOURLY)
-def test_hourly_dags_have_a_delivery_deadline_after_the_logical_date(bag, dag_id):
+def test_with_a_delivery_deadline_set_the_hourly_dags_have_one_after_the_logical_date(dag_id, tmp_path,
+                                                                                     monkeypatch):
+    from airflow.models.dagbag import DagBag
     from airflow.sdk.definitions.deadline import DagRunLogicalDateDeadline
 
-    [deadline] = bag.dags[dag_id].deadline
+    config_with(tmp_path, monkeypatch, delivery_deadline="3h")
+    [deadline] = DagBag(dag_folder=str(PROJECT / "dags")).dags[dag_id].deadline
     assert isinstance(deadline.reference, DagRunLogicalDateDeadline)
     assert deadline.interval == timedelta(hours=3)
     assert deadline.callback.path == "billing_airflow.alerts.delivery_deadline_missed"
 
 
-def test_only_the_hourly_dags_have_a_deadline_and_none_disables_it(bag, tmp_path, monkeypatch):
-    from billing_airflow.dag_factory import build_delivery_dag
+def test_only_the_hourly_dags_have_a_deadline_and_none_by_default(bag, tmp_path, monkeypatch):
+    from airflow.models.dagbag import DagBag
 
-    assert {d.dag_id for d in bag.dags.values() if d.deadline} == set(HOURLY)
-    config_with(tmp_path, monkeypatch, delivery_deadline=None)
-    assert not build_delivery_dag("orb").deadline
+    assert not any(d.deadline for d in bag.dags.values()), "off by default: dag.test() cannot finish such a run"
+    config_with(tmp_path, monkeypatch, delivery_deadline="3h")
+    assert {d.dag_id for d in DagBag(dag_folder=str(PROJECT / "dags")).dags.values() if d.deadline} == set(HOURLY)
 
 
 def test_kable_has_no_replace_dag(bag):

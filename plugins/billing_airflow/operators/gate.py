@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk.bases.branch import BranchMixIn
 
 from billing_airflow.operators.approval import needs_approval
+from billing_airflow.operators.deliver import open_warehouse
 from billing_airflow.operators.dry_run import DryRunOperator
 
 
@@ -33,12 +34,17 @@ class LargeBackfillGateOperator(DryRunOperator, BranchMixIn):
 
     def execute(self, context: Any) -> dict:
         threshold = self.settings().airflow.approve_backfills_above
-        run_type = str(getattr(context.get("dag_run"), "run_type", "") or "")
+        run_type = getattr(context.get("dag_run"), "run_type", None) or ""
+        # The task SDK's DagRunType prints as "DagRunType.BACKFILL": compare its value, never str() of it.
+        run_type = str(getattr(run_type, "value", run_type))
         if run_type != "backfill" or threshold is None:
             self.log.info("gate: a %s run is never held for approval; on to %s", run_type or "?",
                           self.continue_task_id)
             self.do_branch(context, self.continue_task_id)
             return {"previewed": False, "run_type": run_type}
+        # The first run of a new install previews before plan has created the ledger's tables (as plan does).
+        with open_warehouse(self.settings()) as (_, ledger):
+            ledger.create()
         preview = super().execute(context)
         held = needs_approval(run_type, preview["would_send"], threshold)
         self.log.info("gate: this backfill run would send %d events; airflow.approve_backfills_above is %d: %s",
