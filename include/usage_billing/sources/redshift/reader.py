@@ -31,6 +31,7 @@ import pandas as pd
 from usage_billing.naming import check_identifier
 from usage_billing.sources.base import QueryCost, ReadRequest, SourceKind
 from usage_billing.sources.layout import COPIES, TABLE, Window
+from usage_billing.sources.params import ids_in
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,8 @@ class RedshiftSource:
             scope, params = _window_scope(columns, request.window, request.loaded_at_column)
             yield scope + bucket, params | bucket_params
             return
-        ids = list(dict.fromkeys(request.ids))
-        for start in range(0, len(ids), IDS_PER_QUERY):
-            batch = ids[start:start + IDS_PER_QUERY]
-            params = {f"id{i}": value for i, value in enumerate(batch)}
-            listed = ", ".join(f"%({name})s" for name in params)
-            yield f"\"id\" IN ({listed})" + bucket, params | bucket_params
+        for scope, params in ids_in('"id"', request.ids, IDS_PER_QUERY):
+            yield scope + bucket, params | bucket_params
 
 
 def _window_scope(columns: dict[str, str], window: Window, loaded_at_column: str) -> tuple[str, dict]:

@@ -29,6 +29,7 @@ from usage_billing.naming import check_identifier
 from usage_billing.sources import arrow
 from usage_billing.sources.base import QueryCost, ReadRequest, SourceKind
 from usage_billing.sources.layout import COPIES, Window
+from usage_billing.sources.params import ids_in
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +169,8 @@ class SnowflakeSource:
             scope, params = _window_scope(table, request.window, request.loaded_at_column)
             yield scope + bucket, params | bucket_params
             return
-        ids = list(dict.fromkeys(request.ids))
-        for start in range(0, len(ids), IDS_PER_QUERY):
-            batch = ids[start:start + IDS_PER_QUERY]
-            params = {f"id{i}": value for i, value in enumerate(batch)}
-            listed = ", ".join(f"%({name})s" for name in params)
-            yield f"{table.column('id')} IN ({listed})" + bucket, params | bucket_params
+        for scope, params in ids_in(table.column("id"), request.ids, IDS_PER_QUERY):
+            yield scope + bucket, params | bucket_params
 
     def _scalar(self, sql: str, params: dict) -> int:
         with self.connection.cursor() as cursor:
