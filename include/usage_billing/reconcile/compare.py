@@ -62,6 +62,8 @@ class HourLine:
     # Of ``unknown``, those the warehouse has but the ledger neither delivered nor rejected.
     unknown_undelivered: int = 0
     healed: list[str] = field(default_factory=list)
+    # Deliverable events loaded after the comparison's cutoff and not settled yet: not compared.
+    loaded_later: int = 0
 
     @property
     def not_delivered(self) -> int:

@@ -35,6 +35,14 @@ class ReconcileOperator(_ConfiguredOperator):
         self.end = end
         self.required_range = required_range
 
+    def loaded_before(self, context: Any) -> datetime:
+        """Rows loaded from this moment on are the hourly runs' next job, not a difference: the end of
+        the sweep's scan in the daily DAG, the start of the current hour on demand."""
+        end = context.get("data_interval_end")
+        if self.start or end is None:
+            return hour_of(datetime.now(UTC))
+        return datetime.fromtimestamp(end.timestamp(), UTC)
+
     def range(self, context: Any, horizon) -> tuple[datetime, datetime]:
         given = [value for value in (self.start, self.end) if value and value != "None"]
         if len(given) == 2:
@@ -59,7 +67,8 @@ class ReconcileOperator(_ConfiguredOperator):
             ledger.create()
             job = DeliveryJob.from_settings(settings, destination, source, ledger, hook, run)
             report = reconcile(job, settings.source.events, start, end,
-                               Checking(options.sample_hours, options.compare_volume))
+                               Checking(options.sample_hours, options.compare_volume,
+                                        loaded_before=self.loaded_before(context)))
         self.log.info("%s", report.render())
         unresolved = report.unresolved()
         if unresolved:
