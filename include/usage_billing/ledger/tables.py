@@ -15,6 +15,9 @@ DELIVERED, REJECTED, HELD = "delivered", "rejected", "held"
 # Delivered once, but reconciliation found the destination does not hold it: to be sent again under
 # the same idempotency key (every delivery path sends what is neither delivered nor rejected).
 LOST = "lost"
+# Past the destination's grace period, waiting for the one backfill per UTC day its run opens
+# (usage_billing.delivery.backfills.send_queued); sent like any undelivered event if that never happens.
+QUEUED = "queued"
 
 
 def key_type(length: int) -> sa.types.TypeEngine:
@@ -64,6 +67,9 @@ def ledger_tables(schema: str) -> LedgerTables:
         # 0003: held events are looked up by table and due time.
         sa.Index("ix_deliveries_held", "destination", "event_table", "event_timestamp",
                  postgresql_where=sa.text(f"status = '{HELD}'"), sqlite_where=sa.text(f"status = '{HELD}'")),
+        # 0005: queued events are looked up by UTC day of their timestamp.
+        sa.Index("ix_deliveries_queued", "destination", "event_timestamp",
+                 postgresql_where=sa.text(f"status = '{QUEUED}'"), sqlite_where=sa.text(f"status = '{QUEUED}'")),
     )
     # Earlier deliveries of an event, kept when replace mode delivers it again.
     history = sa.Table(
