@@ -339,7 +339,8 @@ def check_the_busiest_customer_and_filter_by_it(view, stack: Stack) -> None:
             f"WHERE destination = 'orb' AND status IN ('delivered', 'rejected', 'held')")).scalar_one()
     assert customers > 1, "the sample has several billing customers: the filter has something to leave out"
     customer = busiest.customer_id
-    # Rejected and held events carry no customer id in the ledger, except a hold for a customer Orb lacks.
+    # Rejected and held events count for the customer id the ledger has for them; an older hold for a
+    # customer Orb lacks only names it in its reason.
     not_delivered = stack.ledger_rows("orb", "status IN ('rejected', 'held') AND (customer_id = :c OR reason LIKE :r)",
                                       c=customer, r=f"%customer '{customer}' does not exist%")
     cell = f"orb-{customer}"

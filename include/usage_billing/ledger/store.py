@@ -321,7 +321,8 @@ class Ledger:
 
     def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime,
                       status: str = REJECTED) -> None:
-        """Record rejected events with their reason; a delivered event is never downgraded.
+        """Record rejected events with their reason and billing customer (``Rejection.customer``); a
+        delivered event is never downgraded.
 
         With ``status=HELD`` the events are held instead: not sent yet, for a reason that time ends
         (a timestamp too far in the future), and delivered by a later run once due."""
@@ -335,13 +336,14 @@ class Ledger:
                            "message_id": ([r.message_id for r in latest], sa.Text),
                            "table": ([r.table for r in latest], sa.Text),
                            "stamp": self._stamps([r.event_timestamp for r in latest]),
-                           "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text)})
+                           "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text),
+                           "customer": ([r.customer for r in latest], sa.Text)})
         now = self._bind_time(now)
         values = {
             "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(status),
             "reason": rows["reason"], "attempts": sa.literal(1), "message_id": rows["message_id"],
             "event_table": rows["table"], "event_timestamp": self._stamp_column(rows["stamp"]),
-            "first_attempt_at": now, "last_attempt_at": now,
+            "customer_id": rows["customer"], "first_attempt_at": now, "last_attempt_at": now,
             "dag_id": sa.literal(run.dag_id), "run_id": sa.literal(run.run_id),
         }
         t = self.table.c
@@ -350,6 +352,8 @@ class Ledger:
             return {
                 "status": status, "reason": excluded.reason, "attempts": t.attempts + 1,
                 "last_attempt_at": excluded.last_attempt_at, "dag_id": excluded.dag_id, "run_id": excluded.run_id,
+                # The row as it is now: a row re-rejected for having lost its customer has none.
+                "customer_id": excluded.customer_id,
                 **{name: sa.func.coalesce(sa.func.nullif(excluded[name], ""), t[name])
                    for name in ("message_id", "event_table")},
                 "event_timestamp": sa.func.coalesce(excluded.event_timestamp, t.event_timestamp),

@@ -39,7 +39,8 @@ MAX_EVENT_NAMES = 10
 FOUND_LOST, UNKNOWN_TO_LEDGER, NOT_DELIVERED = "missing_in_destination", "unknown_to_ledger", "not_delivered"
 
 # Held because the destination has no such customer: the hold's reason names the customer
-# (usage_billing.delivery.sending), which the ledger's customer_id column does not have for held rows.
+# (usage_billing.delivery.sending). Rows rejected or held before Rejection carried the customer have
+# no customer_id in the ledger; for those holds the reason is all there is.
 _HELD_CUSTOMER = re.compile(r"customer (['\"])(?P<customer>.*?)\1 does not exist in ")
 
 
@@ -381,9 +382,10 @@ def _render_customers(summary: BillingSummary) -> list[str]:
            "<form id='customer-filter' method='get' action=''><label>Customer id "
            f"<input name='customer' value='{_e(summary.customer_filter)}'></label> <button>Filter</button>"
            + (" <a href='?'>all customers</a>" if summary.customer_filter else "") + "</form>",
-           "<p class='muted'>The billing customer of each delivered event (recorded since ledger migration "
-           "0002); rejected and held events count where the customer is known (held for an unknown customer "
-           "names it).</p>"]
+           "<p class='muted'>The billing customer of each event (recorded since ledger migration 0002). "
+           "Rejected and held events count for their customer where the ledger has it (on older rows only a "
+           "hold for a customer the destination lacks names it); an event rejected for having no customer id "
+           "counts for none.</p>"]
     if not summary.customers:
         if summary.customer_filter:
             out.append(f"<p>No event of customer <code>{_e(summary.customer_filter)}</code> in the ledger.</p>")

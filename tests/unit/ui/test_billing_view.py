@@ -29,8 +29,10 @@ def deliver(ledger: Ledger, destination: str, rows: list[tuple[str, datetime, st
 @pytest.fixture
 def ledger(tmp_path):
     """orb, day 1: d0..d2 for acme (d0 later found lost and not yet re-sent, d1 found lost and healed),
-    e0 for a customer id full of HTML; day 2: b1 for acme through backfill bf_1, 4 + 1 rejections,
-    2 events held for customer 'ghost' Orb does not have, 1 held for its timestamp. kable: k1 for acme."""
+    e0 for a customer id full of HTML; day 2: b1 for acme through backfill bf_1, 4 rejections without a
+    customer id and 1 of acme's, 2 events held for customer 'ghost' Orb does not have (h0 as the core
+    writes it now, h1 as an older row: named only by its reason), 1 of acme's held for its timestamp.
+    kable: k1 for acme."""
     engine = create_engine(f"sqlite:///{tmp_path / 'wh.db'}", ["usage_billing"])
     ledger = Ledger(engine, "usage_billing")
     ledger.create()
@@ -40,12 +42,13 @@ def ledger(tmp_path):
     deliver(ledger, "kable", [("k1", DAY1, "acme", "api_call")])
     ledger.mark_rejected("orb", RUN, [
         Rejection(f"r{i}", f"r{i}", "api_call", f"api_call row id=r{i}: no external customer ID: userId is empty",
-                  DAY2) for i in range(4)] + [Rejection("x1", "x1", "api_call", "amount is not a number", DAY1)], NOW)
+                  DAY2) for i in range(4)] + [
+        Rejection("x1", "x1", "api_call", "amount is not a number", DAY1, customer="acme")], NOW)
     ledger.mark_rejected("orb", RUN, [
         Rejection(f"h{i}", f"h{i}", "api_call", f"api_call row id=h{i}: customer 'ghost' does not exist in orb: "
-                  "held until it does", DAY2) for i in range(2)] + [
+                  "held until it does", DAY2, customer="ghost" if i == 0 else None) for i in range(2)] + [
         Rejection("f1", "f1", "api_call", "api_call row id=f1: timestamp 2026-12-30 is in the future: held until due",
-                  DAY2)], NOW, status=HELD)
+                  DAY2, customer="acme")], NOW, status=HELD)
     # Reconciliation: d0 and d1 lost by Orb; d1 re-sent and healed, d0 not yet; one Orb event unknown.
     ledger.mark_lost("orb", ["d0", "d1"], RUN, NOW, reason="reconciliation: delivered, but orb does not hold it")
     ledger.record_findings("orb", [
@@ -104,9 +107,9 @@ def test_per_customer_rows_per_destination(ledger):
     assert set(rows) == {("orb", "acme"), ("orb", HOSTILE), ("orb", "ghost"), ("kable", "acme")}
     acme = rows[("orb", "acme")]
     # d0 is lost (waiting to be re-sent), so not counted as delivered; d1 was delivered again.
-    assert (acme.delivered, acme.event_names, acme.rejected, acme.held) == (3, [("api_call", 2), ("login", 1)], 0, 0)
+    assert (acme.delivered, acme.event_names, acme.rejected, acme.held) == (3, [("api_call", 2), ("login", 1)], 1, 1)
     assert acme.last_delivery == "2026-11-25 09:00:00"
-    assert (rows[("orb", "ghost")].delivered, rows[("orb", "ghost")].held) == (0, 2), "named by the hold"
+    assert (rows[("orb", "ghost")].delivered, rows[("orb", "ghost")].held) == (0, 2), "h1 named by its reason"
     assert rows[("kable", "acme")].delivered == 1
 
 
@@ -125,6 +128,7 @@ def test_the_page_shows_the_customer_rows_and_the_filter(ledger):
     page = render(summarize(ledger, customer="acme"))
     assert "data-testid='customer-delivered-orb-acme'>3<" in page
     assert "data-testid='customer-delivered-kable-acme'>1<" in page
+    assert "data-testid='customer-rejected-orb-acme'>1<" in page and "data-testid='customer-held-orb-acme'>1<" in page
     assert "name='customer' value='acme'" in page and "all customers" in page
     assert "No event of customer <code>nobody</code>" in render(summarize(ledger, customer="nobody"))
 
