@@ -35,7 +35,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ from usage_billing.naming import check_identifier
 log = logging.getLogger(__name__)
 
 MAX_REASON = 2000
+# What the sweep counts per event day: the columns of ``day_counts`` besides who counted and when.
+DAY_COUNTS = ("warehouse", "delivered", "rejected", "held")
 # Event timestamps travel to PostgreSQL as epoch microseconds (a bigint[]), turned back in SQL.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Held while migrating, by this and by the unversioned ledger's create(): old and new tasks take turns.
@@ -117,7 +119,7 @@ class Ledger:
         self.schema = check_identifier(schema, "ledger.schema")
         tables = ledger_tables(self.schema)
         self.table, self.history, self.backfills = tables.deliveries, tables.history, tables.backfills
-        self.findings_table = tables.findings
+        self.findings_table, self.day_counts_table = tables.findings, tables.day_counts
         self._sqlite = engine.dialect.name == "sqlite"
 
     # -- setup ---------------------------------------------------------------------------------
@@ -590,6 +592,24 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(
                 sa.select(self.findings_table).where(f.destination == destination).order_by(f.id))]
+
+    # -- the sweep's day counts (usage_billing.delivery.sweep) ------------------------------------
+
+    def record_day_counts(self, destination: str, days: Mapping[date, Mapping[str, int]], run: RunRef,
+                          now: datetime) -> None:
+        """Store what the sweep counted for each event day (``warehouse``, ``delivered``, ``rejected``,
+        ``held``), replacing the day's earlier count: a day's row is always its latest count."""
+        if not days:
+            return
+        table = self.day_counts_table
+        rows = [{"destination": destination, "day": day, **{name: int(counts[name]) for name in DAY_COUNTS},
+                 "counted_at": self._utc(now), "dag_id": run.dag_id, "run_id": run.run_id}
+                for day, counts in sorted(days.items())]
+        insert = (sqlite.insert if self._sqlite else postgresql.insert)(table).values(rows)
+        with self.engine.begin() as conn:
+            conn.execute(insert.on_conflict_do_update(
+                index_elements=[table.c.destination, table.c.day],
+                set_={name: insert.excluded[name] for name in (*DAY_COUNTS, "counted_at", "dag_id", "run_id")}))
 
     def _utc(self, value: datetime) -> datetime:
         # SQLite stores the wall-clock text it is given: every value goes in as UTC.
