@@ -6,8 +6,8 @@ held when the sweep counted them. The sweep replaces
 a day's row each time it counts that day again, so the row is its latest count. The Billing view
 reads its "in the warehouse" and "missing" columns from here and never queries the warehouse.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
