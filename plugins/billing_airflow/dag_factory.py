@@ -13,12 +13,15 @@ from billing_airflow.operators.deliver import (
     CompletenessSweepOperator,
     DeliveryReportOperator,
     PlanPartitionsOperator,
+    QueuedBackfillOperator,
     SegmentDeliveryOperator,
+    backfill_task_of,
 )
 from billing_airflow.operators.dry_run import DryRunOperator
 from billing_airflow.operators.gate import LargeBackfillGateOperator
 from billing_airflow.operators.reconcile import ReconcileOperator
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, dag_id_for
+from usage_billing.destinations import DESTINATIONS
 from usage_billing.settings import ConfigError, load_settings
 
 log = logging.getLogger(__name__)
@@ -136,9 +139,18 @@ def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = 
             max_active_tis_per_dag=options.max_active_tis_per_dag,
             **({"pool": options.pool} if options.pool else {}),
         ).expand(partition=plan.output)
+        backfill = None
+        if backfill_task_of(DESTINATIONS[destination].capabilities, mode):
+            # After every partition, whatever became of it: what the others queued is sent.
+            backfill = QueuedBackfillOperator(task_id="backfill", destination=destination, mode=mode,
+                                              trigger_rule=TriggerRule.ALL_DONE)
         report = DeliveryReportOperator(task_id="report", destination=destination, deliver_task_id="deliver",
-                                        plan_task_id="plan", trigger_rule=TriggerRule.ALL_DONE, mode=mode)
-        plan >> deliver >> report
+                                        plan_task_id="plan", backfill_task_id=backfill and backfill.task_id,
+                                        trigger_rule=TriggerRule.ALL_DONE, mode=mode)
+        if backfill is None:
+            plan >> deliver >> report
+        else:
+            plan >> deliver >> backfill >> report
     return dag
 
 

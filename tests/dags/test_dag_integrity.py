@@ -40,7 +40,14 @@ def test_delivery_dag_shape(bag, dag_id):
     assert dag.doc_md
     gate = {"preview", "approve"} if dag_id == "segment_to_orb_replace" else {"gate", "approve"} if dag_id in HOURLY \
         else set()
-    assert set(dag.task_dict) == {"plan", "deliver", "report"} | gate
+    # Orb's late events go out one backfill per UTC day for the whole run, after every partition;
+    # a replace sends everything into its own replacing backfill, and Kable has no backfills.
+    backfill = {"backfill"} if dag_id.startswith("segment_to_orb") and dag_id != "segment_to_orb_replace" else set()
+    assert set(dag.task_dict) == {"plan", "deliver", "report"} | gate | backfill
+    if backfill:
+        assert dag.task_dict["backfill"].upstream_task_ids == {"deliver"}
+        assert dag.task_dict["backfill"].trigger_rule == "all_done"
+        assert dag.task_dict["report"].upstream_task_ids == {"backfill"}
     for task in dag.tasks:
         # A preview only reads and an approval is a person's answer: retrying either re-asks nobody.
         assert task.retries >= 1 or task.task_id in gate
@@ -122,7 +129,7 @@ def test_no_backfill_threshold_means_no_gate(tmp_path, monkeypatch):
 
     config_with(tmp_path, monkeypatch, approve_backfills_above=None)
     dag = build_delivery_dag("orb")
-    assert set(dag.task_dict) == {"plan", "deliver", "report"} and dag.task_dict["plan"].trigger_rule == "all_success"
+    assert set(dag.task_dict) == {"plan", "deliver", "backfill", "report"} and dag.task_dict["plan"].trigger_rule == "all_success"
 
 
 def test_a_team_can_turn_the_replace_approval_off(tmp_path, monkeypatch):

@@ -161,6 +161,24 @@ def test_a_window_split_into_hash_partitions_is_delivered_once_by_mapped_tasks(s
     from airflow.models.dagbag import DagBag
     from airflow.utils.state import DagRunState
 
+    # Rows loaded in the first hour whose events lie two and three days back, in every table: past
+    # Orb's grace period, found by all nine partitions, sent in one backfill per UTC day for the run.
+    late_days: set = set()
+    with stack["engine"].begin() as conn:
+        for table in ("api_call", "payment_confirmed", "tokens_used"):
+            qualified = f'"{stack["schema"]}".{table}'
+            for days in (2, 3):
+                conn.execute(sa.text(
+                    f"INSERT INTO {qualified} SELECT * FROM {qualified} WHERE user_id IS NOT NULL "
+                    f"AND received_at < :first LIMIT 6"), {"first": stack["first_hour"]})
+                conn.execute(sa.text(
+                    f"UPDATE {qualified} SET id = 'late-{days}d-' || id, received_at = :loaded, "
+                    f"timestamp = timestamp - interval '{days} days' WHERE ctid IN (SELECT ctid FROM {qualified} "
+                    f"WHERE id NOT LIKE 'late-%' AND received_at < :first ORDER BY ctid DESC LIMIT 6)"),
+                    {"loaded": stack["first_hour"] + timedelta(minutes=20), "first": stack["first_hour"]})
+            late_days |= set(conn.execute(sa.text(
+                f"SELECT DISTINCT (timestamp AT TIME ZONE 'UTC')::date FROM {qualified} WHERE id LIKE 'late-%'")).scalars())
+    assert len(late_days) >= 2
     dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["segment_to_orb"]
     assert dag.task_dict["deliver"].max_active_tis_per_dag == 2
     runs = run_hours(dag, stack["first_hour"])
@@ -169,6 +187,12 @@ def test_a_window_split_into_hash_partitions_is_delivered_once_by_mapped_tasks(s
     assert len(mapped) == 3 * 3, "3 event tables x 3 hash buckets"
     deliverable = expected_ids(stack, True)
     assert stack["orb"].accepted_keys() == deliverable and len(stack["orb"].accepted()) == len(deliverable)
+    late = {key for key in deliverable if key.startswith("late-")}
+    assert len(late) == 3 * 2 * 6
+    first_run = [b for b in stack["ledger"].backfill_records("orb") if b["run_id"] == runs[0].run_id]
+    assert sorted(b["timeframe_start"].astimezone(UTC).date() for b in first_run) == sorted(late_days), \
+        "one backfill per UTC day for the whole run, not one per partition"
+    assert sum(b["events_sent"] for b in first_run) == len(late)
 
 
 def test_a_customer_field_that_no_table_has_fails_the_run_and_sends_nothing(stack):

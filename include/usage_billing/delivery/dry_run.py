@@ -26,22 +26,45 @@ from typing import Any
 from usage_billing.delivery.contract import BatchOutcome
 from usage_billing.delivery.job import DeliveryJob
 from usage_billing.delivery.report import DeliveryReport
-from usage_billing.delivery.runs import deliver_window, replace_window
+from usage_billing.delivery.runs import deliver_window, replace_window, send_queued
+from usage_billing.ledger import QUEUED, REJECTED
 from usage_billing.sources import Partition, Window
 
 _WRITES = ("mark_delivered", "mark_rejected", "record_backfill", "create", "refresh_statistics", "record_finding")
 
 
 class ReadOnlyLedger:
-    """The real ledger for reading; every write is dropped (a dry run leaves no trace)."""
+    """The real ledger for reading; every write is dropped (a dry run leaves no trace), except that
+    events queued for a backfill are kept in memory, so the preview sends them as the run would."""
 
     def __init__(self, ledger: Any):
         self._ledger = ledger
+        self._queued: dict[str, dict] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name in _WRITES or name.startswith(("mark_", "record_")):
             return lambda *args, **kwargs: None
         return getattr(self._ledger, name)
+
+    def mark_rejected(self, destination: str, run: Any, rejections: Any, now: datetime, status: str = REJECTED) -> None:
+        if status == QUEUED:
+            self._queued.update({r.key: {"idempotency_key": r.key, "message_id": r.message_id,
+                                         "event_table": r.table, "event_timestamp": r.event_timestamp}
+                                 for r in rejections})
+
+    def mark_delivered(self, destination: str, run: Any, events: Any, *args: Any) -> None:
+        for key in events.keys:
+            self._queued.pop(key, None)
+
+    def queued(self, destination: str, start: datetime | None = None, end: datetime | None = None,
+               run: Any = None) -> list[dict]:
+        return sorted((row for row in self._queued.values()
+                       if (start is None or row["event_timestamp"] >= start)
+                       and (end is None or row["event_timestamp"] < end)), key=lambda row: row["event_timestamp"])
+
+    def status_of(self, destination: str, keys: Any) -> dict[str, str]:
+        statuses = self._ledger.status_of(destination, keys)
+        return {**statuses, **{key: QUEUED for key in keys if key in self._queued}}
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -129,12 +152,15 @@ class DryRunReport:
 def dry_run(job: DeliveryJob, tables: Sequence[str], window: Window, replace: bool = False) -> DryRunReport:
     """Preview a delivery of ``window`` (or, with ``replace``, a replace of it) through the real core."""
     recorder = Recorder(directory=job.sender if job.destination.capabilities.customer_lookup else None)
-    preview = dataclasses.replace(job, sender=recorder, ledger=ReadOnlyLedger(job.ledger))
+    # Late events are queued, then sent one backfill per day for the whole preview, as a DAG run does.
+    preview = dataclasses.replace(job, sender=recorder, ledger=ReadOnlyLedger(job.ledger), backfill_per_run=True)
     if replace:
         delivery = replace_window(preview, list(tables), window)
     else:
-        delivery = DeliveryReport.combine([deliver_window(preview, Partition(table), window) for table in tables],
-                                          DeliveryReport(job.destination.name, ",".join(tables), str(window)))
+        reports = [deliver_window(preview, Partition(table), window) for table in tables]
+        if job.destination.capabilities.backfills:
+            reports.append(send_queued(preview))
+        delivery = DeliveryReport.combine(reports, DeliveryReport(job.destination.name, ",".join(tables), str(window)))
     report = DryRunReport(job.destination.name, "replace" if replace else "deliver", window, delivery,
                           backfills=len(recorder.backfills))
     for event, backfill_id in recorder.sent:

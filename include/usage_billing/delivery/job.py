@@ -39,6 +39,11 @@ class DeliveryJob:
     concurrency: int
     # False for the completeness sweep: rejected events are left to a replay.
     retry_rejected: bool = True
+    # Events past the destination's grace period are queued in the ledger, then sent one backfill
+    # per UTC day. False: each delivery sends its own queue when it ends. True: the caller sends the
+    # queue once for the whole run (the DAG's ``backfill`` task, the end of the sweep), so one late
+    # day costs one backfill per run instead of one per partition.
+    backfill_per_run: bool = False
     now: Callable[[], datetime] = utc_now
     clock: Callable[[], float] = time.monotonic
     progress_every: float = 30.0
@@ -67,10 +72,15 @@ class Scope:
     # Replace mode: every event read is re-sent into this replacing backfill, delivered or not,
     # and the window is on the event timestamp instead of the loaded-at column.
     replace_backfill_id: str | None = None
+    # Queued late events (chosen ``ids``): what the ledger does not have yet goes into this open,
+    # adding backfill.
+    into_backfill_id: str | None = None
     label: str = ""
 
     @property
     def mode(self) -> str:
         if self.replace_backfill_id:
             return "replace"
+        if self.into_backfill_id:
+            return "backfill"
         return "replay_rejected" if self.ids is not None else "deliver"

@@ -13,8 +13,8 @@ import numpy as np
 
 # Counters that add up across reports (the partitions of a run, the batches of a replay).
 _ADDITIVE = ("rows_read", "duplicates_dropped", "unique_events", "mapping_rejected", "rejected_before", "held",
-             "already_delivered", "sent", "accepted", "destination_rejected", "sent_in_backfills", "backfills",
-             "old_events", "batches", "requests", "retries", "bisections", "seconds")
+             "already_delivered", "queued", "sent", "accepted", "destination_rejected", "sent_in_backfills",
+             "backfills", "old_events", "batches", "requests", "retries", "bisections", "seconds")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class DeliveryReport:
     rejected_before: int = 0
     held: int = 0
     already_delivered: int = 0
+    # Past the grace period: queued in the ledger for one backfill per UTC day (sent by send_queued).
+    queued: int = 0
     sent: int = 0
     accepted: int = 0
     destination_rejected: int = 0
@@ -106,9 +108,9 @@ class DeliveryReport:
         rate = self.sent / self.seconds if self.seconds else 0.0
         if self.mode == "replace":
             routed = f" (all inside {self.backfills} replacing backfill{'s' * (self.backfills != 1)})"
-        elif self.backfills:
-            routed = (f" ({self.sent_in_backfills} sent inside {self.backfills} backfills: older than the grace "
-                      f"period)")
+        elif self.backfills or self.sent_in_backfills:
+            inside = f"{self.backfills} backfills" if self.backfills > 1 else "one backfill"
+            routed = f" ({self.sent_in_backfills} sent inside {inside}: older than the grace period)"
         else:
             routed = ""
         lines = [
@@ -132,6 +134,9 @@ class DeliveryReport:
             lines.append(f"  unknown customers {sum(self.unknown_customers.values())} events of "
                          f"{len(self.unknown_customers)} customers {self.destination} does not have: {named}"
                          + (f" and {more} more" if more > 0 else ""))
+        if self.queued:
+            lines.append(f"  queued            {self.queued} older than {self.destination}'s grace period: sent one "
+                         f"backfill per UTC day once the run's partitions are done")
         if self.held:
             lines.append(f"  held              {self.held} (stamped too far in the future, or of an unknown "
                          f"customer; sent by a later run once due)")

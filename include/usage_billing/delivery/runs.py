@@ -26,12 +26,13 @@ from datetime import UTC, timedelta
 
 import pandas as pd
 
-from usage_billing.delivery.backfills import backfill_session
+from usage_billing.delivery.backfills import DAY, backfill_session, day_lock, day_of, open_backfill, timeframe_for
 from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import LedgerWriter, read_ahead, timed_iter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.delivery.sending import Sending, dedupe_keys
 from usage_billing.destinations.base import Mapped, Rejection
+from usage_billing.ledger import QUEUED, REJECTED
 from usage_billing.sources import Partition, ReadRequest, Window
 from usage_billing.sources.layout import COPIES
 
@@ -159,8 +160,60 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
         log.warning("%s: %d events older than %s", destination.name, report.old_events,
                     destination.old_event_warning)
     if scope.ids is not None and report.unique_events < len(set(scope.ids)):
-        report.notes.append(f"{len(set(scope.ids)) - report.unique_events} rejected events are no longer in {table}")
+        report.notes.append(f"{len(set(scope.ids)) - report.unique_events} of the chosen events are no longer "
+                            f"in {table}")
+    if report.queued and not job.backfill_per_run:
+        # After the partition's lock is released: a day's lock is always taken first.
+        return DeliveryReport.combine([report, send_queued(job, this_run_only=True)], report)
     return report
+
+
+def send_queued(job: DeliveryJob, this_run_only: bool = False) -> DeliveryReport:
+    """Send the events queued past the grace period, one backfill per UTC day of their timestamp,
+    whichever partition or task queued them; ``this_run_only`` leaves other runs' queues alone.
+
+    Each day is read again under the day's lock, so two runs never open a backfill for the same
+    events; events whose row left the warehouse meanwhile are rejected with that reason, so no
+    day stays queued for ever."""
+    name, ledger = job.destination.name, job.ledger
+    run = job.run if this_run_only else None
+    report = DeliveryReport(name, "queued", "events past the grace period, one backfill per UTC day", mode="backfill")
+    reports: list[DeliveryReport] = []
+    backfills = 0
+    for day in sorted({day_of(row["event_timestamp"]) for row in ledger.queued(name, run=run)}):
+        with day_lock(job, day):
+            rows = ledger.queued(name, day, day + DAY, run=run)
+            if not rows:
+                continue  # another run sent them
+            start, end = timeframe_for(day, max(row["event_timestamp"] for row in rows))
+            with open_backfill(job, start, end, replace=False) as backfill:
+                backfills += 1
+                label = f"{len(rows)} queued events of {day:%Y-%m-%d} UTC, backfill {backfill['id']}"
+                by_table: dict[str, list[str]] = {}
+                for row in rows:
+                    by_table.setdefault(row["event_table"], []).append(row["message_id"])
+                day_reports = [deliver(job, Scope(Partition(table), ids=ids[at:at + REPLAY_BATCH],
+                                                  into_backfill_id=backfill["id"], label=label))
+                               for table, ids in sorted(by_table.items()) for at in range(0, len(ids), REPLAY_BATCH)]
+                ledger.record_backfill(name, backfill, job.run, events_sent=sum(r.accepted for r in day_reports))
+            reports += day_reports
+            _reject_gone(job, rows)
+    total = DeliveryReport.combine(reports, report)
+    total.backfills = backfills
+    log.info("%s: %d queued events sent inside %d backfills (one per UTC day)", name, total.accepted, backfills)
+    return total
+
+
+def _reject_gone(job: DeliveryJob, rows: list[dict]) -> None:
+    """Queued events a backfill's delivery did not find any more (their row left the warehouse)."""
+    statuses = job.ledger.status_of(job.destination.name, [row["idempotency_key"] for row in rows])
+    gone = [Rejection(key=row["idempotency_key"], message_id=row["message_id"], table=row["event_table"],
+                      event_timestamp=row["event_timestamp"],
+                      reason=f"{row['event_table']} row id={row['message_id']}: queued for a backfill, but the row "
+                             f"is no longer in the warehouse")
+            for row in rows if statuses.get(row["idempotency_key"]) == QUEUED]
+    if gone:
+        job.ledger.mark_rejected(job.destination.name, job.run, gone, job.now(), REJECTED)
 
 
 def _run(job: DeliveryJob, scope: Scope, request: ReadRequest, report: DeliveryReport, filtered: bool) -> None:

@@ -11,7 +11,6 @@ from datetime import UTC
 
 import numpy as np
 
-from usage_billing.delivery.backfills import backfill_session, group_by_day, timeframe_for
 from usage_billing.delivery.contract import (
     BatchOutcome,
     BatchRejected,
@@ -25,7 +24,7 @@ from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import MARK_EVERY, LedgerWriter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import HELD, REJECTED, Route, generic_reason
+from usage_billing.ledger import HELD, QUEUED, REJECTED, Route, generic_reason
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ class Sending:
                 known = self.job.ledger.known_keys(self.job.destination.name, mapped.keys, self.job.retry_rejected)
             self.report.already_delivered += len(known)
             todo = np.array([i for i, key in enumerate(mapped.keys) if key not in known], dtype=np.int64)
-        self.route(mapped, self.preflight(mapped, todo))
+        self.route(mapped, self.preflight(mapped, todo), scope)
 
     def reject(self, rejections: Sequence[Rejection], reasons: Sequence[str] | None = None) -> None:
         """Record rejections; count those the ledger already held as rejected separately.
@@ -151,8 +150,14 @@ class Sending:
         keep = set(todo.tolist()) - set(strays)
         return np.array([p for p in todo.tolist() if p in keep], dtype=np.int64)
 
-    def route(self, mapped: Mapped, todo: np.ndarray) -> None:
-        """Live ingestion for recent events; one backfill per UTC day for events past the grace period."""
+    def route(self, mapped: Mapped, todo: np.ndarray, scope: Scope) -> None:
+        """Live ingestion for recent events; events past the grace period are queued in the ledger
+        for one backfill per UTC day (:func:`usage_billing.delivery.runs.send_queued`), or go into
+        the scope's open backfill when it is that backfill's delivery."""
+        if scope.into_backfill_id:
+            self.send(mapped, todo.tolist(), Route("backfill", scope.into_backfill_id))
+            self.report.sent_in_backfills += len(todo)
+            return
         destination = self.job.destination
         cutoff = destination.backfill_cutoff(self.job.now())
         if cutoff is None:
@@ -161,14 +166,14 @@ class Sending:
         stamps = mapped.timestamps[todo]
         late = ~np.isnat(stamps) & (stamps < np.datetime64(cutoff.astimezone(UTC).replace(tzinfo=None), "us"))
         self.send(mapped, todo[~late].tolist(), Route())
-        for day, positions in group_by_day({p: mapped.timestamp(p) for p in todo[late].tolist()}).items():
-            start, end = timeframe_for(day, max(mapped.timestamp(p) for p in positions))
-            with backfill_session(self.job, start, end, replace=False) as backfill:
-                self.send(mapped, positions, Route("backfill", backfill["id"]))
-                self.writer.flush()  # a closed backfill's events are in the ledger
-                self.report.sent_in_backfills += len(positions)
-                self.report.backfills += 1
-                self.job.ledger.record_backfill(destination.name, backfill, self.job.run, events_sent=len(positions))
+        why = f"older than {destination.name}'s grace period: queued for the backfill of its UTC day"
+        queued = [Rejection(key=mapped.keys[p], message_id=mapped.message_ids[p], table=mapped.tables[p],
+                            event_timestamp=mapped.timestamp(p),
+                            reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: {why}")
+                  for p in todo[late].tolist()]
+        if queued:
+            self.writer.rejected(queued, QUEUED)
+            self.report.queued += len(queued)
 
     def send(self, mapped: Mapped, positions: list[int], route: Route) -> None:
         """Send the events at ``positions`` of a mapped chunk; mark what the destination confirmed."""

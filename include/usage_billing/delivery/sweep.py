@@ -21,7 +21,7 @@ from datetime import UTC, date, time, timedelta
 
 from usage_billing.delivery.job import DeliveryJob
 from usage_billing.delivery.report import DeliveryReport
-from usage_billing.delivery.runs import deliver_window
+from usage_billing.delivery.runs import deliver_window, send_queued
 from usage_billing.ledger import DELIVERED, HELD, REJECTED
 from usage_billing.sources import Partition, ReadRequest, Window
 
@@ -131,11 +131,16 @@ def whole_days(window: Window) -> list[date]:
 
 def sweep(job: DeliveryJob, tables: Sequence[str], window: Window) -> SweepReport:
     """Count, deliver what is missing (rejected events are left to a replay), count again, and store
-    the final count of each whole event day in the ledger (a day without events counts zero)."""
-    job = dataclasses.replace(job, retry_rejected=False)
+    the final count of each whole event day in the ledger (a day without events counts zero).
+
+    Late events of every table go out together at the end, one backfill per UTC day (with any queue
+    an earlier run left behind): a month's catch-up costs one backfill per day of the month."""
+    job = dataclasses.replace(job, retry_rejected=False, backfill_per_run=True)
     report = SweepReport(job.destination.name, window)
     report.before = tally(job, tables, window)
     report.deliveries = [deliver_window(job, Partition(table), window) for table in tables]
+    if job.destination.capabilities.backfills:
+        report.deliveries.append(send_queued(job))
     report.after = tally(job, tables, window)
     report.recorded = whole_days(window)
     job.ledger.record_day_counts(job.destination.name, {day: dataclasses.asdict(report.after.get(day, DayCounts()))

@@ -7,7 +7,7 @@ newest migration leaves them; ``migrate`` and ``migrations/`` version them with 
 from __future__ import annotations
 
 from usage_billing.ledger.store import MAX_REASON, EventRefs, Ledger, Route, RunRef, generic_reason
-from usage_billing.ledger.tables import DELIVERED, HELD, LOST, REJECTED
+from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED
 
-__all__ = ["DELIVERED", "HELD", "LOST", "MAX_REASON", "REJECTED", "EventRefs", "Ledger", "Route", "RunRef",
+__all__ = ["DELIVERED", "HELD", "LOST", "MAX_REASON", "QUEUED", "REJECTED", "EventRefs", "Ledger", "Route", "RunRef",
            "generic_reason"]

@@ -45,7 +45,7 @@ from sqlalchemy.engine import Engine
 
 from usage_billing.destinations.base import Rejection, timestamp_array
 from usage_billing.ledger import migrate
-from usage_billing.ledger.tables import DELIVERED, HELD, LOST, REJECTED, ledger_tables
+from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED, ledger_tables
 from usage_billing.naming import check_identifier
 
 log = logging.getLogger(__name__)
@@ -327,9 +327,10 @@ class Ledger:
         delivered event is never downgraded.
 
         With ``status=HELD`` the events are held instead: not sent yet, for a reason that time ends
-        (a timestamp too far in the future), and delivered by a later run once due."""
-        if status not in (REJECTED, HELD):
-            raise ValueError(f"mark_rejected records {REJECTED} or {HELD} events, not {status!r}")
+        (a timestamp too far in the future), and delivered by a later run once due. With
+        ``status=QUEUED`` they wait for their run's backfill (past the grace period)."""
+        if status not in (REJECTED, HELD, QUEUED):
+            raise ValueError(f"mark_rejected records {REJECTED}, {HELD} or {QUEUED} events, not {status!r}")
         # One row per key: a key twice in one statement would make ON CONFLICT fail.
         latest = list({r.key: r for r in rejections}.values())
         if not latest:
@@ -494,6 +495,23 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(conn.execute(query).scalars())
 
+    def queued(self, destination: str, start: datetime | None = None, end: datetime | None = None,
+               run: RunRef | None = None) -> list[dict]:
+        """The events queued for a backfill (key, message id, table, timestamp), oldest first; with
+        ``start``/``end`` only those whose timestamp lies in ``[start, end)``, with ``run`` only
+        those that run queued."""
+        t = self.table.c
+        query = (sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp)
+                 .where(t.destination == destination, t.status == QUEUED).order_by(t.event_timestamp))
+        if run is not None:
+            query = query.where(t.dag_id == run.dag_id, t.run_id == run.run_id)
+        if start is not None:
+            query = query.where(t.event_timestamp >= self._utc(start))
+        if end is not None:
+            query = query.where(t.event_timestamp < self._utc(end))
+        with self.engine.connect() as conn:
+            return [{**row._mapping, "event_timestamp": _aware(row.event_timestamp)} for row in conn.execute(query)]
+
     def delivered_between(self, destination: str, start: datetime, end: datetime) -> int:
         """Delivered events whose event timestamp lies in ``[start, end)``."""
         t = self.table.c
@@ -638,6 +656,12 @@ def _parse_time(value: object) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _aware(value: object) -> datetime | None:
+    """A timestamp read back from the ledger, as an aware UTC datetime (SQLite returns naive text)."""
+    stamp = _parse_time(value)
+    return None if stamp is None else (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def generic_reason(reason: str | None) -> str:

@@ -15,6 +15,9 @@ DELIVERED, REJECTED, HELD = "delivered", "rejected", "held"
 # Delivered once, but reconciliation found the destination does not hold it: to be sent again under
 # the same idempotency key (every delivery path sends what is neither delivered nor rejected).
 LOST = "lost"
+# Past the destination's grace period, waiting for the one backfill per UTC day its run opens
+# (usage_billing.delivery.backfills.send_queued); sent like any undelivered event if that never happens.
+QUEUED = "queued"
 
 
 def key_type(length: int) -> sa.types.TypeEngine:
@@ -65,6 +68,9 @@ def ledger_tables(schema: str) -> LedgerTables:
         # 0003: held events are looked up by table and due time.
         sa.Index("ix_deliveries_held", "destination", "event_table", "event_timestamp",
                  postgresql_where=sa.text(f"status = '{HELD}'"), sqlite_where=sa.text(f"status = '{HELD}'")),
+        # 0005: queued events are looked up by UTC day of their timestamp.
+        sa.Index("ix_deliveries_queued", "destination", "event_timestamp",
+                 postgresql_where=sa.text(f"status = '{QUEUED}'"), sqlite_where=sa.text(f"status = '{QUEUED}'")),
     )
     # Earlier deliveries of an event, kept when replace mode delivers it again.
     history = sa.Table(
@@ -114,7 +120,7 @@ def ledger_tables(schema: str) -> LedgerTables:
         sa.Column("healed_by_run", sa.String(250)),
         sa.Index("ix_findings_key", "destination", "idempotency_key"),
     )
-    # 0005: what the daily sweep counted per event day (usage_billing.delivery.sweep), its latest count
+    # 0006: what the daily sweep counted per event day (usage_billing.delivery.sweep), its latest count
     # of each day: the warehouse side of the Billing view, which never queries the warehouse itself.
     day_counts = sa.Table(
         "day_counts", metadata,

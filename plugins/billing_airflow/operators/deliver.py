@@ -6,12 +6,15 @@ is in ``usage_billing.delivery`` (the core) and the destination hooks (transport
 * :class:`PlanPartitionsOperator` validates the configuration, checks which event tables exist and
   returns the partitions to deliver (a small list, the only data passed through XCom);
 * :class:`SegmentDeliveryOperator` delivers one partition to one destination and logs its summary;
+* :class:`QueuedBackfillOperator` sends what the partitions queued past the grace period, one
+  backfill per UTC day for the whole run;
 * :class:`DeliveryReportOperator` adds the partitions' summaries up and fails the run if any failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 from collections import Counter
 from collections.abc import Iterator
@@ -23,8 +26,9 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from billing_airflow.hooks.base import BillingApiHook
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, run_request
-from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, sweep
+from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, send_queued, sweep
 from usage_billing.destinations import DESTINATIONS, Destination, get_destination
+from usage_billing.destinations.kind import Capabilities
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import ConfigError, Settings, load_settings
 from usage_billing.sources import Partition, Source, Window, kind_for
@@ -146,6 +150,8 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         hook = open_hook(destination, settings)
         with open_warehouse(settings) as (source, ledger), hook:
             job = DeliveryJob.from_settings(settings, destination, source, ledger, hook, run)
+            # The run's backfill task sends the late events of every partition (see backfill_task_of).
+            job = dataclasses.replace(job, backfill_per_run=backfill_task_of(destination.capabilities, mode))
             try:
                 if mode == REPLAY_REJECTED:
                     report = replay_rejected(job, partition.table, reason_contains)
@@ -164,13 +170,39 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         return report.to_dict()
 
 
+def backfill_task_of(capabilities: Capabilities, mode: str) -> bool:
+    """Whether a delivery DAG of this mode has a ``backfill`` task after its deliver tasks: for a
+    destination with backfills, except in replace mode (whose one task sends everything into its
+    replacing backfill)."""
+    return capabilities.backfills and mode != REPLACE
+
+
+class QueuedBackfillOperator(_ConfiguredOperator):
+    """Send the events the run's deliver tasks queued past the grace period: one backfill per UTC
+    day of their timestamp for the whole run, instead of one per partition. It also sends what an
+    earlier run left queued (a run that failed before its backfill task)."""
+
+    def execute(self, context: Any) -> dict:
+        settings = self.settings()
+        destination = get_destination(self.destination, settings)
+        run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
+        hook = open_hook(destination, settings)
+        with open_warehouse(settings) as (source, ledger), hook:
+            ledger.create()  # it runs even when plan (which creates the ledger) failed
+            report = send_queued(DeliveryJob.from_settings(settings, destination, source, ledger, hook, run))
+        self.log.info("%s", report.render())
+        return report.to_dict()
+
+
 class DeliveryReportOperator(_ConfiguredOperator):
     """Add up the partitions' summaries; fail the run if a partition did not finish."""
 
-    def __init__(self, *, deliver_task_id: str, plan_task_id: str, **kwargs: Any):
+    def __init__(self, *, deliver_task_id: str, plan_task_id: str, backfill_task_id: str | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.deliver_task_id = deliver_task_id
         self.plan_task_id = plan_task_id
+        self.backfill_task_id = backfill_task_id
 
     def execute(self, context: Any) -> dict:
         ti = context["ti"]
@@ -186,23 +218,34 @@ class DeliveryReportOperator(_ConfiguredOperator):
         reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
         total: Counter = Counter()
         reasons: Counter = Counter()
-        columns = {"unique_events": "events", "already_delivered": "skipped", "sent": "sent", "accepted": "accepted",
-                   "rejected": "rejected", "rejected_before": "known rej", "requests": "requests",
-                   "retries": "retries", "bisections": "bisects"}
+        columns = {"unique_events": "events", "already_delivered": "skipped", "queued": "queued", "sent": "sent",
+                   "accepted": "accepted", "rejected": "rejected", "rejected_before": "known rej",
+                   "requests": "requests", "retries": "retries", "bisections": "bisects"}
         keys = tuple(columns)
         lines = [f"{'partition':<28}" + "".join(f"{header:>10}" for header in columns.values())]
+        backfill = ti.xcom_pull(task_ids=self.backfill_task_id) if self.backfill_task_id else None
+        if backfill:
+            # Its events were read, and counted, by the deliver tasks that queued them.
+            reports.append({**backfill, "partition": f"backfill ({backfill.get('backfills', 0)} for the run)",
+                            "unique_events": 0})
         for report in reports:
             total.update({k: report.get(k, 0) for k in keys})
             reasons.update({reason: count for reason, count in report.get("top_reasons", [])})
             lines.append(f"{report['partition']:<28}" + "".join(f"{report.get(k, 0):>10}" for k in keys))
         lines.append(f"{'TOTAL':<28}" + "".join(f"{total[k]:>10}" for k in keys))
         self.log.info("run report: destination=%s, %d of %d partitions reported\n%s%s", self.destination,
-                      len(reports), len(planned), "\n".join(lines),
+                      len(reports) - bool(backfill), len(planned), "\n".join(lines),
                       "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5))
                       + "\n  (rejected: this run's rejections; known rej: of those, events already rejected by an "
                         "earlier run)")
-        if len(reports) < len(planned):
-            raise AirflowFailException(f"{len(planned) - len(reports)} of {len(planned)} partitions did not finish; "
+        if total["queued"] and self.backfill_task_id and backfill is None:
+            task = self.backfill_task_id
+            raise AirflowFailException(f"the {task} task did not finish: {total['queued']} events past the grace "
+                                       f"period are queued, not sent; clear it to send them (the next run's {task} "
+                                       f"task also sends them)")
+        delivered = [r for r in reports if not r["partition"].startswith("backfill (")]
+        if len(delivered) < len(planned):
+            raise AirflowFailException(f"{len(planned) - len(delivered)} of {len(planned)} partitions did not finish; "
                                        f"see the deliver task logs. Clearing the failed tasks re-sends what is "
                                        f"missing.")
         check_rejected_share(self.destination, total, reasons, self.settings())

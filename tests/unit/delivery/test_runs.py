@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.unit.delivery.conftest import NOW, PARTITION, WINDOW, events
-from usage_billing.delivery import DeliveryFailed, deliver_window, replace_window, replay_rejected
+from usage_billing.delivery import DeliveryFailed, deliver_window, replace_window, replay_rejected, send_queued, sweep
 from usage_billing.sources import Partition, Window
 
 
@@ -95,6 +95,67 @@ def test_events_past_the_grace_period_go_through_one_backfill_per_day(core):
     assert all(not b["replace_existing_events"] for b in core.sender.backfills.values())
     records = core.ledger.backfill_records("orb")
     assert sorted(r["backfill_id"] for r in records) == sorted(core.sender.backfills)
+
+
+def late_rows(days: int, per_day: int = 4, prefix: str = "late") -> pd.DataFrame:
+    """Rows loaded just now whose events lie on ``days`` earlier UTC days, past Orb's grace period."""
+    late = pd.concat([events(per_day, start=(NOW - timedelta(days=day)).replace(hour=1),
+                             step=timedelta(hours=20 / per_day), prefix=f"{prefix}{day}-") for day in range(1, days + 1)],
+                     ignore_index=True)
+    late["received_at"] = NOW - timedelta(minutes=30)
+    return late
+
+
+def test_late_events_of_every_partition_and_chunk_share_one_backfill_per_day_for_the_run(core):
+    """Issue 14, item 7: three hash partitions, several chunks each, late events on three days:
+    the partitions queue them and the run sends three backfills, not one per partition and chunk."""
+    old = late_rows(3, per_day=40)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    job = core.job(backfill_per_run=True)
+    reports = [deliver_window(job, Partition("api_call", bucket, 3), WINDOW) for bucket in range(3)]
+    assert not core.sender.backfills, "the partitions only queue"
+    assert sum(r.queued for r in reports) == len(old)
+    assert {s for k, s in core.statuses().items() if k in set(old["id"])} == {"queued"}
+    assert "queued            " in reports[0].render()
+
+    sent = send_queued(job)
+    days = {stamp.date() for stamp in old["timestamp"]}
+    assert sent.backfills == len(core.sender.backfills) == len(days) == 3
+    assert {key for keys in core.sender.in_backfill.values() for key in keys} == set(old["id"])
+    assert set(core.statuses().values()) == {"delivered"}
+    assert max(core.sender.accepted_counts.values()) == 1, "nothing twice"
+    assert send_queued(job).backfills == 0, "an empty queue opens no backfill"
+
+
+def test_without_a_run_level_backfill_task_each_delivery_sends_its_own_queue(core):
+    old = late_rows(2)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    report = deliver_window(core.job(), PARTITION, WINDOW)
+    assert report.queued == len(old) and report.backfills == 2 and report.sent_in_backfills == len(old)
+    assert set(core.statuses().values()) == {"delivered"}
+
+
+def test_a_queued_event_whose_row_left_the_warehouse_is_rejected_with_that_reason(core):
+    old = late_rows(1)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    job = core.job(backfill_per_run=True)
+    deliver_window(job, PARTITION, WINDOW)
+    gone = old["id"].iloc[0]
+    core.source.tables["api_call"] = core.source.tables["api_call"][core.source.tables["api_call"]["id"] != gone]
+    send_queued(job)
+    assert core.ledger.status_of("orb", [gone]) == {gone: "rejected"}
+    (row,) = [r for r in core.ledger.rejected("orb") if r["idempotency_key"] == gone]
+    assert "no longer in the warehouse" in row["reason"]
+    assert core.ledger.queued("orb") == [], "no day stays queued for ever"
+
+
+def test_a_months_catch_up_by_the_sweep_opens_one_backfill_per_day(core):
+    """What the README states: a month of late rows caught up by the sweep costs one backfill per day."""
+    old = late_rows(30, per_day=3)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    report = sweep(core.job(), ["api_call"], Window(NOW - timedelta(days=31), NOW))
+    assert report.missing_after == 0
+    assert len(core.sender.backfills) == len({stamp.date() for stamp in old["timestamp"]}) == 30
 
 
 def test_a_destination_without_backfills_sends_old_events_live(core):
