@@ -16,7 +16,9 @@ import yaml
 from tests.conftest import PROJECT
 from tests.integration.conftest import connection_env, start_sandbox
 from usage_billing import sample_data
+from usage_billing.delivery.sweep import whole_days
 from usage_billing.ledger import Ledger
+from usage_billing.sources import Window
 
 HOURS = 4
 
@@ -143,6 +145,15 @@ def test_replay_replace_and_sweep_through_the_dags(stack):
         assert missed in stack[name].accepted_keys(), f"the sweep delivered the missed row to {name}"
         assert stack["ledger"].status_of(name, [missed]) == {missed: "delivered"}
         assert len(stack[name].accepted()) == len(stack[name].accepted_keys()), "the sweep sent nothing twice"
+    # Its count of each whole event day of the horizon (default 7 days), for the Billing view.
+    end = sweep_run.data_interval_end
+    horizon = whole_days(Window(end - timedelta(days=7), end))
+    stored = stack["ledger"].day_counts_table.c
+    with stack["engine"].connect() as conn:
+        counted = conn.execute(sa.select(stored.destination, stored.day, stored.run_id, stored.warehouse,
+                                         stored.warehouse - stored.delivered - stored.rejected - stored.held)).all()
+    assert sorted((d, day) for d, day, *_ in counted) == sorted((d, day) for d in ("kable", "orb") for day in horizon)
+    assert {(run_id, missing) for *_, run_id, _, missing in counted} == {(sweep_run.run_id, 0)}
 
 
 @pytest.mark.parametrize("stack", [{"partitions_per_table": 3, "max_active_tis_per_dag": 2}], indirect=True)

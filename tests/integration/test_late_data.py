@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from tests.integration.conftest import make_world
 from usage_billing.delivery import replace_window, sweep
+from usage_billing.delivery.sweep import DayCounts
 from usage_billing.destinations import get_destination
 from usage_billing.sources import Window
 
@@ -129,6 +130,25 @@ def test_the_sweep_delivers_rows_loaded_behind_the_lookback(pg_engine, schemas, 
             again = sweep(world.job(hook, "s2", chunk_size=200, concurrency=2, now=lambda: world.now),
                            world.settings.source.events, horizon)
         assert again.missing_before == 0 and again.delivered_by_sweep == 0
+
+
+def test_the_sweep_stores_its_count_of_each_whole_day_for_the_billing_view(pg_engine, schemas, monkeypatch):
+    for world in make_world("kable", pg_engine, schemas, monkeypatch, events_per_hour=4, hours=30):
+        today = world.now.replace(hour=0, minute=0, second=0, microsecond=0)
+        horizon = Window(today - timedelta(days=3), today)
+        stored = world.ledger.day_counts_table
+        for run in ("s1", "s2"):  # counted again: each day's row is replaced, not added
+            with world.hook() as hook:
+                report = sweep(world.job(hook, run, chunk_size=200, now=lambda: world.now),
+                               world.settings.source.events, horizon)
+            with world.engine.connect() as conn:
+                rows = conn.execute(sa.select(stored).where(stored.c.destination == "kable")).all()
+            assert sorted(row.day for row in rows) == report.recorded == [(today - timedelta(days=n)).date()
+                                                                          for n in (3, 2, 1)]
+            assert {row.day: DayCounts(row.warehouse, row.delivered, row.rejected, row.held) for row in rows} == {
+                day: report.after.get(day, DayCounts()) for day in report.recorded}
+            assert {(row.run_id, row.counted_at) for row in rows} == {(run, world.now)}
+        assert sum(row.warehouse for row in rows) > 0 and report.missing_after == 0
 
 
 def test_kable_counts_and_warns_about_old_events(pg_engine, schemas, monkeypatch):

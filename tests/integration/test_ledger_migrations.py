@@ -160,7 +160,7 @@ def test_a_ledger_from_before_versioning_is_upgraded_in_place_without_losing_a_r
     start_at_once(3, lambda: Ledger(engine, schema).create())
 
     ledger = Ledger(engine, schema)
-    assert ledger.current_revision() == migrate.head() == "0005"
+    assert ledger.current_revision() == migrate.head() == "0006"
     assert snapshot(engine, previous) == before, "every earlier row is still there, value for value"
     with engine.connect() as conn:
         new_columns = conn.execute(sa.select(ledger.table.c.customer_id, ledger.table.c.event_name)).all()
@@ -181,6 +181,10 @@ def test_a_ledger_from_before_versioning_is_upgraded_in_place_without_losing_a_r
     assert rows["k-delivered"].customer_id is None and rows["k-delivered"].attempts == 2
     assert [h["backfill_id"] for h in ledger.history_of("orb", "k-delivered")] == ["bf_0"]
     assert [b["events_sent"] for b in ledger.backfill_records("orb")] == [7]
+    ledger.record_day_counts("orb", {T1.date(): {"warehouse": 3, "delivered": 2, "rejected": 1, "held": 0}}, RUN, T1)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(ledger.day_counts_table.c.day, ledger.day_counts_table.c.warehouse)).all() == [
+            (T1.date(), 3)], "0006's table, empty after the upgrade, takes the sweep's counts"
 
 
 def test_a_mark_without_customer_ids_keeps_the_ones_the_ledger_has(database):
@@ -204,6 +208,7 @@ def test_a_fresh_install_is_created_at_the_newest_revision(database):
         inspector = sa.inspect(conn)
         assert inspector.has_table("alembic_version", schema=schema), "the version table is in the ledger schema"
         assert {"customer_id", "event_name"} <= {c["name"] for c in inspector.get_columns("deliveries", schema=schema)}
+        assert {"findings", "day_counts"} <= set(inspector.get_table_names(schema=schema))
     assert schema_differences(engine, schema) == []
 
 

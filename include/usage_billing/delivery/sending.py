@@ -141,7 +141,7 @@ class Sending:
                         "exists)", destination.name, ", ".join(sorted(unknown)[:10]), len(strays))
             return todo
         held = [Rejection(key=mapped.keys[p], message_id=mapped.message_ids[p], table=mapped.tables[p],
-                          event_timestamp=mapped.timestamp(p),
+                          event_timestamp=mapped.timestamp(p), customer=customer_of[p],
                           reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: customer {customer_of[p]!r} "
                                  f"does not exist in {destination.name}: held until it does")
                 for p in strays]
@@ -256,11 +256,12 @@ class _Batches:
         report.accepted += len(outcome.accepted)
         self.to_mark.extend(position_of[k] for k in outcome.accepted if k in position_of)
         if outcome.rejected:
-            name = self.sending.job.destination.name
+            name, describe = self.sending.job.destination.name, self.sending.job.destination.describe
             refused = [(k, message) for k, message in outcome.rejected.items() if k in position_of]
             rejections = [Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
                                     table=mapped.tables[position_of[k]],
                                     event_timestamp=mapped.timestamp(position_of[k]),
+                                    customer=describe(mapped.payloads[position_of[k]])[0],
                                     reason=f"{name} rejected event {k}: {message}") for k, message in refused]
             report.destination_rejected += len(rejections)
             self.sending.reject(rejections, [f"{name}: {message}" for _, message in refused])

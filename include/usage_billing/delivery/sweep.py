@@ -5,6 +5,10 @@ column, finds events that are neither delivered nor rejected, and delivers them 
 backfills where they are past the grace period). It logs a per-day table, by event day:
 events in the warehouse, delivered, rejected, missing before the sweep, delivered by the sweep,
 and still missing after it (zero when the sweep succeeded).
+
+Its final count of every event day it saw whole is stored in the ledger (``day_counts``): the
+Billing view's "in the warehouse" and "missing" columns, which the view itself never counts (a
+warehouse may bill by the byte scanned, and a page view must not start a scan).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, time, timedelta
 
 from usage_billing.delivery.job import DeliveryJob
 from usage_billing.delivery.report import DeliveryReport
@@ -42,6 +46,8 @@ class SweepReport:
     before: dict[date, DayCounts] = field(default_factory=dict)
     after: dict[date, DayCounts] = field(default_factory=dict)
     deliveries: list[DeliveryReport] = field(default_factory=list)
+    # The event days whose count after the sweep is stored in the ledger (see whole_days).
+    recorded: list[date] = field(default_factory=list)
 
     @property
     def missing_before(self) -> int:
@@ -65,6 +71,9 @@ class SweepReport:
                          f"{before.missing:>10}{after.delivered - before.delivered:>10}{after.missing:>15}")
         lines.append(f"  total: {self.missing_before} missing before the sweep, {self.delivered_by_sweep} delivered "
                      f"by it, {self.missing_after} still missing")
+        if self.recorded:
+            lines.append(f"  recorded for the Billing view (ledger day_counts): event days {self.recorded[0]} .. "
+                         f"{self.recorded[-1]}, the whole days of the horizon")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -107,8 +116,22 @@ def tally(job: DeliveryJob, tables: Sequence[str], window: Window) -> dict[date,
     return dict(sorted(days.items()))
 
 
+def whole_days(window: Window) -> list[date]:
+    """The UTC event days a scan of ``window`` (on the loaded-at column) counts whole: those that
+    begin at or after the scan's start and end by its end.
+
+    A row is loaded after its event time, so every row of such a day loaded by the window's end is
+    in the scan. The day the horizon starts in is cut (its rows loaded before the start are not read),
+    and so is the day the sweep runs in (not over yet): storing their counts would understate them."""
+    start, end = window.scan_start.astimezone(UTC), window.end.astimezone(UTC)
+    first = start.date() if start.time() == time() else start.date() + timedelta(days=1)
+    last = (end - timedelta(days=1)).date()
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
 def sweep(job: DeliveryJob, tables: Sequence[str], window: Window) -> SweepReport:
-    """Count, deliver what is missing (rejected events are left to a replay), count again.
+    """Count, deliver what is missing (rejected events are left to a replay), count again, and store
+    the final count of each whole event day in the ledger (a day without events counts zero).
 
     Late events of every table go out together at the end, one backfill per UTC day (with any queue
     an earlier run left behind): a month's catch-up costs one backfill per day of the month."""
@@ -119,4 +142,7 @@ def sweep(job: DeliveryJob, tables: Sequence[str], window: Window) -> SweepRepor
     if job.destination.capabilities.backfills:
         report.deliveries.append(send_queued(job))
     report.after = tally(job, tables, window)
+    report.recorded = whole_days(window)
+    job.ledger.record_day_counts(job.destination.name, {day: dataclasses.asdict(report.after.get(day, DayCounts()))
+                                                        for day in report.recorded}, job.run, job.now())
     return report

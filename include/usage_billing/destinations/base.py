@@ -26,13 +26,17 @@ TIMESTAMP_DTYPE = np.dtype("datetime64[us]")
 
 @dataclass(frozen=True)
 class Rejection:
-    """An event that was not sent, and why. ``key`` is its ledger key (the idempotency key)."""
+    """An event that was not sent, and why. ``key`` is its ledger key (the idempotency key).
+
+    ``customer`` is the row's billing customer when it has one (a row refused for a bad property
+    still belongs to a customer), so the billing view can count rejections per customer."""
 
     key: str
     message_id: str
     table: str
     reason: str
     event_timestamp: datetime | None = None
+    customer: str | None = None
 
 
 @dataclass
@@ -253,9 +257,10 @@ def check_timestamps(stamps: pd.Series, problems: RowProblems, now: datetime, fu
 
 
 def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], problems: RowProblems,
-           id_column: str = "id") -> Mapped:
+           customers: list[str | None], id_column: str = "id") -> Mapped:
     """Pair the payloads of the rows without problems (in row order) with their ledger facts, and
-    turn the other rows into rejections naming the row."""
+    turn the other rows into rejections naming the row and its customer (``customers``: each row's
+    billing customer as the payload would carry it; a blank one is none)."""
     ok = problems.ok.to_numpy()
     message_ids = as_text(frame[id_column])
     tables = frame[TABLE].tolist() if TABLE in frame else [""] * len(frame)
@@ -267,9 +272,11 @@ def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], pr
     if not ok.all():
         reasons, held = problems.reason.tolist(), problems.held.to_numpy()
         for position in np.flatnonzero(~ok):
+            customer = customers[position]
             (mapped.held if held[position] else mapped.rejected).append(Rejection(
                 key=keys[position], message_id=message_ids[position] or "", table=tables[position],
                 reason=f"{tables[position]} row id={message_ids[position]}: {reasons[position]}",
                 event_timestamp=to_datetime(stamps[position]),
+                customer=customer if customer and customer.strip() else None,
             ))
     return mapped

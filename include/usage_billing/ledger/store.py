@@ -35,7 +35,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,8 @@ from usage_billing.naming import check_identifier
 log = logging.getLogger(__name__)
 
 MAX_REASON = 2000
+# What the sweep counts per event day: the columns of ``day_counts`` besides who counted and when.
+DAY_COUNTS = ("warehouse", "delivered", "rejected", "held")
 # Event timestamps travel to PostgreSQL as epoch microseconds (a bigint[]), turned back in SQL.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Held while migrating, by this and by the unversioned ledger's create(): old and new tasks take turns.
@@ -117,7 +119,7 @@ class Ledger:
         self.schema = check_identifier(schema, "ledger.schema")
         tables = ledger_tables(self.schema)
         self.table, self.history, self.backfills = tables.deliveries, tables.history, tables.backfills
-        self.findings_table = tables.findings
+        self.findings_table, self.day_counts_table = tables.findings, tables.day_counts
         self._sqlite = engine.dialect.name == "sqlite"
 
     # -- setup ---------------------------------------------------------------------------------
@@ -321,7 +323,8 @@ class Ledger:
 
     def mark_rejected(self, destination: str, run: RunRef, rejections: Iterable[Rejection], now: datetime,
                       status: str = REJECTED) -> None:
-        """Record rejected events with their reason; a delivered event is never downgraded.
+        """Record rejected events with their reason and billing customer (``Rejection.customer``); a
+        delivered event is never downgraded.
 
         With ``status=HELD`` the events are held instead: not sent yet, for a reason that time ends
         (a timestamp too far in the future), and delivered by a later run once due. With
@@ -336,13 +339,14 @@ class Ledger:
                            "message_id": ([r.message_id for r in latest], sa.Text),
                            "table": ([r.table for r in latest], sa.Text),
                            "stamp": self._stamps([r.event_timestamp for r in latest]),
-                           "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text)})
+                           "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text),
+                           "customer": ([r.customer for r in latest], sa.Text)})
         now = self._bind_time(now)
         values = {
             "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(status),
             "reason": rows["reason"], "attempts": sa.literal(1), "message_id": rows["message_id"],
             "event_table": rows["table"], "event_timestamp": self._stamp_column(rows["stamp"]),
-            "first_attempt_at": now, "last_attempt_at": now,
+            "customer_id": rows["customer"], "first_attempt_at": now, "last_attempt_at": now,
             "dag_id": sa.literal(run.dag_id), "run_id": sa.literal(run.run_id),
         }
         t = self.table.c
@@ -351,6 +355,8 @@ class Ledger:
             return {
                 "status": status, "reason": excluded.reason, "attempts": t.attempts + 1,
                 "last_attempt_at": excluded.last_attempt_at, "dag_id": excluded.dag_id, "run_id": excluded.run_id,
+                # The row as it is now: a row re-rejected for having lost its customer has none.
+                "customer_id": excluded.customer_id,
                 **{name: sa.func.coalesce(sa.func.nullif(excluded[name], ""), t[name])
                    for name in ("message_id", "event_table")},
                 "event_timestamp": sa.func.coalesce(excluded.event_timestamp, t.event_timestamp),
@@ -604,6 +610,24 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(
                 sa.select(self.findings_table).where(f.destination == destination).order_by(f.id))]
+
+    # -- the sweep's day counts (usage_billing.delivery.sweep) ------------------------------------
+
+    def record_day_counts(self, destination: str, days: Mapping[date, Mapping[str, int]], run: RunRef,
+                          now: datetime) -> None:
+        """Store what the sweep counted for each event day (``warehouse``, ``delivered``, ``rejected``,
+        ``held``), replacing the day's earlier count: a day's row is always its latest count."""
+        if not days:
+            return
+        table = self.day_counts_table
+        rows = [{"destination": destination, "day": day, **{name: int(counts[name]) for name in DAY_COUNTS},
+                 "counted_at": self._utc(now), "dag_id": run.dag_id, "run_id": run.run_id}
+                for day, counts in sorted(days.items())]
+        insert = (sqlite.insert if self._sqlite else postgresql.insert)(table).values(rows)
+        with self.engine.begin() as conn:
+            conn.execute(insert.on_conflict_do_update(
+                index_elements=[table.c.destination, table.c.day],
+                set_={name: insert.excluded[name] for name in (*DAY_COUNTS, "counted_at", "dag_id", "run_id")}))
 
     def _utc(self, value: datetime) -> datetime:
         # SQLite stores the wall-clock text it is given: every value goes in as UTC.

@@ -32,6 +32,7 @@ class LedgerTables:
     history: sa.Table
     backfills: sa.Table
     findings: sa.Table
+    day_counts: sa.Table
 
 
 def ledger_tables(schema: str) -> LedgerTables:
@@ -119,4 +120,18 @@ def ledger_tables(schema: str) -> LedgerTables:
         sa.Column("healed_by_run", sa.String(250)),
         sa.Index("ix_findings_key", "destination", "idempotency_key"),
     )
-    return LedgerTables(deliveries, history, backfills, findings)
+    # 0006: what the daily sweep counted per event day (usage_billing.delivery.sweep), its latest count
+    # of each day: the warehouse side of the Billing view, which never queries the warehouse itself.
+    day_counts = sa.Table(
+        "day_counts", metadata,
+        sa.Column("destination", sa.String(32), primary_key=True),
+        sa.Column("day", sa.Date, primary_key=True),
+        sa.Column("warehouse", sa.Integer, nullable=False),
+        sa.Column("delivered", sa.Integer, nullable=False),
+        sa.Column("rejected", sa.Integer, nullable=False),
+        sa.Column("held", sa.Integer, nullable=False),
+        sa.Column("counted_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("dag_id", sa.String(250)),
+        sa.Column("run_id", sa.String(250)),
+    )
+    return LedgerTables(deliveries, history, backfills, findings, day_counts)

@@ -1,15 +1,19 @@
 """What was billed, read from the ledger: the numbers and the HTML of the Billing view.
 
-Per day of the events' own timestamps (the day they are billed for) and destination: events
-delivered, of which sent through Orb backfills, rejected, held, and what reconciliation found (events
-a destination lost, and whether re-sending healed them; events a destination holds that the ledger
-does not know; warehouse events neither delivered nor rejected, as the latest reconciliation counted).
+Per day of the events' own timestamps (the day they are billed for) and destination: the events in
+the warehouse and those missing (neither delivered, rejected nor held), as the daily sweep
+last counted the day; events delivered, of which sent through Orb backfills, rejected, held; and what
+reconciliation found (events a destination lost, and whether re-sending healed them; events a
+destination holds that the ledger does not know; warehouse events not delivered, as the latest
+reconciliation of the day's hours counted).
 The rejections and the held events grouped by reason with a few examples, each rejection reason
 linked to the destination's replay DAG; per destination, one row per billing customer; the Orb
 backfills and their status.
 
-Everything comes from the ledger's tables (``deliveries``, ``findings``, ``backfills``) by SQL that
-runs on PostgreSQL and SQLite alike; nothing here writes. Every value that reaches the page is
+Everything comes from the ledger's tables (``deliveries``, ``day_counts``, ``findings``, ``backfills``)
+by SQL that runs on PostgreSQL and SQLite alike; nothing here writes, and nothing here reads the
+warehouse: a page view must not start a scan of a warehouse that bills by the byte, so the warehouse
+side is what the sweep stored (``usage_billing.delivery.sweep``). Every value that reaches the page is
 escaped: customer ids, event names and reasons come from warehouse rows anyone can write.
 """
 
@@ -39,7 +43,8 @@ MAX_EVENT_NAMES = 10
 FOUND_LOST, UNKNOWN_TO_LEDGER, NOT_DELIVERED = "missing_in_destination", "unknown_to_ledger", "not_delivered"
 
 # Held because the destination has no such customer: the hold's reason names the customer
-# (usage_billing.delivery.sending), which the ledger's customer_id column does not have for held rows.
+# (usage_billing.delivery.sending). Rows rejected or held before Rejection carried the customer have
+# no customer_id in the ledger; for those holds the reason is all there is.
 _HELD_CUSTOMER = re.compile(r"customer (['\"])(?P<customer>.*?)\1 does not exist in ")
 
 
@@ -49,6 +54,11 @@ class DayRow:
 
     day: str
     destination: str
+    # The sweep's latest count of the day (None: not counted yet); missing = warehouse - delivered -
+    # rejected - held as the sweep counted them (sweep.DayCounts.missing).
+    warehouse: int | None = None
+    missing: int | None = None
+    counted: str = "not counted yet"
     delivered: int = 0
     via_backfills: int = 0
     rejected: int = 0
@@ -57,7 +67,7 @@ class DayRow:
     found_lost: int = 0
     found_lost_healed: int = 0
     unknown_to_ledger: int = 0
-    missing: int = 0  # warehouse events the ledger has neither delivered nor rejected, as last reconciled
+    not_delivered: int = 0  # warehouse events the ledger has neither delivered nor rejected, as last reconciled
 
 
 @dataclass
@@ -149,6 +159,8 @@ def summarize(ledger: Ledger, customer: str | None = None) -> BillingSummary:
 
     with ledger.engine.connect() as conn:
         _count_days(conn, ledger, day_row)
+        if _has(ledger, "day_counts"):
+            _swept_days(conn, ledger, day_row)
         reasons, held, not_delivered = _rejections_and_holds(conn, ledger, customer)
         findings = _findings(conn, ledger, day_row) if _has(ledger, "findings") else []
         customers, cut = _customers(conn, ledger, customer, not_delivered)
@@ -179,6 +191,16 @@ def _count_days(conn: sa.Connection, ledger: Ledger, day_row) -> None:
             entry.held += row.n
         elif row.status == LOST:
             entry.lost_now += row.n
+
+
+def _swept_days(conn: sa.Connection, ledger: Ledger, day_row) -> None:
+    """The warehouse side of each day, as the daily sweep last counted it: a day whose events are all
+    missing has no ledger row, and shows here only through its count."""
+    for row in conn.execute(sa.select(ledger.day_counts_table)):
+        entry = day_row(row.day, row.destination)
+        entry.warehouse = row.warehouse
+        entry.missing = row.warehouse - row.delivered - row.rejected - row.held
+        entry.counted = f"{_time(row.counted_at)} by the sweep"
 
 
 def _rejections_and_holds(conn: sa.Connection, ledger: Ledger, customer: str | None
@@ -231,7 +253,7 @@ def _findings(conn: sa.Connection, ledger: Ledger, day_row) -> list[FindingRow]:
         elif row.kind == UNKNOWN_TO_LEDGER:
             entry.unknown_to_ledger += events
         elif row.kind == NOT_DELIVERED:
-            entry.missing += events
+            entry.not_delivered += events
         kind = kinds.setdefault((row.destination, row.kind), FindingRow(row.destination, row.kind))
         kind.findings += 1
         kind.events += events
@@ -304,12 +326,20 @@ def _examples(row: ReasonRow) -> str:
                        f"x{_e(x['attempts'])}" for x in row.examples)
 
 
-_DAY_COLUMNS = (("delivered", "delivered", "delivered"), ("backfills", "via_backfills", "of which through backfills"),
-                ("rejected", "rejected", "rejected"), ("held", "held", "held"),
+_DAY_COLUMNS = (("warehouse", "warehouse", "in the warehouse"), ("delivered", "delivered", "delivered"),
+                ("backfills", "via_backfills", "of which through backfills"),
+                ("rejected", "rejected", "rejected"), ("held", "held", "held"), ("missing", "missing", "missing"),
+                ("counted", "counted", "warehouse counted (UTC)"),
                 ("lost-now", "lost_now", "lost, to re-send"), ("found-lost", "found_lost", "found lost"),
                 ("found-lost-healed", "found_lost_healed", "of which healed"),
                 ("unknown", "unknown_to_ledger", "unknown to the ledger"),
-                ("missing", "missing", "in the warehouse, not delivered"))
+                ("not-delivered", "not_delivered", "not delivered, as reconciled"))
+
+
+def _day_cell(row: DayRow, testid: str, name: str) -> str:
+    value = getattr(row, name)
+    kind = " class='n'" if not isinstance(value, str) else ""
+    return f"<td{kind} data-testid='{testid}-{_e(row.destination)}-{_e(row.day)}'>{_e(value)}</td>"
 
 
 def render(summary: BillingSummary, base_url: str = "") -> str:
@@ -319,7 +349,13 @@ def render(summary: BillingSummary, base_url: str = "") -> str:
            "<p class='muted'>Days are the events' own timestamps (UTC), the day they are billed for. "
            "Delivered counts include events sent through Orb backfills. Held events wait for their time or "
            "their customer and are delivered by a later run; found lost and unknown to the ledger are what "
-           "reconciliation found (lost events are re-sent: healed once delivered again).</p>"]
+           "reconciliation found (lost events are re-sent: healed once delivered again).</p>",
+           "<p class='muted'>In the warehouse and missing are the daily completeness sweep's latest count of the "
+           "day (this page never queries the warehouse): the day's events in the configured event tables, "
+           "rejected ones included, and of those the ones neither delivered, rejected nor held when the sweep "
+           "counted them, after it delivered what it found. "
+           "<em>Not counted yet</em>: no sweep has seen the whole day yet (today, or a day older than the "
+           "sweep's horizon when it first ran).</p>"]
     out.append("<h2>Per day and destination</h2>")
     if not summary.days:
         out.append("<p>No delivery yet: the ledger is empty. Backfill a DAG from its Trigger button.</p>")
@@ -327,10 +363,8 @@ def render(summary: BillingSummary, base_url: str = "") -> str:
         out.append("<table id='days'><tr><th>day</th><th>destination</th>"
                    + "".join(f"<th>{title}</th>" for _, _, title in _DAY_COLUMNS) + "</tr>")
         for row in summary.days:
-            cell = _e(f"{row.destination}-{row.day}")
             out.append(f"<tr><td>{_e(row.day)}</td><td>{_e(row.destination)}</td>"
-                       + "".join(f"<td class='n' data-testid='{testid}-{cell}'>{getattr(row, name)}</td>"
-                                 for testid, name, _ in _DAY_COLUMNS) + "</tr>")
+                       + "".join(_day_cell(row, testid, name) for testid, name, _ in _DAY_COLUMNS) + "</tr>")
         out.append("</table>")
     out.extend(_render_customers(summary))
     out.append("<h2>Rejections by reason</h2>")
@@ -381,9 +415,10 @@ def _render_customers(summary: BillingSummary) -> list[str]:
            "<form id='customer-filter' method='get' action=''><label>Customer id "
            f"<input name='customer' value='{_e(summary.customer_filter)}'></label> <button>Filter</button>"
            + (" <a href='?'>all customers</a>" if summary.customer_filter else "") + "</form>",
-           "<p class='muted'>The billing customer of each delivered event (recorded since ledger migration "
-           "0002); rejected and held events count where the customer is known (held for an unknown customer "
-           "names it).</p>"]
+           "<p class='muted'>The billing customer of each event (recorded since ledger migration 0002). "
+           "Rejected and held events count for their customer where the ledger has it (on older rows only a "
+           "hold for a customer the destination lacks names it); an event rejected for having no customer id "
+           "counts for none.</p>"]
     if not summary.customers:
         if summary.customer_filter:
             out.append(f"<p>No event of customer <code>{_e(summary.customer_filter)}</code> in the ledger.</p>")

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from tests.unit.delivery.conftest import NOW, PARTITION, WINDOW, events
 from usage_billing.delivery import DeliveryFailed, deliver_window, replace_window, replay_rejected, send_queued, sweep
@@ -275,3 +276,27 @@ def test_kable_has_no_customer_lookup_and_asks_nothing(core):
     core.name = "kable"
     deliver_window(core.job(), PARTITION, WINDOW)
     assert not core.sender.lookups
+
+
+def test_rejected_and_held_events_keep_their_customer_in_the_ledger(core):
+    """The billing view counts rejected and held events per customer from the ledger's customer_id:
+    refused by the mapping (a null timestamp), by the destination, or held for a customer it lacks."""
+    core.overrides = {"unknown_customers": "hold"}
+    core.sender.customers = {f"cus_{i}" for i in range(30) if i != 7}
+    core.sender.refuse = lambda event: "amount must be below 6" if event["properties"].get("amount") == 6 else None
+    frame = core.source.tables["api_call"].copy()
+    frame.loc[frame.index[:5], "user_id"] = pd.NA
+    frame.loc[frame.index[10:13], "timestamp"] = pd.NaT
+    core.source.tables["api_call"] = frame
+    deliver_window(core.job(), PARTITION, WINDOW)
+    t = core.ledger.table.c
+    with core.ledger.engine.connect() as conn:
+        rows = conn.execute(sa.select(t.idempotency_key, t.status, t.reason, t.customer_id)
+                            .where(t.status.in_(("rejected", "held")))).all()
+    kinds = {("held" if r.status == "held" else "orb" if r.reason.startswith("orb rejected") else "mapping")
+             for r in rows}
+    assert kinds == {"mapping", "orb", "held"}, "every path that refuses an event"
+    customer = {key: None if int(key[1:]) < 5 else f"cus_{int(key[1:]) // 10}" for key in frame["id"]}
+    assert {r.idempotency_key: r.customer_id for r in rows} == {r.idempotency_key: customer[r.idempotency_key]
+                                                                for r in rows}
+    assert {r.customer_id for r in rows if r.status == "held"} == {"cus_7"}

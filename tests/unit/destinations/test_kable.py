@@ -118,6 +118,28 @@ def test_rejections(row, reason, now):
     assert len(mapped.rejected) == 1 and reason in mapped.rejected[0].reason
 
 
+@pytest.mark.parametrize(("row", "overrides", "customer"), [
+    ({"latency_ms": math.inf}, {}, "cus_acme"),
+    ({"id": None}, {}, "cus_acme"),
+    ({"timestamp": "2026-11-23T13:00:00Z"}, {"future_event_limit": "45m"}, "cus_acme"),
+    ({"context_group_id": "grp_7", "timestamp": None}, {"client_id_field": "context.groupId"}, "grp_7"),
+    ({"user_id": None, "anonymous_id": "anon"}, {}, None),
+    ({"user_id": ""}, {}, None),
+], ids=[
+    "bad-property-keeps-its-client",
+    "missing-message-id-keeps-its-client",
+    "held-future-event-keeps-its-client",
+    "client-from-a-nested-field",
+    "anonymous-event-has-none",
+    "empty-client-id-is-none",
+])
+def test_a_refused_row_carries_its_client_id_when_it_has_one(row, overrides, customer, now):
+    """For the billing view's per-customer rejected and held counts."""
+    mapped = kable.map_events(segment_frame([{"id": "good"}, {"id": "bad", **row}]), settings(**overrides), now)
+    (refused,) = [r for r in [*mapped.rejected, *mapped.held] if r.message_id != "good"]
+    assert refused.customer == customer
+
+
 def test_nested_json_values_pass_through(now):
     """Kable's data is free JSON; a JSON column from the warehouse is passed as is."""
     event = only_event([{"meta": {"a": 1}}], now)

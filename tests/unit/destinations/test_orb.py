@@ -132,6 +132,32 @@ def test_rejections_name_the_row_and_the_problem(row, reason, now):
     assert rejection.key == (row.get("id", "ajs-bad") or "")
 
 
+@pytest.mark.parametrize(("row", "overrides", "customer"), [
+    ({"amount": math.inf}, {}, "cus_acme"),
+    ({"timestamp": None}, {}, "cus_acme"),
+    ({"id": None}, {}, "cus_acme"),
+    ({"timestamp": "2027-01-01T00:00:00Z"}, {}, "cus_acme"),
+    ({"account_number": 42, "amount": math.inf}, {"external_customer_id_field": "properties.accountNumber"}, "42"),
+    ({"user_id": None, "anonymous_id": "anon-1"}, {}, None),
+    ({"user_id": "   "}, {}, None),
+    ({"amount": math.inf}, {"external_customer_id_field": "properties.orgId"}, None),
+], ids=[
+    "bad-property-keeps-its-customer",
+    "missing-timestamp-keeps-its-customer",
+    "missing-idempotency-key-keeps-its-customer",
+    "held-future-event-keeps-its-customer",
+    "number-customer-as-the-payload-would-carry-it",
+    "anonymous-event-has-none",
+    "blank-customer-id-is-none",
+    "customer-column-missing-from-table",
+])
+def test_a_refused_row_carries_its_external_customer_id_when_it_has_one(row, overrides, customer, now):
+    """For the billing view's per-customer rejected and held counts."""
+    mapped = orb.map_events(segment_frame([{"id": "ajs-ok"}, {"id": "ajs-bad", **row}]), settings(**overrides), now)
+    (refused,) = [r for r in [*mapped.rejected, *mapped.held] if r.message_id != "ajs-ok"]
+    assert refused.customer == customer
+
+
 def test_timestamp_within_five_minutes_ahead_is_accepted(now):
     event = only_event([{"timestamp": "2026-11-23T12:04:59Z"}], now)
     assert event["timestamp"] == "2026-11-23T12:04:59.000Z"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -13,6 +13,7 @@ from usage_billing.sources.postgres import create_engine
 
 DAY1, DAY2 = datetime(2026, 11, 23, 10, tzinfo=UTC), datetime(2026, 11, 24, 23, 59, tzinfo=UTC)
 NOW = datetime(2026, 11, 25, 8, tzinfo=UTC)
+DAY0, COUNTED = date(2026, 11, 22), datetime(2026, 11, 26, 3, 31, 5, tzinfo=UTC)
 RUN = RunRef("segment_to_orb", "manual__1")
 HOSTILE = "<script>alert('x')</script>&\"evil"
 
@@ -29,8 +30,11 @@ def deliver(ledger: Ledger, destination: str, rows: list[tuple[str, datetime, st
 @pytest.fixture
 def ledger(tmp_path):
     """orb, day 1: d0..d2 for acme (d0 later found lost and not yet re-sent, d1 found lost and healed),
-    e0 for a customer id full of HTML; day 2: b1 for acme through backfill bf_1, 4 + 1 rejections,
-    2 events held for customer 'ghost' Orb does not have, 1 held for its timestamp. kable: k1 for acme."""
+    e0 for a customer id full of HTML; day 2: b1 for acme through backfill bf_1, 4 rejections without a
+    customer id and 1 of acme's, 2 events held for customer 'ghost' Orb does not have (h0 as the core
+    writes it now, h1 as an older row: named only by its reason), 1 of acme's held for its timestamp.
+    kable: k1 for acme. The sweep counted orb's day 1 twice (the later count stands) and the day
+    before it, whose 5 warehouse events are all missing; it has not counted day 2."""
     engine = create_engine(f"sqlite:///{tmp_path / 'wh.db'}", ["usage_billing"])
     ledger = Ledger(engine, "usage_billing")
     ledger.create()
@@ -40,12 +44,13 @@ def ledger(tmp_path):
     deliver(ledger, "kable", [("k1", DAY1, "acme", "api_call")])
     ledger.mark_rejected("orb", RUN, [
         Rejection(f"r{i}", f"r{i}", "api_call", f"api_call row id=r{i}: no external customer ID: userId is empty",
-                  DAY2) for i in range(4)] + [Rejection("x1", "x1", "api_call", "amount is not a number", DAY1)], NOW)
+                  DAY2) for i in range(4)] + [
+        Rejection("x1", "x1", "api_call", "amount is not a number", DAY1, customer="acme")], NOW)
     ledger.mark_rejected("orb", RUN, [
         Rejection(f"h{i}", f"h{i}", "api_call", f"api_call row id=h{i}: customer 'ghost' does not exist in orb: "
-                  "held until it does", DAY2) for i in range(2)] + [
+                  "held until it does", DAY2, customer="ghost" if i == 0 else None) for i in range(2)] + [
         Rejection("f1", "f1", "api_call", "api_call row id=f1: timestamp 2026-12-30 is in the future: held until due",
-                  DAY2)], NOW, status=HELD)
+                  DAY2, customer="acme")], NOW, status=HELD)
     # Reconciliation: d0 and d1 lost by Orb; d1 re-sent and healed, d0 not yet; one Orb event unknown.
     ledger.mark_lost("orb", ["d0", "d1"], RUN, NOW, reason="reconciliation: delivered, but orb does not hold it")
     ledger.record_findings("orb", [
@@ -61,6 +66,11 @@ def ledger(tmp_path):
     later = NOW + timedelta(hours=1)
     ledger.mark_delivered("orb", RUN, EventRefs(["d1"], ["d1"], ["api_call"], [DAY1]), later)
     ledger.heal_findings("orb", "missing_in_destination", ["d1"], RUN, later)
+    sweep = RunRef("usage_billing_sweep", "scheduled__1")
+    ledger.record_day_counts("orb", {DAY1.date(): {"warehouse": 9, "delivered": 2, "rejected": 1, "held": 0},
+                                     DAY0: {"warehouse": 5, "delivered": 0, "rejected": 0, "held": 0}}, sweep, NOW)
+    ledger.record_day_counts("orb", {DAY1.date(): {"warehouse": 6, "delivered": 4, "rejected": 1, "held": 0}},
+                             sweep, COUNTED)
     ledger.record_backfill("orb", {"id": "bf_1", "timeframe_start": "2026-11-24T00:00:00Z",
                                    "timeframe_end": "2026-11-25T00:00:00Z", "replace_existing_events": True,
                                    "status": "reflected"}, RUN, events_sent=1)
@@ -72,17 +82,29 @@ def test_days_destinations_and_backfills_add_up(ledger):
     summary = summarize(ledger)
     table = {(r.day, r.destination): (r.delivered, r.via_backfills, r.rejected, r.held) for r in summary.days}
     assert table == {("2026-11-23", "orb"): (3, 0, 1, 0), ("2026-11-23", "kable"): (1, 0, 0, 0),
-                     ("2026-11-24", "orb"): (1, 1, 4, 3)}
+                     ("2026-11-24", "orb"): (1, 1, 4, 3), ("2026-11-22", "orb"): (0, 0, 0, 0)}
     assert [(b["backfill_id"], b["status"]) for b in summary.backfills] == [("bf_1", "reflected")]
 
 
 def test_reconciliation_findings_count_lost_healed_unknown_and_missing_per_day_once(ledger):
     summary = summarize(ledger)
     [day1] = [r for r in summary.days if (r.day, r.destination) == ("2026-11-23", "orb")]
-    assert (day1.lost_now, day1.found_lost, day1.found_lost_healed, day1.unknown_to_ledger, day1.missing) == (
+    assert (day1.lost_now, day1.found_lost, day1.found_lost_healed, day1.unknown_to_ledger, day1.not_delivered) == (
         1, 2, 1, 1, 2)
     kinds = {r.kind: (r.findings, r.events, r.healed) for r in summary.findings}
     assert kinds == {"missing_in_destination": (2, 2, 1), "unknown_to_ledger": (1, 1, 0), "not_delivered": (1, 2, 0)}
+
+
+def test_the_warehouse_and_missing_columns_are_the_sweeps_latest_count_of_each_day(ledger):
+    days = {(r.day, r.destination): (r.warehouse, r.missing, r.counted) for r in summarize(ledger).days}
+    assert days[("2026-11-23", "orb")] == (6, 1, "2026-11-26 03:31:05 by the sweep"), "6 - 4 - 1 - 0, recounted"
+    assert days[("2026-11-22", "orb")] == (5, 5, "2026-11-25 08:00:00 by the sweep"), "no ledger row: all missing"
+    assert days[("2026-11-24", "orb")] == days[("2026-11-23", "kable")] == (None, None, "not counted yet")
+    page = render(summarize(ledger))
+    assert "data-testid='warehouse-orb-2026-11-23'>6<" in page and "data-testid='missing-orb-2026-11-23'>1<" in page
+    assert "data-testid='missing-orb-2026-11-22'>5<" in page
+    assert "data-testid='warehouse-orb-2026-11-24'><" in page
+    assert "data-testid='counted-orb-2026-11-24'>not counted yet<" in page
 
 
 def test_rejections_are_grouped_by_reason_without_the_row_id_with_examples(ledger):
@@ -104,9 +126,9 @@ def test_per_customer_rows_per_destination(ledger):
     assert set(rows) == {("orb", "acme"), ("orb", HOSTILE), ("orb", "ghost"), ("kable", "acme")}
     acme = rows[("orb", "acme")]
     # d0 is lost (waiting to be re-sent), so not counted as delivered; d1 was delivered again.
-    assert (acme.delivered, acme.event_names, acme.rejected, acme.held) == (3, [("api_call", 2), ("login", 1)], 0, 0)
+    assert (acme.delivered, acme.event_names, acme.rejected, acme.held) == (3, [("api_call", 2), ("login", 1)], 1, 1)
     assert acme.last_delivery == "2026-11-25 09:00:00"
-    assert (rows[("orb", "ghost")].delivered, rows[("orb", "ghost")].held) == (0, 2), "named by the hold"
+    assert (rows[("orb", "ghost")].delivered, rows[("orb", "ghost")].held) == (0, 2), "h1 named by its reason"
     assert rows[("kable", "acme")].delivered == 1
 
 
@@ -118,13 +140,14 @@ def test_per_customer_rows_per_destination(ledger):
 def test_the_customer_filter_keeps_only_that_customer(ledger, customer, expected):
     summary = summarize(ledger, customer=customer)
     assert {(r.destination, r.customer_id) for r in summary.customers} == expected
-    assert len(summary.days) == 3, "the filter is for the per-customer table only"
+    assert len(summary.days) == 4, "the filter is for the per-customer table only"
 
 
 def test_the_page_shows_the_customer_rows_and_the_filter(ledger):
     page = render(summarize(ledger, customer="acme"))
     assert "data-testid='customer-delivered-orb-acme'>3<" in page
     assert "data-testid='customer-delivered-kable-acme'>1<" in page
+    assert "data-testid='customer-rejected-orb-acme'>1<" in page and "data-testid='customer-held-orb-acme'>1<" in page
     assert "name='customer' value='acme'" in page and "all customers" in page
     assert "No event of customer <code>nobody</code>" in render(summarize(ledger, customer="nobody"))
 
@@ -155,7 +178,7 @@ def test_the_page_links_each_reason_to_the_replay_dag(ledger):
     assert "data-testid='delivered-orb-2026-11-23'>3<" in page
     assert "data-testid='held-orb-2026-11-24'>3<" in page
     assert "data-testid='found-lost-healed-orb-2026-11-23'>1<" in page
-    assert "data-testid='missing-orb-2026-11-23'>2<" in page
+    assert "data-testid='not-delivered-orb-2026-11-23'>2<" in page
     assert "href='/dags/segment_to_orb_replay_rejected'" in page and "target='_top'" in page
 
 

@@ -86,4 +86,4 @@ def map_events(frame: pd.DataFrame, settings: KableSettings, now: datetime) -> M
         for good, client, stamp, key, values in zip(ok, clients, stamps, keys, data, strict=True)
         if good
     ]
-    return finish(frame, keys, payloads, problems)
+    return finish(frame, keys, payloads, problems, clients)

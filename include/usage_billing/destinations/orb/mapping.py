@@ -93,4 +93,4 @@ def map_events(frame: pd.DataFrame, settings: OrbSettings, now: datetime) -> Map
                                                             strict=True)
         if good
     ]
-    return finish(frame, keys, payloads, problems)
+    return finish(frame, keys, payloads, problems, customers)
