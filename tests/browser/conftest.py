@@ -34,6 +34,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 HOURS = 3
 LOOKBACK = timedelta(hours=6)  # source.lookback of the shipped configuration
 EVENT_TABLES = ("api_call", "payment_confirmed", "tokens_used")
+#: airflow.delivery_deadline of the stack's hourly DAGs.
+DELIVERY_DEADLINE = timedelta(hours=1)
 #: Longest wait for a run or a backfill; a healthy one takes well under a minute here.
 RUN_TIMEOUT = 240
 
@@ -191,8 +193,9 @@ def stack(chromium, tmp_path_factory) -> Iterator[Stack]:
         metadata_url=metadata_url.render_as_string(False), port=free_port(), orb_port=0, kable_port=0,
         log_server_port=free_port(), password="browser-test-password", source_schema=schema,
         ledger_schema=ledger_schema, hours=HOURS, events_per_hour=30, sandbox_state=False,
-        # A failure shows at once instead of after Airflow's retry delay.
-        airflow_settings={"retries": 0},
+        # A failure shows at once instead of after Airflow's retry delay; every hourly run carries a
+        # deadline (a backfill's hours miss it at once: test_ui_workflows checks the scheduler ran it).
+        airflow_settings={"retries": 0, "delivery_deadline": f"{int(DELIVERY_DEADLINE.total_seconds())}s"},
         extra_env={
             # Only the UI creates runs: unpausing must not add a scheduled run for the latest hour.
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",

@@ -36,7 +36,7 @@ def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path, request
     path = tmp_path / "usage_billing.yaml"
     settings = config(schema, ledger_schema)
     # dag.test() of Airflow 3.3.2 cannot finish a run of a DAG with a DeadlineAlert (DagRun.update_state
-    # looks the SDK's alert objects up as database ids); the scheduler runs them (tests/browser).
+    # looks the SDK's alert objects up as database ids); a real scheduler runs them (tests/browser).
     settings["airflow"]["delivery_deadline"] = None
     settings["airflow"].update(getattr(request, "param", {}))
     path.write_text(yaml.safe_dump(settings))
