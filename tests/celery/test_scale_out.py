@@ -3,7 +3,7 @@
 Starts on loopback, each as its own process: the Orb sandbox, the Airflow api-server, scheduler and
 dag-processor, and two Celery workers (``worker-a@<host>``, ``worker-b@<host>``, two slots each) on
 the local Redis (database 5) with a fresh PostgreSQL metadata database. A backfill of 12 hourly runs
-(plan -> 6 mapped deliver tasks -> report each, 96 task instances) then runs over sample data.
+(gate -> plan -> 6 mapped deliver tasks -> backfill -> report each) then runs over sample data.
 
 Asserted:
 
@@ -219,7 +219,8 @@ def test_backfill_spreads_over_two_celery_workers_and_delivers_each_event_once(
             ran = [ti for ti in tis if ti.task_id != "approve"]
             assert [ti for ti in ran if ti.state != "success"] == [], failed_task_logs(home)
             assert Counter(ti.task_id for ti in ran) == {"gate": RUNS, "plan": RUNS,
-                                                         "deliver": RUNS * 2 * len(EVENT_TABLES), "report": RUNS}
+                                                         "deliver": RUNS * 2 * len(EVENT_TABLES),
+                                                         "backfill": RUNS, "report": RUNS}
             ran_on = attribute_to_workers(ran, workers)
             per_worker = Counter(ran_on.values())
             assert set(per_worker) == set(WORKERS), f"task instances per worker: {dict(per_worker)}"
