@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import sqlalchemy as sa
 
-from usage_billing.ledger import DELIVERED, HELD, LOST, REJECTED, Ledger, generic_reason
+from usage_billing.ledger import DELIVERED, HELD, LOST, QUEUED, REJECTED, Ledger, generic_reason
 
 #: Examples shown per rejection or hold reason.
 EXAMPLES = 3
@@ -64,6 +64,7 @@ class DayRow:
     rejected: int = 0
     held: int = 0
     lost_now: int = 0  # the ledger's rows still marked lost: to be re-sent
+    queued_now: int = 0  # past the grace period, waiting for their run's Orb backfill
     found_lost: int = 0
     found_lost_healed: int = 0
     unknown_to_ledger: int = 0
@@ -191,6 +192,8 @@ def _count_days(conn: sa.Connection, ledger: Ledger, day_row) -> None:
             entry.held += row.n
         elif row.status == LOST:
             entry.lost_now += row.n
+        elif row.status == QUEUED:
+            entry.queued_now += row.n
 
 
 def _swept_days(conn: sa.Connection, ledger: Ledger, day_row) -> None:
@@ -328,7 +331,8 @@ def _examples(row: ReasonRow) -> str:
 
 _DAY_COLUMNS = (("warehouse", "warehouse", "in the warehouse"), ("delivered", "delivered", "delivered"),
                 ("backfills", "via_backfills", "of which through backfills"),
-                ("rejected", "rejected", "rejected"), ("held", "held", "held"), ("missing", "missing", "missing"),
+                ("rejected", "rejected", "rejected"), ("held", "held", "held"),
+                ("queued", "queued_now", "queued for a backfill"), ("missing", "missing", "missing"),
                 ("counted", "counted", "warehouse counted (UTC)"),
                 ("lost-now", "lost_now", "lost, to re-send"), ("found-lost", "found_lost", "found lost"),
                 ("found-lost-healed", "found_lost_healed", "of which healed"),

@@ -8,7 +8,7 @@ import pytest
 
 from billing_airflow.ui.billing_view import held_customer, render, summarize
 from usage_billing.destinations.base import Rejection
-from usage_billing.ledger import HELD, EventRefs, Ledger, Route, RunRef
+from usage_billing.ledger import HELD, QUEUED, EventRefs, Ledger, Route, RunRef
 from usage_billing.sources.postgres import create_engine
 
 DAY1, DAY2 = datetime(2026, 11, 23, 10, tzinfo=UTC), datetime(2026, 11, 24, 23, 59, tzinfo=UTC)
@@ -66,6 +66,10 @@ def ledger(tmp_path):
     later = NOW + timedelta(hours=1)
     ledger.mark_delivered("orb", RUN, EventRefs(["d1"], ["d1"], ["api_call"], [DAY1]), later)
     ledger.heal_findings("orb", "missing_in_destination", ["d1"], RUN, later)
+    # Past the grace period, waiting for the run's backfill task.
+    ledger.mark_rejected("orb", RUN, [Rejection(key="q1", message_id="q1", table="api_call", event_timestamp=DAY1,
+                                                reason="api_call row id=q1: older than orb's grace period: queued")],
+                         NOW, QUEUED)
     sweep = RunRef("usage_billing_sweep", "scheduled__1")
     ledger.record_day_counts("orb", {DAY1.date(): {"warehouse": 9, "delivered": 2, "rejected": 1, "held": 0},
                                      DAY0: {"warehouse": 5, "delivered": 0, "rejected": 0, "held": 0}}, sweep, NOW)
@@ -91,6 +95,7 @@ def test_reconciliation_findings_count_lost_healed_unknown_and_missing_per_day_o
     [day1] = [r for r in summary.days if (r.day, r.destination) == ("2026-11-23", "orb")]
     assert (day1.lost_now, day1.found_lost, day1.found_lost_healed, day1.unknown_to_ledger, day1.not_delivered) == (
         1, 2, 1, 1, 2)
+    assert day1.queued_now == 1 and "queued for a backfill" in render(summarize(ledger))
     kinds = {r.kind: (r.findings, r.events, r.healed) for r in summary.findings}
     assert kinds == {"missing_in_destination": (2, 2, 1), "unknown_to_ledger": (1, 1, 0), "not_delivered": (1, 2, 0)}
 
