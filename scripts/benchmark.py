@@ -733,7 +733,7 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
     from usage_billing.delivery import DeliveryJob, deliver_window
     from usage_billing.ledger import RunRef
     from usage_billing.sources import Partition
-    from usage_billing.sources.postgres import SqlSource
+    from usage_billing.sources.postgres.source import SqlSource
 
     hook_class = registered_hook(ctx.destination.name)
     settings = ctx.destination.settings
@@ -814,7 +814,7 @@ class FloorResult:
 
 def _floor_builder(ctx: Context, columns: list[str]) -> tuple[str, Callable[[tuple], dict | None], str]:
     """The SELECT list, a row -> event function in plain Python, and the request body wrapper."""
-    from usage_billing.destinations import kable
+    from usage_billing.destinations.kable import mapping as kable
     from usage_billing.sources.layout import column_for, property_column
 
     settings = ctx.destination.settings

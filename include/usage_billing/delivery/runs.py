@@ -24,14 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
 
-import pandas as pd
-
 from usage_billing.delivery.backfills import backfill_session
 from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import LedgerWriter, read_ahead, timed_iter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.delivery.sending import Sending, dedupe_keys
 from usage_billing.destinations.base import Mapped, Rejection
+from usage_billing.frames import pd
 from usage_billing.sources import Partition, ReadRequest, Window
 from usage_billing.sources.layout import COPIES
 

@@ -7,6 +7,10 @@ is in ``usage_billing.delivery`` (the core) and the destination hooks (transport
   returns the partitions to deliver (a small list, the only data passed through XCom);
 * :class:`SegmentDeliveryOperator` delivers one partition to one destination and logs its summary;
 * :class:`DeliveryReportOperator` adds the partitions' summaries up and fails the run if any failed.
+
+The delivery core, the ledger and the hooks (pandas, pyarrow, alembic, requests) are imported inside
+``execute()``: Airflow imports this module whenever it parses a DAG file, in the DAG processor and
+in every task process, and most of those never deliver anything.
 """
 
 from __future__ import annotations
@@ -16,20 +20,21 @@ import importlib
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from billing_airflow.hooks.base import BillingApiHook
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, run_request
-from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, sweep
 from usage_billing.destinations import DESTINATIONS, Destination, get_destination
-from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import ConfigError, Settings, load_settings
 from usage_billing.sources import Partition, Source, Window, kind_for
 from usage_billing.sources.postgres import create_engine, sqlalchemy_url
 from usage_billing.sources.postgres.connection import connection_type
+
+if TYPE_CHECKING:
+    from billing_airflow.hooks.base import BillingApiHook
+    from usage_billing.ledger import Ledger
 
 
 def hook_class(destination: str) -> type[BillingApiHook]:
@@ -49,6 +54,8 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
 
     The ledger shares the source's engine when both name the same connection and the source can
     host it, so the "already delivered" filter runs inside the extraction query."""
+    from usage_billing.ledger import Ledger
+
     kind = kind_for(connection_type(settings.source.conn_id))
     same_connection = settings.ledger.conn_id == settings.source.conn_id
     if same_connection and not kind.hosts_ledger:
@@ -136,6 +143,9 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         self.partition = partition
 
     def execute(self, context: Any) -> dict:
+        from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected
+        from usage_billing.ledger import RunRef
+
         settings = self.settings()
         destination = get_destination(self.destination, settings)
         request = run_request(context, settings, self.mode, self.destination)
@@ -246,6 +256,9 @@ class CompletenessSweepOperator(_ConfiguredOperator):
     """Deliver whatever the horizon holds that is neither delivered nor rejected; log a per-day table."""
 
     def execute(self, context: Any) -> dict:
+        from usage_billing.delivery import DeliveryJob, sweep
+        from usage_billing.ledger import RunRef
+
         settings = self.settings()
         destination = get_destination(self.destination, settings)
         end = datetime.fromtimestamp(context["data_interval_end"].timestamp(), UTC)
