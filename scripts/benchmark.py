@@ -773,6 +773,8 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
         requests_seen, events_ok = sandbox.accepted_events()
         result.sandbox_requests += requests_seen
         result.sandbox_events += events_ok
+    # What the DAG's report task does after the deliver tasks (not measured): the next run's filter needs them.
+    ledger.refresh_statistics()
     result.ledger = ledger.counts(ctx.destination.name).get(ctx.destination.name, {})
     if main_profile is not None and profiles is not None:
         result.profile = _profile_text(main_profile, profiles, ctx.args.profile_lines)

@@ -140,11 +140,12 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
             filtered = job.ledger_join and not scope.replace_backfill_id and destination.key_column in columns
             unknown = None
             if filtered:
-                def unknown(events):  # the ledger's NOT EXISTS, inside the extraction query
+                # The ledger's NOT EXISTS, inside the extraction query. Its plan depends on the ledger's
+                # statistics, which the run's report task refreshes after delivering (not here: see
+                # Ledger.refresh_statistics).
+                def unknown(events):
                     return ~ledger.known_clause(destination.name, events.c[destination.key_column],
                                                 job.retry_rejected)
-                with report.timed("ledger_filter"):
-                    ledger.refresh_statistics()  # the filter's plan depends on them
             request = ReadRequest(scope.partition, scope.window, [*destination.required_columns(columns), loaded_at],
                                   loaded_at, job.chunk_size, scope.ids, unknown)
             _run(job, scope, request, report, filtered)

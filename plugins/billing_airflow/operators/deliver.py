@@ -63,15 +63,26 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
                           f"(PostgreSQL), which {kind.name} is not; point ledger.conn_id at a postgres connection "
                           f"other than source.conn_id {settings.source.conn_id!r}")
     source = kind.open(settings)
-    shared = same_connection
-    engine = source.engine if shared else create_engine(sqlalchemy_url(settings.ledger.conn_id),
-                                                        [settings.ledger.schema_])
     try:
-        yield source, Ledger(engine, settings.ledger.schema_)
+        if same_connection:
+            yield source, Ledger(source.engine, settings.ledger.schema_)
+        else:
+            with open_ledger(settings) as ledger:
+                yield source, ledger
     finally:
         source.close()
-        if not shared:
-            engine.dispose()
+
+
+@contextlib.contextmanager
+def open_ledger(settings: Settings) -> Iterator[Ledger]:
+    """The ledger alone, on an engine of its own (closed afterwards)."""
+    from usage_billing.ledger import Ledger
+
+    engine = create_engine(sqlalchemy_url(settings.ledger.conn_id), [settings.ledger.schema_])
+    try:
+        yield Ledger(engine, settings.ledger.schema_)
+    finally:
+        engine.dispose()
 
 
 ALL_TABLES = "*"
@@ -183,6 +194,7 @@ class DeliveryReportOperator(_ConfiguredOperator):
         self.plan_task_id = plan_task_id
 
     def execute(self, context: Any) -> dict:
+        self.refresh_ledger_statistics()
         ti = context["ti"]
         planned = ti.xcom_pull(task_ids=self.plan_task_id)
         if planned is None:
@@ -217,6 +229,18 @@ class DeliveryReportOperator(_ConfiguredOperator):
                                        f"missing.")
         check_rejected_share(self.destination, total, reasons, self.settings())
         return dict(total)
+
+    def refresh_ledger_statistics(self) -> None:
+        """ANALYZE the ledger when this run's marks left its statistics stale, for the next run's
+        "already delivered" filter (:meth:`Ledger.refresh_statistics` says why it is done after the
+        deliveries, not in them). First, so a failed partition does not skip it; a failure only
+        warns: the statistics help the next run's plan, they decide nothing about billing."""
+        try:
+            with open_ledger(self.settings()) as ledger:
+                if ledger.refresh_statistics():
+                    self.log.info("ledger %s: statistics refreshed (ANALYZE) for the next run", ledger.schema)
+        except Exception as error:
+            self.log.warning("ledger statistics not refreshed (%s): the next run's report tries again", error)
 
 
 def check_fields(destination: Destination, columns: dict[str, list[str]], schema: str, log: Any) -> None:
@@ -267,6 +291,7 @@ class CompletenessSweepOperator(_ConfiguredOperator):
         hook = open_hook(destination, settings)
         with open_warehouse(settings) as (source, ledger), hook:
             ledger.create()
+            ledger.refresh_statistics()  # not on an hourly run's path: the sweep's filter spans days
             report = sweep(DeliveryJob.from_settings(settings, destination, source, ledger, hook, run),
                            settings.source.events, window)
         for delivery in report.deliveries:
