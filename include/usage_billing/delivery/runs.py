@@ -173,7 +173,9 @@ def _run(job: DeliveryJob, scope: Scope, request: ReadRequest, report: DeliveryR
             ThreadPoolExecutor(max_workers=job.concurrency, thread_name_prefix=name) as pool, \
             LedgerWriter(job.ledger, job.destination, job.run, report, job.now) as writer:
         # The events the filter leaves in the database are the window's events it did not read:
-        # counted on another connection while the read starts.
+        # counted on another connection while the read starts. Not in the read's own statement: on
+        # PostgreSQL 15 one statement saying both (ids grouped, each looked up in the ledger) took
+        # 0.7-0.9 s for a partition of 334,000 delivered events, the two at once 0.53 s.
         window_events = pool.submit(_count_events, job, request, report) if filtered else None
         sending = Sending(job, writer, pool, report)
         for mapped, rejections in ready:

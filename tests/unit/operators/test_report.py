@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -65,3 +67,11 @@ def test_a_failed_refresh_only_warns(monkeypatch, capsys):
     monkeypatch.setattr(deliver, "open_ledger", lambda settings: contextlib.nullcontext(book))
     assert report([{"table": "api_call"}], PARTITION)["accepted"] == 10
     assert "ledger statistics not refreshed (permission denied for table deliveries)" in capsys.readouterr().out
+
+
+def test_refreshing_the_statistics_imports_neither_pandas_nor_alembic():
+    """The report task imports the ledger only to ANALYZE it (in a fresh interpreter: this one has both)."""
+    script = "import sys, usage_billing.ledger; print(sorted(m for m in ('pandas', 'numpy', 'alembic') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
