@@ -232,7 +232,7 @@ def test_import_touches_no_database_or_network(tmp_path, monkeypatch):
 #: What only a task needs: the DAG processor and every task process parse the DAG files, and these
 #: took about a second of each parse (importing pandas alone about 0.35 s).
 TASK_ONLY_MODULES = ("pandas", "pyarrow", "numpy", "alembic", "requests", "limits", "tenacity", "msgspec",
-                     "usage_billing.delivery", "usage_billing.ledger", "billing_airflow.hooks.base")
+                     "usage_billing.delivery", "usage_billing.ledger.migrate", "billing_airflow.hooks.base")
 
 
 def test_parsing_the_dag_files_imports_nothing_only_a_task_needs():

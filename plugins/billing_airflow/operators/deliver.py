@@ -8,9 +8,9 @@ is in ``usage_billing.delivery`` (the core) and the destination hooks (transport
 * :class:`SegmentDeliveryOperator` delivers one partition to one destination and logs its summary;
 * :class:`DeliveryReportOperator` adds the partitions' summaries up and fails the run if any failed.
 
-The delivery core, the ledger and the hooks (pandas, pyarrow, alembic, requests) are imported inside
-``execute()``: Airflow imports this module whenever it parses a DAG file, in the DAG processor and
-in every task process, and most of those never deliver anything.
+The delivery core and the hooks (pandas, pyarrow, requests) are imported inside ``execute()``:
+Airflow imports this module whenever it parses a DAG file, in the DAG processor and in every task
+process, and most of those never deliver anything.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, run_request
 from usage_billing.destinations import DESTINATIONS, Destination, get_destination
+from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import ConfigError, Settings, load_settings
 from usage_billing.sources import Partition, Source, Window, kind_for
 from usage_billing.sources.postgres import create_engine, sqlalchemy_url
@@ -34,7 +35,6 @@ from usage_billing.sources.postgres.connection import connection_type
 
 if TYPE_CHECKING:
     from billing_airflow.hooks.base import BillingApiHook
-    from usage_billing.ledger import Ledger
 
 
 def hook_class(destination: str) -> type[BillingApiHook]:
@@ -54,8 +54,6 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
 
     The ledger shares the source's engine when both name the same connection and the source can
     host it, so the "already delivered" filter runs inside the extraction query."""
-    from usage_billing.ledger import Ledger
-
     kind = kind_for(connection_type(settings.source.conn_id))
     same_connection = settings.ledger.conn_id == settings.source.conn_id
     if same_connection and not kind.hosts_ledger:
@@ -76,8 +74,6 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
 @contextlib.contextmanager
 def open_ledger(settings: Settings) -> Iterator[Ledger]:
     """The ledger alone, on an engine of its own (closed afterwards)."""
-    from usage_billing.ledger import Ledger
-
     engine = create_engine(sqlalchemy_url(settings.ledger.conn_id), [settings.ledger.schema_])
     try:
         yield Ledger(engine, settings.ledger.schema_)
@@ -155,7 +151,6 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
 
     def execute(self, context: Any) -> dict:
         from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected
-        from usage_billing.ledger import RunRef
 
         settings = self.settings()
         destination = get_destination(self.destination, settings)
@@ -281,7 +276,6 @@ class CompletenessSweepOperator(_ConfiguredOperator):
 
     def execute(self, context: Any) -> dict:
         from usage_billing.delivery import DeliveryJob, sweep
-        from usage_billing.ledger import RunRef
 
         settings = self.settings()
         destination = get_destination(self.destination, settings)

@@ -8,6 +8,7 @@ from typing import Any
 from billing_airflow.operators.deliver import _ConfiguredOperator, open_hook, open_warehouse
 from billing_airflow.operators.run_request import DELIVER, REPLACE, run_request
 from usage_billing.destinations import get_destination
+from usage_billing.ledger import RunRef
 from usage_billing.settings import Settings
 from usage_billing.sources import Window
 
@@ -51,7 +52,6 @@ class DryRunOperator(_ConfiguredOperator):
         # Imported here, not when a DAG file is parsed (see billing_airflow.operators.deliver).
         from usage_billing.delivery import DeliveryJob
         from usage_billing.delivery.dry_run import dry_run
-        from usage_billing.ledger import RunRef
 
         if self.mode not in ("deliver", "replace"):
             raise ValueError(f"param mode: {self.mode!r} is not deliver or replace")

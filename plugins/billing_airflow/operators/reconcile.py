@@ -12,6 +12,7 @@ from typing import Any
 
 from billing_airflow.operators.deliver import _ConfiguredOperator, open_hook, open_warehouse
 from usage_billing.destinations import get_destination
+from usage_billing.ledger import RunRef
 
 
 class ReconcileOperator(_ConfiguredOperator):
@@ -59,7 +60,6 @@ class ReconcileOperator(_ConfiguredOperator):
     def execute(self, context: Any) -> dict:
         # Imported here, not when a DAG file is parsed (see billing_airflow.operators.deliver).
         from usage_billing.delivery import DeliveryJob
-        from usage_billing.ledger import RunRef
         from usage_billing.reconcile import Checking, reconcile
 
         settings = self.settings()
