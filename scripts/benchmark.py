@@ -733,7 +733,7 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
     from usage_billing.delivery import DeliveryJob, deliver_window
     from usage_billing.ledger import RunRef
     from usage_billing.sources import Partition
-    from usage_billing.sources.postgres import SqlSource
+    from usage_billing.sources.postgres.source import SqlSource
 
     hook_class = registered_hook(ctx.destination.name)
     settings = ctx.destination.settings
@@ -773,6 +773,8 @@ def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str
         requests_seen, events_ok = sandbox.accepted_events()
         result.sandbox_requests += requests_seen
         result.sandbox_events += events_ok
+    # What the DAG's report task does after the deliver tasks (not measured): the next run's filter needs them.
+    ledger.refresh_statistics()
     result.ledger = ledger.counts(ctx.destination.name).get(ctx.destination.name, {})
     if main_profile is not None and profiles is not None:
         result.profile = _profile_text(main_profile, profiles, ctx.args.profile_lines)
@@ -814,7 +816,7 @@ class FloorResult:
 
 def _floor_builder(ctx: Context, columns: list[str]) -> tuple[str, Callable[[tuple], dict | None], str]:
     """The SELECT list, a row -> event function in plain Python, and the request body wrapper."""
-    from usage_billing.destinations import kable
+    from usage_billing.destinations.kable import mapping as kable
     from usage_billing.sources.layout import column_for, property_column
 
     settings = ctx.destination.settings

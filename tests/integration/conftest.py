@@ -16,7 +16,7 @@ from usage_billing.ledger import Ledger, RunRef
 from usage_billing.sandbox import KableSandbox, OrbSandbox
 from usage_billing.settings import parse_settings
 from usage_billing.sources import Partition, Window
-from usage_billing.sources.postgres import SqlSource
+from usage_billing.sources.postgres.source import SqlSource
 
 ORB_KEY = "orb-test-key-not-a-secret-123"
 KABLE_CLIENT, KABLE_KEY = "kci_test", "sk_test.sandbox-secret-456"

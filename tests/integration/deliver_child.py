@@ -23,7 +23,8 @@ def main() -> None:
     from usage_billing.ledger import Ledger, RunRef
     from usage_billing.settings import parse_settings
     from usage_billing.sources import Partition, Window
-    from usage_billing.sources.postgres import SqlSource, create_engine
+    from usage_billing.sources.postgres import create_engine
+    from usage_billing.sources.postgres.source import SqlSource
 
     settings = parse_settings(args["config"])
     destination = get_destination(args["destination"], settings)

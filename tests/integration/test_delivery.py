@@ -7,7 +7,10 @@ other event rejected with a reason, none lost.
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import sqlalchemy as sa
 
 from tests.integration.conftest import make_world
 from usage_billing.delivery import DeliveryFailed
@@ -41,6 +44,29 @@ def test_a_rerun_sends_nothing(world):
     assert sum(r.sent for r in reports) == 0
     assert sum(r.already_delivered for r in reports) == len(world.deliverable_ids())
     assert_exactly_once(world)
+
+
+def test_a_delivery_leaves_stale_ledger_statistics_to_the_report_task(pg_engine, schemas, monkeypatch):
+    """No ANALYZE inside a deliver task: the run's report task refreshes them after the deliveries."""
+    for world in make_world("orb", pg_engine, schemas, monkeypatch):
+        world.deliver(run="first")
+        # PostgreSQL publishes a backend's row counts about a second after its transaction.
+        deadline = time.monotonic() + 10
+        while not stale(world):
+            assert time.monotonic() < deadline, "the first delivery's marks must make the statistics stale"
+            time.sleep(0.2)
+        world.deliver(run="second")
+        assert stale(world), "the rerun ran ANALYZE"
+        assert world.ledger.refresh_statistics() and not stale(world)
+
+
+def stale(world) -> bool:
+    """Autovacuum's rule, as Ledger.refresh_statistics applies it (read here without acting on it)."""
+    with world.engine.connect() as conn:
+        changed, rows = conn.execute(sa.text(
+            "SELECT s.n_mod_since_analyze, c.reltuples FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+            "WHERE s.schemaname = :schema AND s.relname = 'deliveries'"), {"schema": world.ledger.schema}).one()
+    return changed > 50 + 0.1 * max(rows, 0)
 
 
 @pytest.mark.parametrize("name", ["orb", "kable"])

@@ -55,24 +55,28 @@ _DONE = object()
 def read_ahead(items: Iterator, name: str, depth: int = 1) -> Iterator:
     """Yield ``items``, producing up to ``depth`` of them ahead in a background thread.
 
-    ``depth`` bounds the chunks held in memory. An error in the producer is raised here; closing
-    this generator early stops the producer, which closes ``items``.
+    ``depth`` bounds the chunks held in memory: besides the one the consumer holds, at most ``depth``
+    exist, produced or being produced. The producer takes a free slot before it starts the next
+    item, not after (an item finished and waiting for room would be one chunk more in memory per
+    stage: 35 MB of a 1M-event run's peak with 50,000-row chunks, measured). An error in the producer is
+    raised here; closing this generator early stops the producer, which closes ``items``.
     """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
+    ready: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            ready.put((_DONE, None))
+                item = next(items, _DONE)
+                ready.put((item, None))
+                if item is _DONE:
+                    return
         except BaseException as error:  # handed to the consumer, which raises it
             ready.put((_DONE, error))
         finally:
@@ -87,6 +91,7 @@ def read_ahead(items: Iterator, name: str, depth: int = 1) -> Iterator:
                 raise error
             if item is _DONE:
                 return
+            slots.release()  # the producer may start the next item while this one is used
             yield item
     finally:
         stop.set()

@@ -24,14 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
 
-import pandas as pd
-
 from usage_billing.delivery.backfills import DAY, backfill_session, day_lock, day_of, open_backfill, timeframe_for
 from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import LedgerWriter, read_ahead, timed_iter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.delivery.sending import Sending, dedupe_keys
 from usage_billing.destinations.base import Mapped, Rejection
+from usage_billing.frames import pd
 from usage_billing.ledger import QUEUED, REJECTED
 from usage_billing.sources import Partition, ReadRequest, Window
 from usage_billing.sources.layout import COPIES
@@ -142,11 +141,12 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
             filtered = job.ledger_join and not scope.replace_backfill_id and destination.key_column in columns
             unknown = None
             if filtered:
-                def unknown(events):  # the ledger's NOT EXISTS, inside the extraction query
+                # The ledger's NOT EXISTS, inside the extraction query. Its plan depends on the ledger's
+                # statistics, which the run's report task refreshes after delivering (not here: see
+                # Ledger.refresh_statistics).
+                def unknown(events):
                     return ~ledger.known_clause(destination.name, events.c[destination.key_column],
                                                 job.retry_rejected)
-                with report.timed("ledger_filter"):
-                    ledger.refresh_statistics()  # the filter's plan depends on them
             request = ReadRequest(scope.partition, scope.window, [*destination.required_columns(columns), loaded_at],
                                   loaded_at, job.chunk_size, scope.ids, unknown)
             _run(job, scope, request, report, filtered)
@@ -226,7 +226,9 @@ def _run(job: DeliveryJob, scope: Scope, request: ReadRequest, report: DeliveryR
             ThreadPoolExecutor(max_workers=job.concurrency, thread_name_prefix=name) as pool, \
             LedgerWriter(job.ledger, job.destination, job.run, report, job.now) as writer:
         # The events the filter leaves in the database are the window's events it did not read:
-        # counted on another connection while the read starts.
+        # counted on another connection while the read starts. Not in the read's own statement: on
+        # PostgreSQL 15 one statement saying both (ids grouped, each looked up in the ledger) took
+        # 0.7-0.9 s for a partition of 334,000 delivered events, the two at once 0.53 s.
         window_events = pool.submit(_count_events, job, request, report) if filtered else None
         sending = Sending(job, writer, pool, report)
         for mapped, rejections in ready:

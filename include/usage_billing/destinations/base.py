@@ -15,8 +15,8 @@ from decimal import Decimal
 from itertools import compress
 
 import numpy as np
-import pandas as pd
 
+from usage_billing.frames import pd
 from usage_billing.sources.layout import TABLE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -8,14 +8,18 @@ Capabilities are declared here, never guessed from the hook's methods or the des
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from usage_billing.destinations.base import Mapped
 from usage_billing.settings_base import DeliverySettings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from usage_billing.destinations.base import Mapped
 
 
 @dataclass(frozen=True)
@@ -36,11 +40,17 @@ class DestinationKind:
 
     name: str
     settings_model: type[DeliverySettings]
-    # Binds the pure mapping to one configuration.
-    build: Callable[[DeliverySettings], Destination]
+    # The function binding the pure mapping to one configuration (dotted path: the mapping imports
+    # pandas, and the settings, which the DAG processor loads for every parse, only need the model).
+    build: str
     # The Airflow hook class (dotted path: the core does not import Airflow).
     hook: str
     capabilities: Capabilities = Capabilities()
+
+    def bind(self, config: DeliverySettings) -> Destination:
+        """The destination bound to ``config``; imports its mapping now."""
+        module, _, name = self.build.rpartition(".")
+        return getattr(importlib.import_module(module), name)(config)
 
 
 @dataclass(frozen=True)

@@ -37,16 +37,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from usage_billing.destinations.base import Rejection, timestamp_array
-from usage_billing.ledger import migrate
 from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED, ledger_tables
 from usage_billing.naming import check_identifier
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from usage_billing.destinations.base import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ class Ledger:
     def create(self) -> None:
         """Create the ledger, or upgrade it to the newest revision; safe when several tasks start
         at once (they take turns on a lock, and the second finds nothing to do)."""
+        from usage_billing.ledger import migrate  # Alembic, imported by the tasks that create
+
         revision = self.current_revision()
         if revision == migrate.head():
             return  # every task calls this: the common case takes no lock
@@ -146,6 +151,8 @@ class Ledger:
 
     def current_revision(self) -> str | None:
         """The migration the ledger's tables are at (None: not created, or created before versioning)."""
+        from usage_billing.ledger import migrate
+
         with self.engine.connect() as conn:
             return migrate.current_revision(conn, self.schema)
 
@@ -216,6 +223,10 @@ class Ledger:
         keeps them fresh; this covers a ledger written faster than it runs, or a server that has it
         off. Stale means autovacuum's own default rule: more rows changed since the last ANALYZE
         than 50 plus 10% of the table.
+
+        Called after delivering (the DAG's report task, the sweep), never before a delivery inside a
+        deliver task: an ANALYZE of a ledger of a million rows took 0.3 to 0.7 s here, paid by the first
+        partition of the run after a large one. The next run's filter is the one that needs them.
         """
         if self._sqlite:
             return False
@@ -406,6 +417,10 @@ class Ledger:
         """Event timestamps for one statement, formatted by numpy rather than per event in Python:
         microseconds since the epoch as a ``bigint[]`` literal on PostgreSQL, SQLite's text format
         (the one SQLAlchemy writes, so typed queries compare correctly) otherwise."""
+        import numpy as np  # here: a task that only reads or refreshes statistics imports no numpy or pandas
+
+        from usage_billing.destinations.base import timestamp_array
+
         stamps = timestamp_array(values)
         missing = np.isnat(stamps)
         if self._sqlite:

@@ -18,12 +18,12 @@ from datetime import datetime
 from typing import Protocol
 
 import numpy as np
-import pandas as pd
 
 from usage_billing.delivery.contract import DeliveryFailed
 from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.runs import deliver
 from usage_billing.delivery.sending import dedupe_keys
+from usage_billing.frames import pd
 from usage_billing.ledger import DELIVERED, REJECTED
 from usage_billing.reconcile.compare import (
     EVERY_HOUR,

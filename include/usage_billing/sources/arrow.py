@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-import pandas as pd
 import pyarrow as pa
 
+from usage_billing.frames import pd
 from usage_billing.sources.layout import COPIES, TABLE
 
-# Arrow types to the pandas dtypes of the contract. Strings stay Python-backed (see usage_billing/__init__).
+# Arrow types to the pandas dtypes of the contract. Strings stay Python-backed (see usage_billing.frames).
 _DTYPES: list[tuple[Callable[[pa.DataType], bool], Callable[[], object]]] = [
     (pa.types.is_boolean, pd.BooleanDtype),
     (pa.types.is_integer, pd.Int64Dtype),

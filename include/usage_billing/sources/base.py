@@ -24,11 +24,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import pandas as pd
-
 from usage_billing.sources.layout import Partition, Window
 
 if TYPE_CHECKING:
+    import pandas as pd
     import sqlalchemy as sa
 
     from usage_billing.settings import Settings

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pandas as pd
-
+from usage_billing.frames import pd
 from usage_billing.sources.base import QueryCost, ReadRequest, SourceKind
 from usage_billing.sources.layout import COPIES, TABLE, Window
 

@@ -9,6 +9,10 @@ is in ``usage_billing.delivery`` (the core) and the destination hooks (transport
 * :class:`QueuedBackfillOperator` sends what the partitions queued past the grace period, one
   backfill per UTC day for the whole run;
 * :class:`DeliveryReportOperator` adds the partitions' summaries up and fails the run if any failed.
+
+The delivery core and the hooks (pandas, pyarrow, requests) are imported inside ``execute()``:
+Airflow imports this module whenever it parses a DAG file, in the DAG processor and in every task
+process, and most of those never deliver anything.
 """
 
 from __future__ import annotations
@@ -19,14 +23,12 @@ import importlib
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from billing_airflow.hooks.base import BillingApiHook
 from billing_airflow.operators.run_request import DELIVER, MODES, REPLACE, REPLAY_REJECTED, run_request
-from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected, send_queued, sweep
 from usage_billing.destinations import DESTINATIONS, Destination, get_destination
 from usage_billing.destinations.kind import Capabilities
 from usage_billing.ledger import Ledger, RunRef
@@ -34,6 +36,9 @@ from usage_billing.settings import ConfigError, Settings, load_settings
 from usage_billing.sources import Partition, Source, Window, kind_for
 from usage_billing.sources.postgres import create_engine, sqlalchemy_url
 from usage_billing.sources.postgres.connection import connection_type
+
+if TYPE_CHECKING:
+    from billing_airflow.hooks.base import BillingApiHook
 
 
 def hook_class(destination: str) -> type[BillingApiHook]:
@@ -60,15 +65,24 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
                           f"(PostgreSQL), which {kind.name} is not; point ledger.conn_id at a postgres connection "
                           f"other than source.conn_id {settings.source.conn_id!r}")
     source = kind.open(settings)
-    shared = same_connection
-    engine = source.engine if shared else create_engine(sqlalchemy_url(settings.ledger.conn_id),
-                                                        [settings.ledger.schema_])
     try:
-        yield source, Ledger(engine, settings.ledger.schema_)
+        if same_connection:
+            yield source, Ledger(source.engine, settings.ledger.schema_)
+        else:
+            with open_ledger(settings) as ledger:
+                yield source, ledger
     finally:
         source.close()
-        if not shared:
-            engine.dispose()
+
+
+@contextlib.contextmanager
+def open_ledger(settings: Settings) -> Iterator[Ledger]:
+    """The ledger alone, on an engine of its own (closed afterwards)."""
+    engine = create_engine(sqlalchemy_url(settings.ledger.conn_id), [settings.ledger.schema_])
+    try:
+        yield Ledger(engine, settings.ledger.schema_)
+    finally:
+        engine.dispose()
 
 
 ALL_TABLES = "*"
@@ -140,6 +154,8 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         self.partition = partition
 
     def execute(self, context: Any) -> dict:
+        from usage_billing.delivery import DeliveryJob, deliver_window, replace_window, replay_rejected
+
         settings = self.settings()
         destination = get_destination(self.destination, settings)
         request = run_request(context, settings, self.mode, self.destination)
@@ -183,6 +199,8 @@ class QueuedBackfillOperator(_ConfiguredOperator):
     earlier run left queued (a run that failed before its backfill task)."""
 
     def execute(self, context: Any) -> dict:
+        from usage_billing.delivery import DeliveryJob, send_queued
+
         settings = self.settings()
         destination = get_destination(self.destination, settings)
         run = RunRef(dag_id=context["dag"].dag_id, run_id=context["run_id"])
@@ -205,6 +223,7 @@ class DeliveryReportOperator(_ConfiguredOperator):
         self.backfill_task_id = backfill_task_id
 
     def execute(self, context: Any) -> dict:
+        self.refresh_ledger_statistics()
         ti = context["ti"]
         planned = ti.xcom_pull(task_ids=self.plan_task_id)
         if planned is None:
@@ -251,6 +270,18 @@ class DeliveryReportOperator(_ConfiguredOperator):
         check_rejected_share(self.destination, total, reasons, self.settings())
         return dict(total)
 
+    def refresh_ledger_statistics(self) -> None:
+        """ANALYZE the ledger when this run's marks left its statistics stale, for the next run's
+        "already delivered" filter (:meth:`Ledger.refresh_statistics` says why it is done after the
+        deliveries, not in them). First, so a failed partition does not skip it; a failure only
+        warns: the statistics help the next run's plan, they decide nothing about billing."""
+        try:
+            with open_ledger(self.settings()) as ledger:
+                if ledger.refresh_statistics():
+                    self.log.info("ledger %s: statistics refreshed (ANALYZE) for the next run", ledger.schema)
+        except Exception as error:
+            self.log.warning("ledger statistics not refreshed (%s): the next run's report tries again", error)
+
 
 def check_fields(destination: Destination, columns: dict[str, list[str]], schema: str, log: Any) -> None:
     """Name configured fields that no event table has: a required one fails the run before anything
@@ -289,6 +320,8 @@ class CompletenessSweepOperator(_ConfiguredOperator):
     """Deliver whatever the horizon holds that is neither delivered nor rejected; log a per-day table."""
 
     def execute(self, context: Any) -> dict:
+        from usage_billing.delivery import DeliveryJob, sweep
+
         settings = self.settings()
         destination = get_destination(self.destination, settings)
         end = datetime.fromtimestamp(context["data_interval_end"].timestamp(), UTC)
@@ -297,6 +330,7 @@ class CompletenessSweepOperator(_ConfiguredOperator):
         hook = open_hook(destination, settings)
         with open_warehouse(settings) as (source, ledger), hook:
             ledger.create()
+            ledger.refresh_statistics()  # not on an hourly run's path: the sweep's filter spans days
             report = sweep(DeliveryJob.from_settings(settings, destination, source, ledger, hook, run),
                            settings.source.events, window)
         for delivery in report.deliveries:

@@ -7,8 +7,6 @@ from typing import Any
 
 from billing_airflow.operators.deliver import _ConfiguredOperator, open_hook, open_warehouse
 from billing_airflow.operators.run_request import DELIVER, REPLACE, run_request
-from usage_billing.delivery import DeliveryJob
-from usage_billing.delivery.dry_run import dry_run
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import RunRef
 from usage_billing.settings import Settings
@@ -51,6 +49,10 @@ class DryRunOperator(_ConfiguredOperator):
         return window
 
     def execute(self, context: Any) -> dict:
+        # Imported here, not when a DAG file is parsed (see billing_airflow.operators.deliver).
+        from usage_billing.delivery import DeliveryJob
+        from usage_billing.delivery.dry_run import dry_run
+
         if self.mode not in ("deliver", "replace"):
             raise ValueError(f"param mode: {self.mode!r} is not deliver or replace")
         settings = self.settings()

@@ -11,11 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from billing_airflow.operators.deliver import _ConfiguredOperator, open_hook, open_warehouse
-from usage_billing.delivery import DeliveryJob
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import RunRef
-from usage_billing.reconcile import Checking, reconcile
-from usage_billing.reconcile.compare import hour_of
 
 
 class ReconcileOperator(_ConfiguredOperator):
@@ -38,12 +35,16 @@ class ReconcileOperator(_ConfiguredOperator):
     def loaded_before(self, context: Any) -> datetime:
         """Rows loaded from this moment on are the hourly runs' next job, not a difference: the end of
         the sweep's scan in the daily DAG, the start of the current hour on demand."""
+        from usage_billing.reconcile.compare import hour_of
+
         end = context.get("data_interval_end")
         if self.start or end is None:
             return hour_of(datetime.now(UTC))
         return datetime.fromtimestamp(end.timestamp(), UTC)
 
     def range(self, context: Any, horizon) -> tuple[datetime, datetime]:
+        from usage_billing.reconcile.compare import hour_of
+
         given = [value for value in (self.start, self.end) if value and value != "None"]
         if len(given) == 2:
             start, end = _utc(given[0]), _utc(given[1])
@@ -57,6 +58,10 @@ class ReconcileOperator(_ConfiguredOperator):
         return start, end
 
     def execute(self, context: Any) -> dict:
+        # Imported here, not when a DAG file is parsed (see billing_airflow.operators.deliver).
+        from usage_billing.delivery import DeliveryJob
+        from usage_billing.reconcile import Checking, reconcile
+
         settings = self.settings()
         destination = get_destination(self.destination, settings)
         start, end = self.range(context, settings.sweep.horizon)

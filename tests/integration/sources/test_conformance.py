@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 from usage_billing import sample_data
 from usage_billing.sources import Partition, ReadRequest, Window
-from usage_billing.sources.postgres import SqlSource, create_engine
+from usage_billing.sources.postgres import create_engine
+from usage_billing.sources.postgres.source import SqlSource
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 START = datetime(2026, 11, 20, 0, 0, tzinfo=UTC)

@@ -64,12 +64,13 @@ def test_the_producer_stays_at_most_depth_items_ahead():
     source = Source(1_000)
     ahead = read_ahead(iter(source), "test", depth=1)
     assert next(ahead) == 0
-    # One taken, one queued, one produced and waiting for room: the producer cannot get further
-    # until the consumer takes the next item. (The wait is a liveness guard, not a timing.)
-    assert source.reached(3, timeout=30)
-    assert source.produced == 3
+    # One taken, one produced ahead: the producer starts no further item (which would sit in memory
+    # waiting for room) until the consumer takes the next one. (The wait is a liveness guard, not a timing.)
+    assert source.reached(2, timeout=30)
+    assert not source.reached(3, timeout=0.5) and source.produced == 2
     assert next(ahead) == 1
-    assert source.reached(4, timeout=30) and source.produced == 4
+    assert source.reached(3, timeout=30)
+    assert not source.reached(4, timeout=0.5) and source.produced == 3
     ahead.close()
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from tests.unit.destinations.conftest import segment_frame
-from usage_billing.destinations import kable
 from usage_billing.destinations.kable import KableSettings
+from usage_billing.destinations.kable import mapping as kable
 
 
 def settings(**overrides) -> KableSettings:

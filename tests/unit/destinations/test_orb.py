@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 
 from tests.unit.destinations.conftest import segment_frame
-from usage_billing.destinations import orb
 from usage_billing.destinations.orb import OrbSettings
+from usage_billing.destinations.orb import mapping as orb
 
 
 def settings(**overrides) -> OrbSettings:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import pandas as pd
-
 from usage_billing.destinations.base import (
     Mapped,
     RowProblems,
@@ -32,7 +30,10 @@ from usage_billing.destinations.base import (
     scalar_column,
     without_nulls,
 )
+from usage_billing.destinations.kable import KIND
 from usage_billing.destinations.kable.settings import KableSettings
+from usage_billing.destinations.kind import Destination
+from usage_billing.frames import pd
 from usage_billing.sources.layout import column_for, is_property_column, property_column
 
 
@@ -87,3 +88,18 @@ def map_events(frame: pd.DataFrame, settings: KableSettings, now: datetime) -> M
         if good
     ]
     return finish(frame, keys, payloads, problems, clients)
+
+
+def destination(config: KableSettings) -> Destination:
+    """Kable bound to one configuration (``KIND.build`` names this function)."""
+    fields = (("client_id_field", config.client_id_field, column_for(config.client_id_field), True),
+              *(("properties_mappings", s, property_column(s), False) for s in config.properties_mappings))
+    name_key = config.event_name_key
+    return Destination(
+        name=KIND.name, settings=config,
+        map_events=lambda frame, now: map_events(frame, config, now),
+        required_columns=lambda columns: required_columns(config, columns),
+        mapped_fields=fields,
+        describe=lambda payload: (payload["clientId"], payload["data"].get(name_key) if name_key else None),
+        old_event_warning=config.late_event_warning,
+        future_limit=config.future_event_limit)

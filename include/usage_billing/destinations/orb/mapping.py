@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-import pandas as pd
-
 from usage_billing.destinations.base import (
     Mapped,
     RowProblems,
@@ -33,7 +31,10 @@ from usage_billing.destinations.base import (
     scalar_column,
     without_nulls,
 )
+from usage_billing.destinations.kind import Destination
+from usage_billing.destinations.orb import KIND
 from usage_billing.destinations.orb.settings import OrbSettings
+from usage_billing.frames import pd
 from usage_billing.sources.layout import column_for, property_column
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -94,3 +95,22 @@ def map_events(frame: pd.DataFrame, settings: OrbSettings, now: datetime) -> Map
         if good
     ]
     return finish(frame, keys, payloads, problems, customers)
+
+
+def destination(config: OrbSettings) -> Destination:
+    """Orb bound to one configuration (``KIND.build`` names this function)."""
+    fields = (("external_customer_id_field", config.external_customer_id_field,
+               column_for(config.external_customer_id_field), True),
+              *(("properties_mapping", s, property_column(s), False) for s in config.properties_mapping))
+    return Destination(
+        name=KIND.name, settings=config,
+        map_events=lambda frame, now: map_events(frame, config, now),
+        required_columns=lambda columns: required_columns(config, columns),
+        mapped_fields=fields,
+        describe=lambda payload: (payload["external_customer_id"], payload["event_name"]),
+        capabilities=KIND.capabilities,
+        key_column=column_for(config.idempotency_key_field),
+        # The margin covers the time between mapping an event and Orb receiving it (retries).
+        grace=config.grace_period - config.grace_margin,
+        future_limit=FUTURE_TOLERANCE,
+        unknown_customers=config.unknown_customers)

@@ -29,8 +29,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pandas as pd
-
+from usage_billing.frames import pd
 from usage_billing.naming import check_identifier
 from usage_billing.sources import arrow
 from usage_billing.sources.base import QueryCost, ReadRequest, SourceKind

@@ -9,61 +9,24 @@ delivered rows never leave the database.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import pandas as pd
-from sqlalchemy.engine import Engine
-
-from usage_billing.sources.base import QueryCost, ReadRequest, SourceKind
-from usage_billing.sources.layout import Window
-from usage_billing.sources.postgres import reader
+from usage_billing.sources.base import SourceKind
 from usage_billing.sources.postgres.connection import create_engine, sqlalchemy_url
 
 if TYPE_CHECKING:
     from usage_billing.settings import Settings
+    from usage_billing.sources.postgres.source import SqlSource
 
-__all__ = ["KIND", "SqlSource", "create_engine", "sqlalchemy_url"]
-
-
-class SqlSource:
-    """The SQL source over one engine; :attr:`engine` may also be the ledger's."""
-
-    def __init__(self, engine: Engine, schema: str, kind: SourceKind | None = None):
-        self.engine = engine
-        self.schema = schema
-        self.kind = kind or KIND
-        self.cost = QueryCost()
-
-    def table_columns(self, table: str) -> list[str] | None:
-        with self.engine.connect() as conn:
-            return reader.table_columns(conn, self.schema, table)
-
-    def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
-        # The chunks are read from one connection, closed after the reader (which cancels an
-        # unfinished COPY) when the consumer closes this generator.
-        self.cost.add()
-        with self.engine.connect() as conn:
-            yield from reader.read_events(conn, self.schema, request)
-
-    def count_rows(self, table: str, window: Window, loaded_at_column: str) -> int:
-        with self.engine.connect() as conn:
-            return reader.count_window(conn, self.schema, table, window, loaded_at_column)
-
-    def count_events(self, request: ReadRequest) -> int:
-        with self.engine.connect() as conn:
-            return reader.count_events(conn, self.schema, request)
-
-    def shares_database_with(self, engine: object) -> bool:
-        return engine is self.engine
-
-    def close(self) -> None:
-        self.engine.dispose()
+__all__ = ["KIND", "create_engine", "open_sql_source", "sqlalchemy_url"]
 
 
 def open_sql_source(settings: Settings) -> SqlSource:
     """The source of ``source.conn_id`` (a postgres or sqlite connection). SQLite has no schemas:
     the ledger's schema is attached too, in case the ledger shares this database."""
+    # Imported here: the registry is read when DAGs are parsed, and the reader needs pandas.
+    from usage_billing.sources.postgres.source import SqlSource
+
     source = settings.source
     schemas = [source.schema_, settings.ledger.schema_]
     return SqlSource(create_engine(sqlalchemy_url(source.conn_id), schemas), source.schema_)

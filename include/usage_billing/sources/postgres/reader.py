@@ -13,10 +13,10 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from usage_billing.frames import pd
 from usage_billing.sources.base import ReadRequest
 from usage_billing.sources.layout import COPIES, TABLE, Window
 

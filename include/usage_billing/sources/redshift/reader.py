@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pandas as pd
-
+from usage_billing.frames import pd
 from usage_billing.naming import check_identifier
 from usage_billing.sources.base import QueryCost, ReadRequest, SourceKind
 from usage_billing.sources.layout import COPIES, TABLE, Window
