@@ -169,8 +169,8 @@ def test_a_window_split_into_hash_partitions_is_delivered_once_by_mapped_tasks(s
             qualified = f'"{stack["schema"]}".{table}'
             for days in (2, 3):
                 conn.execute(sa.text(
-                    f"INSERT INTO {qualified} SELECT * FROM {qualified} WHERE user_id IS NOT NULL "
-                    f"AND received_at < :first LIMIT 6"), {"first": stack["first_hour"]})
+                    f"INSERT INTO {qualified} SELECT DISTINCT ON (id) * FROM {qualified} WHERE user_id IS NOT NULL "
+                    f"AND received_at < :first AND id NOT LIKE 'late-%' LIMIT 6"), {"first": stack["first_hour"]})
                 conn.execute(sa.text(
                     f"UPDATE {qualified} SET id = 'late-{days}d-' || id, received_at = :loaded, "
                     f"timestamp = timestamp - interval '{days} days' WHERE ctid IN (SELECT ctid FROM {qualified} "
