@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -175,6 +176,9 @@ class LocalAirflow:
         self._start_sandboxes()
         self._mark("sandboxes up")
         self.env = self._airflow_env()
+        self.cli_env = self.home / "env.sh"
+        self.cli_env.write_text(cli_env_script(self.env))
+        self.cli_env.chmod(0o600)
         self.run_airflow("db", "migrate")
         self._mark("db migrate")
         self._start_api_server()
@@ -496,8 +500,28 @@ class LocalAirflow:
             f"  sandboxes:  Orb {self.orb_url}, Kable {self.kable_url} (what they received: <url>/_sandbox/events)",
             f"  metadata:   {self.metadata_url.render_as_string()}",
             f"  logs:       {self.logs}/<service>.log; task logs under {self.logs}/dag_id=...",
+            f"  CLI:        . {_shown(self.cli_env)}   (then `airflow ...` in that shell reaches this Airflow)",
             "Ctrl-C stops everything.",
         ])
+
+
+def cli_env_script(env: Mapping[str, str]) -> str:
+    """Shell lines giving a terminal the services' environment (``. <home>/env.sh``): Airflow's settings and
+    connections, the configuration file, PYTHONPATH, and this environment's ``bin`` first on PATH, so that
+    ``airflow dags trigger ...`` typed there acts on this Airflow's metadata database, as the services do."""
+    lines = ["# Written by make airflow: `. <this file>`, then `airflow ...` in that shell reaches the local Airflow.",
+             f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())
+              if name.startswith(("AIRFLOW", "USAGE_BILLING")) or name == "PYTHONPATH"]
+    return "\n".join(lines) + "\n"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (what a user types)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -8,7 +8,7 @@
 4. prints what each destination received, from the sandboxes' own records and the ledger.
 
 Run it again and it delivers nothing new: the ledger skips what was delivered. ``--fresh`` starts
-over. ``--hours`` and ``--events-per-hour`` size the sample.
+over. ``--hours`` and ``--events-per-hour`` size a new sample (with ``--fresh`` when one exists).
 
 ``--warehouse snowflake`` or ``--warehouse bigquery`` reads the same sample from a local emulator
 instead (``usage_billing.sandbox.warehouses``: fakesnow's server in this process, bqemulator as a
@@ -37,13 +37,18 @@ PROJECT = Path(__file__).resolve().parents[2]
 API_KEYS = {"orb": "demo-orb-api-key", "kable_client": "kci_demo", "kable": "sk_test.demo"}
 WAREHOUSES = ("sqlite", "snowflake", "bigquery")
 LEDGER_CONN_ID = "billing_ledger"
+DEFAULT_HOURS = 6
+DEFAULT_EVENTS_PER_HOUR = 300
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="make run", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", default=str(PROJECT / ".demo"), help="where the demo keeps its files")
-    parser.add_argument("--hours", type=int, default=6, help="hourly runs to execute (and hours of sample data)")
-    parser.add_argument("--events-per-hour", type=int, default=300)
+    parser.add_argument("--hours", type=int, default=None,
+                        help=f"hourly runs to execute and hours of sample data (default {DEFAULT_HOURS}; "
+                             f"an existing sample keeps its own)")
+    parser.add_argument("--events-per-hour", type=int, default=None,
+                        help=f"sample events per hour and event type (default {DEFAULT_EVENTS_PER_HOUR})")
     parser.add_argument("--fresh", action="store_true", help="delete the demo state and start over")
     parser.add_argument("--verbose", action="store_true", help="show Airflow's own task logs")
     parser.add_argument("--warehouse", choices=WAREHOUSES, default="sqlite",
@@ -121,15 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     warehouse_db = state / "warehouse.db"
     # With an emulated warehouse the ledger has a file of its own; the embedded one shares the warehouse's.
     ledger_db = state / "ledger.db" if emulated else warehouse_db
+    marker = state / "sample.json"
+    sample = json.loads(marker.read_text()) if marker.exists() else None
+    args.hours, args.events_per_hour = sample_size(args.hours, args.events_per_hour, sample, state)
     now = datetime.now(UTC)
     last_hour = now.replace(minute=0, second=0, microsecond=0)
     first_hour = last_hour - timedelta(hours=args.hours)
-    marker = state / "sample.json"
-    sample = json.loads(marker.read_text()) if marker.exists() else None
     if sample:
         first_hour, now = datetime.fromisoformat(sample["first_hour"]), datetime.fromisoformat(sample["created_at"])
-        if emulated:  # the emulator is refilled with exactly the rows of the first run
-            args.hours, args.events_per_hour = sample["hours"], sample["events_per_hour"]
     if not emulated:
         engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
         if not sample:
@@ -207,6 +211,25 @@ def main(argv: list[str] | None = None) -> int:
     if not new["orb"] and not new["kable"]:
         print("Nothing new was delivered: every event in these windows is already in the ledger.")
     return 1 if any(runs.values()) else 0
+
+
+def sample_size(hours: int | None, events_per_hour: int | None, sample: dict | None,
+                state: Path) -> tuple[int, int]:
+    """Hours to run and events per hour: the flags' (or the defaults) for a new sample; an existing
+    sample's own, since its rows cover only its hours (an emulator is refilled with exactly them).
+    A size that contradicts the existing sample fails, naming ``--fresh``, instead of being ignored."""
+    if not sample:
+        return (DEFAULT_HOURS if hours is None else hours,
+                DEFAULT_EVENTS_PER_HOUR if events_per_hour is None else events_per_hour)
+    kept = {"--hours": sample.get("hours", DEFAULT_HOURS),
+            "--events-per-hour": sample.get("events_per_hour", DEFAULT_EVENTS_PER_HOUR)}
+    asked = {"--hours": hours, "--events-per-hour": events_per_hour}
+    conflicts = [f"{flag} {asked[flag]}" for flag in kept if asked[flag] is not None and asked[flag] != kept[flag]]
+    if conflicts:
+        raise SystemExit(f"make run: the sample in {state} was made with --hours {kept['--hours']} "
+                         f"--events-per-hour {kept['--events-per-hour']}; for {' '.join(conflicts)} add --fresh "
+                         f"(it starts over with a new sample)")
+    return kept["--hours"], kept["--events-per-hour"]
 
 
 def _emulator_settings(state: Path, warehouse: str):

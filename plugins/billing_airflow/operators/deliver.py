@@ -267,7 +267,12 @@ class DeliveryReportOperator(_ConfiguredOperator):
             raise AirflowFailException(f"{len(planned) - len(delivered)} of {len(planned)} partitions did not finish; "
                                        f"see the deliver task logs. Clearing the failed tasks re-sends what is "
                                        f"missing.")
-        check_rejected_share(self.destination, total, reasons, self.settings())
+        # The share is of the deliver tasks' events: what they sent, what they queued for a backfill (whichever
+        # run's backfill task then sends it: concurrent runs of a backfill race for each day's queue) and what
+        # they rejected; the backfill task's own sends are those queued events, or other runs'.
+        share = Counter({k: sum(r.get(k, 0) for r in delivered) for k in ("accepted", "queued")})
+        share.update({k: total[k] for k in ("rejected", "rejected_before")})
+        check_rejected_share(self.destination, share, reasons, self.settings())
         return dict(total)
 
     def refresh_ledger_statistics(self) -> None:
@@ -305,10 +310,10 @@ def check_rejected_share(destination: str, total: Counter, reasons: Counter, set
     """Fail the run when it rejected more of its events than ``max_rejected_share`` allows.
 
     Only this run's new rejections count (an event an earlier run already rejected is not a new
-    mistake), against the events it settled: accepted plus newly rejected."""
+    mistake), against the events it settled: accepted, queued for a backfill, plus newly rejected."""
     limit = settings.destination(destination).max_rejected_share
     new = total["rejected"] - total["rejected_before"]
-    settled = total["accepted"] + new
+    settled = total["accepted"] + total["queued"] + new
     if settled and new / settled > limit:
         top = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(3))
         raise RuntimeError(f"{destination}: this run rejected {new} of {settled} events ({new / settled:.0%}), more "
