@@ -30,7 +30,8 @@ from usage_billing.delivery.runs import deliver_window, replace_window, send_que
 from usage_billing.ledger import QUEUED, REJECTED
 from usage_billing.sources import Partition, Window
 
-_WRITES = ("mark_delivered", "mark_rejected", "record_backfill", "create", "refresh_statistics", "record_finding")
+# Writes without a mark_ or record_ prefix; mark_rejected and mark_delivered are methods below.
+_WRITES = ("create", "refresh_statistics")
 
 
 class ReadOnlyLedger:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
 
@@ -57,8 +58,7 @@ def deliver_window(job: DeliveryJob, partition: Partition, window: Window) -> De
     if not due:
         return report
     label = f"{len(due)} held events now due"
-    held = [deliver(job, Scope(Partition(partition.table), ids=due[start:start + REPLAY_BATCH], label=label))
-            for start in range(0, len(due), REPLAY_BATCH)]
+    held = deliver_ids(job, partition.table, due, label)
     combined = DeliveryReport.combine([report, *held], report)
     combined.notes.append(f"{label}: {sum(r.accepted for r in held)} delivered")
     return combined
@@ -76,9 +76,17 @@ def replay_rejected(job: DeliveryJob, table: str, reason_contains: str | None = 
     message_ids = list(dict.fromkeys(r["message_id"] for r in rows if r["message_id"]))
     label = f"replay of {len(message_ids)} rejected events" + (
         f" whose reason contains {reason_contains!r}" if reason_contains else "")
-    reports = [deliver(job, Scope(Partition(table), ids=message_ids[start:start + REPLAY_BATCH], label=label))
-               for start in range(0, len(message_ids), REPLAY_BATCH)]
+    reports = deliver_ids(job, table, message_ids, label)
     return DeliveryReport.combine(reports, DeliveryReport(name, table, label, mode="replay_rejected"))
+
+
+def deliver_ids(job: DeliveryJob, table: str, message_ids: Sequence[str], label: str,
+                into_backfill_id: str | None = None) -> list[DeliveryReport]:
+    """Deliver chosen rows of one table, read back by message id ``REPLAY_BATCH`` at a time (held
+    events now due, a replay, a day's queued events into its backfill)."""
+    return [deliver(job, Scope(Partition(table), ids=message_ids[start:start + REPLAY_BATCH], label=label,
+                               into_backfill_id=into_backfill_id))
+            for start in range(0, len(message_ids), REPLAY_BATCH)]
 
 
 def replace_window(job: DeliveryJob, tables: list[str], window: Window) -> DeliveryReport:
@@ -192,9 +200,8 @@ def send_queued(job: DeliveryJob, this_run_only: bool = False) -> DeliveryReport
                 by_table: dict[str, list[str]] = {}
                 for row in rows:
                     by_table.setdefault(row["event_table"], []).append(row["message_id"])
-                day_reports = [deliver(job, Scope(Partition(table), ids=ids[at:at + REPLAY_BATCH],
-                                                  into_backfill_id=backfill["id"], label=label))
-                               for table, ids in sorted(by_table.items()) for at in range(0, len(ids), REPLAY_BATCH)]
+                day_reports = [report for table, ids in sorted(by_table.items())
+                               for report in deliver_ids(job, table, ids, label, backfill["id"])]
                 ledger.record_backfill(name, backfill, job.run, events_sent=sum(r.accepted for r in day_reports))
             reports += day_reports
             _reject_gone(job, rows)

@@ -234,7 +234,7 @@ class DeliveryReportOperator(_ConfiguredOperator):
                                        "the run")
         pulled = ti.xcom_pull(task_ids=self.deliver_task_id)
         # One mapped instance comes back as its value, several as a sequence.
-        reports = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
+        delivered = [r for r in ([pulled] if isinstance(pulled, dict) else list(pulled or [])) if r]
         total: Counter = Counter()
         reasons: Counter = Counter()
         columns = {"unique_events": "events", "already_delivered": "skipped", "queued": "queued", "sent": "sent",
@@ -243,17 +243,16 @@ class DeliveryReportOperator(_ConfiguredOperator):
         keys = tuple(columns)
         lines = [f"{'partition':<28}" + "".join(f"{header:>10}" for header in columns.values())]
         backfill = ti.xcom_pull(task_ids=self.backfill_task_id) if self.backfill_task_id else None
-        if backfill:
-            # Its events were read, and counted, by the deliver tasks that queued them.
-            reports.append({**backfill, "partition": f"backfill ({backfill.get('backfills', 0)} for the run)",
-                            "unique_events": 0})
-        for report in reports:
+        # The backfill task's events were read, and counted, by the deliver tasks that queued them.
+        rows = delivered + ([{**backfill, "partition": f"backfill ({backfill.get('backfills', 0)} for the run)",
+                              "unique_events": 0}] if backfill else [])
+        for report in rows:
             total.update({k: report.get(k, 0) for k in keys})
             reasons.update({reason: count for reason, count in report.get("top_reasons", [])})
             lines.append(f"{report['partition']:<28}" + "".join(f"{report.get(k, 0):>10}" for k in keys))
         lines.append(f"{'TOTAL':<28}" + "".join(f"{total[k]:>10}" for k in keys))
         self.log.info("run report: destination=%s, %d of %d partitions reported\n%s%s", self.destination,
-                      len(reports) - bool(backfill), len(planned), "\n".join(lines),
+                      len(delivered), len(planned), "\n".join(lines),
                       "".join(f"\n  {count:>8} x {reason}" for reason, count in reasons.most_common(5))
                       + "\n  (rejected: this run's rejections; known rej: of those, events already rejected by an "
                         "earlier run)")
@@ -262,7 +261,6 @@ class DeliveryReportOperator(_ConfiguredOperator):
             raise AirflowFailException(f"the {task} task did not finish: {total['queued']} events past the grace "
                                        f"period are queued, not sent; clear it to send them (the next run's {task} "
                                        f"task also sends them)")
-        delivered = [r for r in reports if not r["partition"].startswith("backfill (")]
         if len(delivered) < len(planned):
             raise AirflowFailException(f"{len(planned) - len(delivered)} of {len(planned)} partitions did not finish; "
                                        f"see the deliver task logs. Clearing the failed tasks re-sends what is "
