@@ -90,7 +90,8 @@ class DeliveryReport:
             total.stages.update(report.stages)
             total.notes.extend(report.notes)
             total.lateness_seconds.extend(report.lateness_seconds)
-        total.cost = "; ".join(r.cost for r in reports if r.cost)
+        # A source counts its queries for its whole task, so the latest report's cost is the total.
+        total.cost = next((r.cost for r in reversed(reports) if r.cost), "")
         return total
 
     def to_dict(self) -> dict:

@@ -37,3 +37,10 @@ def test_late_events_say_they_went_through_backfills_past_the_grace_period():
 def test_lateness_is_summarised_in_human_units():
     assert lateness_summary([5, 90, 7200]) == {"median": "1.5m", "p99": "2.0h", "max": "2.0h"}
     assert lateness_summary([]) == {}
+
+
+def test_combined_reports_state_the_tasks_warehouse_cost_once():
+    """A task's source counts every query it made; each report carries the running total."""
+    first = DeliveryReport("orb", "api_call", "w", cost="1 queries")
+    second = DeliveryReport("orb", "tokens_used", "w", cost="2 queries")
+    assert DeliveryReport.combine([first, second], first).cost == "2 queries"
