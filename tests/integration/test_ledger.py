@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from usage_billing.destinations.base import Rejection
-from usage_billing.ledger import EventRefs, Ledger, Route, RunRef
+from usage_billing.ledger import EventRefs, Ledger, RetryRejected, Route, RunRef
 from usage_billing.sources.postgres import create_engine
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -53,7 +53,7 @@ def row(book: Ledger, key: str, destination: str = "orb") -> dict:
 
 def test_delivered_keys_are_known_and_the_rest_are_not(ledger):
     deliver(ledger, RUN_A, ["a", "b"])
-    assert ledger.known_keys("orb", ["a", "b", "c"]) == {"a", "b"}
+    assert ledger.known_keys("orb", ["a", "b", "c"], RetryRejected.ALWAYS) == {"a", "b"}
     assert ledger.counts("orb") == {"orb": {"delivered": 2}}
     recorded = row(ledger, "a")
     assert recorded["message_id"] == "msg-a" and recorded["event_table"] == "api_call"
@@ -62,7 +62,7 @@ def test_delivered_keys_are_known_and_the_rest_are_not(ledger):
 
 def test_destinations_are_independent(ledger):
     deliver(ledger, RUN_A, ["a"])
-    assert ledger.known_keys("kable", ["a"]) == set()
+    assert ledger.known_keys("kable", ["a"], RetryRejected.ALWAYS) == set()
 
 
 def test_rejected_keys_are_recorded_with_reason_and_retried_unless_the_sweep_asks(ledger):
@@ -71,8 +71,8 @@ def test_rejected_keys_are_recorded_with_reason_and_retried_unless_the_sweep_ask
     assert ledger.rejected_reasons("orb") == [("no external customer ID", 2)]
     rows = ledger.rejected("orb")
     assert [r["idempotency_key"] for r in rows] == ["x", "y"] and rows[0]["event_table"] == "api_call"
-    assert ledger.known_keys("orb", ["x"]) == set(), "a normal run retries a rejected event it extracts again"
-    assert ledger.known_keys("orb", ["x"], retry_rejected=False) == {"x"}, "the sweep leaves it to a replay"
+    assert ledger.known_keys("orb", ["x"], RetryRejected.ALWAYS) == set(), "a replay sends a rejected event again"
+    assert ledger.known_keys("orb", ["x"], RetryRejected.NEVER) == {"x"}, "the sweep leaves it to a replay"
     assert ledger.rejected_tables("orb") == ["api_call"]
 
 
@@ -101,7 +101,7 @@ def test_replace_mode_keeps_the_earlier_delivery_in_the_history(ledger):
 def test_a_quote_or_backslash_in_a_key_survives_the_array_encoding(ledger):
     keys = ['we"ird', "back\\slash", "comma,brace}", "ünï"]
     deliver(ledger, RUN_A, keys)
-    assert ledger.known_keys("orb", keys) == set(keys)
+    assert ledger.known_keys("orb", keys, RetryRejected.ALWAYS) == set(keys)
 
 
 @pytest.mark.parametrize("keys", [
@@ -112,7 +112,7 @@ def test_a_quote_or_backslash_in_a_key_survives_the_array_encoding(ledger):
 ])
 def test_array_literals_round_trip_exactly(ledger, keys):
     deliver(ledger, RUN_A, keys)
-    assert ledger.known_keys("orb", [*keys, "absent"]) == set(keys)
+    assert ledger.known_keys("orb", [*keys, "absent"], RetryRejected.ALWAYS) == set(keys)
     assert {row(ledger, key)["message_id"] for key in keys} == {f"msg-{key}" for key in keys}
 
 

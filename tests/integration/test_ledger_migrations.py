@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from tests.integration.conftest import config
 from usage_billing import cli
 from usage_billing.destinations.base import Rejection
-from usage_billing.ledger import EventRefs, Ledger, RunRef, migrate
+from usage_billing.ledger import EventRefs, Ledger, RetryRejected, RunRef, migrate
 from usage_billing.ledger.tables import ledger_tables
 from usage_billing.sources.postgres import create_engine
 
@@ -160,7 +160,7 @@ def test_a_ledger_from_before_versioning_is_upgraded_in_place_without_losing_a_r
     start_at_once(3, lambda: Ledger(engine, schema).create())
 
     ledger = Ledger(engine, schema)
-    assert ledger.current_revision() == migrate.head() == "0006"
+    assert ledger.current_revision() == migrate.head() == "0007"
     assert snapshot(engine, previous) == before, "every earlier row is still there, value for value"
     with engine.connect() as conn:
         new_columns = conn.execute(sa.select(ledger.table.c.customer_id, ledger.table.c.event_name)).all()
@@ -168,7 +168,7 @@ def test_a_ledger_from_before_versioning_is_upgraded_in_place_without_losing_a_r
     assert schema_differences(engine, schema) == [], "the upgraded tables are the ones tables.py describes"
 
     # The protocol works on the upgraded rows, and the new columns are filled from the marks.
-    assert ledger.known_keys("orb", ["k-delivered", "k-rejected"]) == {"k-delivered"}
+    assert ledger.known_keys("orb", ["k-delivered", "k-rejected"], RetryRejected.ALWAYS) == {"k-delivered"}
     ledger.mark_rejected("orb", RUN, [Rejection("k-delivered", "m-1", "api_call", "late rejection")], T1)
     ledger.mark_delivered("orb", RUN, EventRefs(["k-rejected", "k-new"], ["m-2", "m-4"], ["api_call"] * 2, [T0, T1],
                                                 customer_ids=["cus_2", "cus_4"], event_names=["api_call", None]), T1)
@@ -290,4 +290,4 @@ def test_a_ledger_upgraded_by_a_newer_release_is_left_alone(database):
     ledger.create()
     assert ledger.current_revision() == "0099"
     ledger.mark_delivered("orb", RUN, EventRefs(["k"], ["m"], ["api_call"], [T0]), T0)
-    assert ledger.known_keys("orb", ["k"]) == {"k"}
+    assert ledger.known_keys("orb", ["k"], RetryRejected.ALWAYS) == {"k"}

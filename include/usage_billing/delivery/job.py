@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from usage_billing.delivery.contract import Sender
 from usage_billing.destinations import Destination
-from usage_billing.ledger import Ledger, RunRef
+from usage_billing.ledger import Ledger, RetryRejected, RunRef
 from usage_billing.sources import Partition, Source, Window
 
 if TYPE_CHECKING:
@@ -55,6 +55,13 @@ class DeliveryJob:
         return cls(destination=destination, sender=sender, source=source, ledger=ledger, run=run,
                    loaded_at_column=settings.source.loaded_at_column, chunk_size=settings.source.chunk_size,
                    concurrency=destination.settings.concurrency)
+
+    def retry_for(self, scope: Scope) -> RetryRejected:
+        """Whether ``scope``'s delivery sends again what the ledger holds as rejected: a replay (chosen
+        ids) always, a window only where the row was loaded again since, the sweep never."""
+        if not self.retry_rejected:
+            return RetryRejected.NEVER
+        return RetryRejected.ALWAYS if scope.ids is not None else RetryRejected.RELOADED
 
     @property
     def ledger_join(self) -> bool:

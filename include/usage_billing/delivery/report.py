@@ -21,9 +21,11 @@ _ADDITIVE = ("rows_read", "duplicates_dropped", "unique_events", "mapping_reject
 class DeliveryReport:
     """Counts for one task: what it extracted, skipped, sent and rejected, and why.
 
+    ``already_delivered`` counts the events skipped as settled: delivered, or rejected from the
+    same load of their row (a window leaves those to a replay, or to the row being loaded again).
     ``rejected_before`` counts the rejections this task made of events the ledger already held as
-    rejected (an overlapping window reads them again), so runs add up without counting an event
-    twice: new rejections are ``rejected - rejected_before``.
+    rejected (a replay, or a row loaded again and refused again), so runs add up without counting
+    an event twice: new rejections are ``rejected - rejected_before``.
     """
 
     destination: str
@@ -119,7 +121,8 @@ class DeliveryReport:
             f"  window            {self.window}",
             f"  extracted         {self.unique_events} unique events ({self.rows_read} rows read by this task, "
             f"{self.duplicates_dropped} duplicate rows dropped)",
-            f"  skipped           {self.already_delivered} already delivered",
+            f"  skipped           {self.already_delivered} already settled in the ledger (delivered, or rejected "
+            f"and not loaded again since)",
             f"  sent              {self.sent} events in {self.batches} batches ({self.requests} requests, "
             f"{self.retries} retries, {self.bisections} bisections)",
             f"  accepted          {self.accepted}{routed}",

@@ -34,7 +34,7 @@ from usage_billing.destinations.base import Mapped, Rejection
 from usage_billing.frames import pd
 from usage_billing.ledger import QUEUED, REJECTED
 from usage_billing.sources import Partition, ReadRequest, Window
-from usage_billing.sources.layout import COPIES
+from usage_billing.sources.layout import COPIES, LOADED_AT
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
                 # Ledger.refresh_statistics).
                 def unknown(events):
                     return ~ledger.known_clause(destination.name, events.c[destination.key_column],
-                                                job.retry_rejected)
+                                                job.retry_for(scope), events.c[loaded_at])
             request = ReadRequest(scope.partition, scope.window, [*destination.required_columns(columns), loaded_at],
                                   loaded_at, job.chunk_size, scope.ids, unknown)
             _run(job, scope, request, report, filtered)
@@ -266,5 +266,7 @@ def _prepare(chunk: pd.DataFrame, job: DeliveryJob, loaded_at: str,
     if destination.old_event_warning is not None:
         report.old_events += int((chunk["timestamp"] < pd.Timestamp(now - destination.old_event_warning)).sum())
     with report.timed("transform"):
+        if loaded_at != "timestamp":
+            chunk[LOADED_AT] = chunk[loaded_at]  # recorded with a rejection (see Ledger.known_clause)
         mapped = destination.map_events(chunk, now)
         return mapped, [*mapped.rejected, *dedupe_keys(mapped)]

@@ -24,7 +24,8 @@ from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import MARK_EVERY, LedgerWriter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import HELD, QUEUED, REJECTED, Route, generic_reason
+from usage_billing.ledger import HELD, QUEUED, REJECTED, RetryRejected, Route, generic_reason
+from usage_billing.ledger.store import unchanged_since
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def dedupe_keys(mapped: Mapped) -> list[Rejection]:
             seen[key] = position
     rejections = [
         Rejection(key=f"{mapped.keys[p]}#dup:{mapped.message_ids[p]}", message_id=mapped.message_ids[p],
-                  table=mapped.tables[p], event_timestamp=mapped.timestamp(p),
+                  table=mapped.tables[p], event_timestamp=mapped.timestamp(p), loaded_at=mapped.loaded(p),
                   reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: idempotency key {mapped.keys[p]!r} "
                          f"is also the key of row id={mapped.message_ids[seen[mapped.keys[p]]]}; keys must be unique")
         for p in drop]
@@ -90,6 +91,9 @@ class Sending:
     def chunk(self, mapped: Mapped, rejections: list[Rejection], scope: Scope, filtered: bool) -> None:
         """Record the chunk's rejections and send its events (those the ledger does not already
         have, unless the extraction query already left those out: ``filtered``)."""
+        retry = self.job.retry_for(scope)
+        if retry is RetryRejected.RELOADED and rejections:
+            rejections = self.unless_rejected_before(rejections)
         self.report.mapping_rejected += len(rejections)
         self.reject(rejections)
         if mapped.held:
@@ -106,10 +110,20 @@ class Sending:
         else:
             self.writer.flush()  # this run's own earlier marks count too
             with self.report.timed("ledger_filter"):
-                known = self.job.ledger.known_keys(self.job.destination.name, mapped.keys, self.job.retry_rejected)
+                known = self.job.ledger.known_keys(self.job.destination.name, mapped.keys, retry, mapped.loaded_at)
             self.report.already_delivered += len(known)
             todo = np.array([i for i, key in enumerate(mapped.keys) if key not in known], dtype=np.int64)
         self.route(mapped, self.preflight(mapped, todo), scope)
+
+    def unless_rejected_before(self, rejections: list[Rejection]) -> list[Rejection]:
+        """The rejections that are news: an event the ledger already holds as rejected, from the
+        same load of its row, is skipped (counted as settled, not marked again). Where the ledger
+        filter runs inside the extraction query such rows are not even read."""
+        self.writer.flush()
+        loads = self.job.ledger.rejected_loads(self.job.destination.name, [r.key for r in rejections])
+        news = [r for r in rejections if r.key not in loads or not unchanged_since(loads[r.key], r.loaded_at)]
+        self.report.already_delivered += len(rejections) - len(news)
+        return news
 
     def reject(self, rejections: Sequence[Rejection], reasons: Sequence[str] | None = None) -> None:
         """Record rejections; count those the ledger already held as rejected separately.
@@ -140,10 +154,8 @@ class Sending:
             log.warning("%s has no customer %s: %d events sent anyway (they bill nothing until the customer "
                         "exists)", destination.name, ", ".join(sorted(unknown)[:10]), len(strays))
             return todo
-        held = [Rejection(key=mapped.keys[p], message_id=mapped.message_ids[p], table=mapped.tables[p],
-                          event_timestamp=mapped.timestamp(p), customer=customer_of[p],
-                          reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: customer {customer_of[p]!r} "
-                                 f"does not exist in {destination.name}: held until it does")
+        held = [mapped.rejection(p, f"{mapped.tables[p]} row id={mapped.message_ids[p]}: customer {customer_of[p]!r} "
+                                    f"does not exist in {destination.name}: held until it does", customer_of[p])
                 for p in strays]
         self.report.held += len(held)
         self.writer.rejected(held, HELD)
@@ -167,9 +179,7 @@ class Sending:
         late = ~np.isnat(stamps) & (stamps < np.datetime64(cutoff.astimezone(UTC).replace(tzinfo=None), "us"))
         self.send(mapped, todo[~late].tolist(), Route())
         why = f"older than {destination.name}'s grace period: queued for the backfill of its UTC day"
-        queued = [Rejection(key=mapped.keys[p], message_id=mapped.message_ids[p], table=mapped.tables[p],
-                            event_timestamp=mapped.timestamp(p),
-                            reason=f"{mapped.tables[p]} row id={mapped.message_ids[p]}: {why}")
+        queued = [mapped.rejection(p, f"{mapped.tables[p]} row id={mapped.message_ids[p]}: {why}")
                   for p in todo[late].tolist()]
         if queued:
             self.writer.rejected(queued, QUEUED)
@@ -258,11 +268,8 @@ class _Batches:
         if outcome.rejected:
             name, describe = self.sending.job.destination.name, self.sending.job.destination.describe
             refused = [(k, message) for k, message in outcome.rejected.items() if k in position_of]
-            rejections = [Rejection(key=k, message_id=mapped.message_ids[position_of[k]],
-                                    table=mapped.tables[position_of[k]],
-                                    event_timestamp=mapped.timestamp(position_of[k]),
-                                    customer=describe(mapped.payloads[position_of[k]])[0],
-                                    reason=f"{name} rejected event {k}: {message}") for k, message in refused]
+            rejections = [mapped.rejection(position_of[k], f"{name} rejected event {k}: {message}",
+                                           describe(mapped.payloads[position_of[k]])[0]) for k, message in refused]
             report.destination_rejected += len(rejections)
             self.sending.reject(rejections, [f"{name}: {message}" for _, message in refused])
         if len(self.to_mark) >= MARK_EVERY:

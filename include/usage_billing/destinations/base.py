@@ -17,7 +17,7 @@ from itertools import compress
 import numpy as np
 
 from usage_billing.frames import pd
-from usage_billing.sources.layout import TABLE
+from usage_billing.sources.layout import LOADED_AT, TABLE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _SURROGATES = r"[\ud800-\udfff]"
@@ -29,7 +29,9 @@ class Rejection:
     """An event that was not sent, and why. ``key`` is its ledger key (the idempotency key).
 
     ``customer`` is the row's billing customer when it has one (a row refused for a bad property
-    still belongs to a customer), so the billing view can count rejections per customer."""
+    still belongs to a customer), so the billing view can count rejections per customer.
+    ``loaded_at`` is the row's loaded-at value: a window leaves the rejection alone until the row
+    is loaded again."""
 
     key: str
     message_id: str
@@ -37,6 +39,7 @@ class Rejection:
     reason: str
     event_timestamp: datetime | None = None
     customer: str | None = None
+    loaded_at: datetime | None = None
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Mapped:
     tables: list[str] = field(default_factory=list)
     timestamps: np.ndarray = field(default_factory=lambda: np.array([], dtype=TIMESTAMP_DTYPE))
     rejected: list[Rejection] = field(default_factory=list)
+    # Each event's row loaded-at (``datetime64[us]``, UTC), when the frame had one (LOADED_AT).
+    loaded_at: np.ndarray | None = None
     # Rows that cannot be sent yet (stamped further in the future than the destination accepts):
     # recorded as held, and delivered by a later run once they are due.
     held: list[Rejection] = field(default_factory=list)
@@ -66,6 +71,16 @@ class Mapped:
         """The event timestamp at ``position`` as an aware UTC datetime (None when missing)."""
         return to_datetime(self.timestamps[position])
 
+    def loaded(self, position: int) -> datetime | None:
+        """The row's loaded-at at ``position`` as an aware UTC datetime (None when unknown)."""
+        return None if self.loaded_at is None else to_datetime(self.loaded_at[position])
+
+    def rejection(self, position: int, reason: str, customer: str | None = None) -> Rejection:
+        """The event at ``position`` as a rejection (or a held or queued event) for ``reason``."""
+        return Rejection(key=self.keys[position], message_id=self.message_ids[position], table=self.tables[position],
+                         reason=reason, event_timestamp=self.timestamp(position), customer=customer,
+                         loaded_at=self.loaded(position))
+
     def drop(self, positions: Sequence[int]) -> None:
         """Remove the events at ``positions`` from every column."""
         gone = set(positions)
@@ -74,6 +89,8 @@ class Mapped:
             column = getattr(self, name)
             setattr(self, name, [column[i] for i in keep])
         self.timestamps = self.timestamps[keep]
+        if self.loaded_at is not None:
+            self.loaded_at = self.loaded_at[keep]
 
 
 class RowProblems:
@@ -265,9 +282,11 @@ def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], pr
     message_ids = as_text(frame[id_column])
     tables = frame[TABLE].tolist() if TABLE in frame else [""] * len(frame)
     stamps = timestamp_array(frame["timestamp"])
+    loads = timestamp_array(frame[LOADED_AT]) if LOADED_AT in frame else None
     keys = [key or message_id or "" for key, message_id in zip(keys, message_ids, strict=True)]
     mapped = Mapped(keys=list(compress(keys, ok)), payloads=payloads, message_ids=list(compress(message_ids, ok)),
-                    tables=list(compress(tables, ok)), timestamps=stamps[ok])
+                    tables=list(compress(tables, ok)), timestamps=stamps[ok],
+                    loaded_at=None if loads is None else loads[ok])
     assert len(mapped.keys) == len(payloads), "one payload per row without problems"
     if not ok.all():
         reasons, held = problems.reason.tolist(), problems.held.to_numpy()
@@ -278,5 +297,6 @@ def finish(frame: pd.DataFrame, keys: list[str | None], payloads: list[dict], pr
                 reason=f"{tables[position]} row id={message_ids[position]}: {reasons[position]}",
                 event_timestamp=to_datetime(stamps[position]),
                 customer=customer if customer and customer.strip() else None,
+                loaded_at=None if loads is None else to_datetime(loads[position]),
             ))
     return mapped

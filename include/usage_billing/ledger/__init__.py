@@ -7,7 +7,19 @@ newest migration leaves them; ``migrate`` and ``migrations/`` version them with 
 from __future__ import annotations
 
 from usage_billing.ledger.store import MAX_REASON, EventRefs, Ledger, Route, RunRef, generic_reason
-from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED
+from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED, RetryRejected
 
-__all__ = ["DELIVERED", "HELD", "LOST", "MAX_REASON", "QUEUED", "REJECTED", "EventRefs", "Ledger", "Route", "RunRef",
-           "generic_reason"]
+__all__ = [
+           "DELIVERED",
+           "HELD",
+           "LOST",
+           "MAX_REASON",
+           "QUEUED",
+           "REJECTED",
+           "EventRefs",
+           "Ledger",
+           "RetryRejected",
+           "Route",
+           "RunRef",
+           "generic_reason",
+]

@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED, ledger_tables
+from usage_billing.ledger.tables import DELIVERED, HELD, LOST, QUEUED, REJECTED, RetryRejected, ledger_tables
 from usage_billing.naming import check_identifier
 
 if TYPE_CHECKING:
@@ -243,34 +243,58 @@ class Ledger:
 
     # -- the check ---------------------------------------------------------------------------------
 
-    def skipped_statuses(self, retry_rejected: bool) -> tuple[str, ...]:
-        return (DELIVERED,) if retry_rejected else (DELIVERED, REJECTED)
-
-    def known_clause(self, destination: str, key: sa.ColumnElement, retry_rejected: bool = True
-                     ) -> sa.ColumnElement[bool]:
+    def known_clause(self, destination: str, key: sa.ColumnElement, retry: RetryRejected,
+                     loaded_at: sa.ColumnElement | None = None) -> sa.ColumnElement[bool]:
         """"The ledger already has this event" for a query in the ledger's own database: ``key`` is
-        the event's idempotency-key column there; negate the clause to keep the events to send.
+        the event's idempotency-key column there, ``loaded_at`` its row's loaded-at column; negate
+        the clause to keep the events to send.
 
-        Delivered events are known; rejected ones too unless ``retry_rejected``."""
+        Delivered events are known. Rejected ones are known unless ``retry`` is ALWAYS; with
+        RELOADED, only while the row's loaded-at is not later than the one they were rejected at
+        (a row loaded again is tried again)."""
         if not isinstance(key.type, sa.String):
             key = sa.cast(key, sa.String)
         if not self._sqlite:
             key = sa.collate(key, "C")  # the ledger's key collation, so its primary-key index is used
-        deliveries = self.table.c
-        return sa.exists().where(deliveries.destination == destination, deliveries.idempotency_key == key,
-                                 deliveries.status.in_(self.skipped_statuses(retry_rejected)))
+        t = self.table.c
+        settled = t.status == DELIVERED
+        if retry is RetryRejected.NEVER:
+            settled = t.status.in_((DELIVERED, REJECTED))
+        elif retry is RetryRejected.RELOADED and loaded_at is not None:
+            rejected_at = t.row_loaded_at
+            if self._sqlite:  # stored text in two formats (ours, the warehouse's): compare instants
+                rejected_at, loaded_at = sa.func.julianday(rejected_at), sa.func.julianday(loaded_at)
+            settled = sa.or_(settled, sa.and_(t.status == REJECTED, rejected_at >= loaded_at))
+        return sa.exists().where(t.destination == destination, t.idempotency_key == key, settled)
 
-    def known_keys(self, destination: str, keys: Sequence[str], retry_rejected: bool = True) -> set[str]:
-        """The keys among ``keys`` that need no sending: delivered (and rejected, unless
-        ``retry_rejected``). One indexed lookup for a chunk of keys."""
+    def known_keys(self, destination: str, keys: Sequence[str], retry: RetryRejected,
+                   loaded_at: Sequence[datetime | None] | np.ndarray | None = None) -> set[str]:
+        """The keys among ``keys`` that need no sending, as :meth:`known_clause` says
+        (``loaded_at[i]``: the loaded-at of the row of ``keys[i]``, datetimes or ``datetime64``).
+        One indexed lookup for a chunk of keys."""
         if not keys:
             return set()
         t = self.table.c
-        query = sa.select(t.idempotency_key).where(t.destination == destination,
-                                                   t.status.in_(self.skipped_statuses(retry_rejected)),
-                                                   self._among(t.idempotency_key, keys))
+        statuses = (DELIVERED,) if retry is RetryRejected.ALWAYS else (DELIVERED, REJECTED)
+        query = sa.select(t.idempotency_key, t.status, t.row_loaded_at).where(
+            t.destination == destination, t.status.in_(statuses), self._among(t.idempotency_key, keys))
         with self.engine.connect() as conn:
-            return set(conn.execute(query).scalars())
+            found = conn.execute(query).all()
+        known = {key for key, status, _ in found if status == DELIVERED or retry is RetryRejected.NEVER}
+        rejected = [(key, at) for key, status, at in found if status == REJECTED]
+        if retry is RetryRejected.RELOADED and rejected and loaded_at is not None:
+            position = {key: i for i, key in enumerate(keys)}
+            known.update(key for key, at in rejected
+                         if unchanged_since(_aware(at), _aware(_item(loaded_at[position[key]]))))
+        return known
+
+    def rejected_loads(self, destination: str, keys: Sequence[str]) -> dict[str, datetime | None]:
+        """For the keys the ledger holds as rejected: their row's loaded-at when they were rejected."""
+        t = self.table.c
+        query = sa.select(t.idempotency_key, t.row_loaded_at).where(
+            t.destination == destination, t.status == REJECTED, self._among(t.idempotency_key, keys))
+        with self.engine.connect() as conn:
+            return {key: _aware(at) for key, at in conn.execute(query)}
 
     def status_of(self, destination: str, keys: Sequence[str]) -> dict[str, str]:
         t = self.table.c
@@ -351,13 +375,15 @@ class Ledger:
                            "table": ([r.table for r in latest], sa.Text),
                            "stamp": self._stamps([r.event_timestamp for r in latest]),
                            "reason": ([r.reason[:MAX_REASON] for r in latest], sa.Text),
-                           "customer": ([r.customer for r in latest], sa.Text)})
+                           "customer": ([r.customer for r in latest], sa.Text),
+                           "loaded": self._stamps([r.loaded_at for r in latest])})
         now = self._bind_time(now)
         values = {
             "destination": sa.literal(destination), "idempotency_key": rows["key"], "status": sa.literal(status),
             "reason": rows["reason"], "attempts": sa.literal(1), "message_id": rows["message_id"],
             "event_table": rows["table"], "event_timestamp": self._stamp_column(rows["stamp"]),
-            "customer_id": rows["customer"], "first_attempt_at": now, "last_attempt_at": now,
+            "customer_id": rows["customer"], "row_loaded_at": self._stamp_column(rows["loaded"]),
+            "first_attempt_at": now, "last_attempt_at": now,
             "dag_id": sa.literal(run.dag_id), "run_id": sa.literal(run.run_id),
         }
         t = self.table.c
@@ -371,6 +397,8 @@ class Ledger:
                 **{name: sa.func.coalesce(sa.func.nullif(excluded[name], ""), t[name])
                    for name in ("message_id", "event_table")},
                 "event_timestamp": sa.func.coalesce(excluded.event_timestamp, t.event_timestamp),
+                # The load this verdict is about (a mark that does not know it keeps the earlier one).
+                "row_loaded_at": sa.func.coalesce(excluded.row_loaded_at, t.row_loaded_at),
             }
         self._write(values, rows["key"], update, where=t.status != DELIVERED)
 
@@ -649,6 +677,12 @@ class Ledger:
         return value.astimezone(UTC) if self._sqlite else value
 
 
+def unchanged_since(rejected_at: datetime | None, loaded_at: datetime | None) -> bool:
+    """Whether a row loaded at ``loaded_at`` is the one rejected at load ``rejected_at`` (not loaded
+    again since). Unknown either side: not known to be the same, so it is tried again."""
+    return rejected_at is not None and loaded_at is not None and rejected_at >= loaded_at
+
+
 def _array_literal(values: Sequence[object]) -> str:
     """A PostgreSQL array literal for ``CAST(:x AS text[])``: one bound string, however many values."""
     if not values:
@@ -671,6 +705,13 @@ def _parse_time(value: object) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _item(value: object) -> object:
+    """A ``datetime64`` as a naive UTC datetime (None for NaT); anything else unchanged."""
+    if hasattr(value, "dtype"):
+        return value.astype("datetime64[us]").item()
+    return value
 
 
 def _aware(value: object) -> datetime | None:

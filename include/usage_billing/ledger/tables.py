@@ -7,6 +7,7 @@ is added in both places: a migration, and here.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -18,6 +19,14 @@ LOST = "lost"
 # Past the destination's grace period, waiting for the one backfill per UTC day its run opens
 # (usage_billing.delivery.backfills.send_queued); sent like any undelivered event if that never happens.
 QUEUED = "queued"
+
+
+class RetryRejected(enum.Enum):
+    """Whether a delivery sends again an event the ledger holds as rejected."""
+
+    ALWAYS = "always"  # a replay of rejected events: that is what it is for
+    RELOADED = "reloaded"  # a window: only if its row was loaded again since it was rejected
+    NEVER = "never"  # the completeness sweep: rejected events are left to a replay
 
 
 def key_type(length: int) -> sa.types.TypeEngine:
@@ -58,6 +67,9 @@ def ledger_tables(schema: str) -> LedgerTables:
         # 0002: who was billed for what, for a per-customer view of the ledger.
         sa.Column("customer_id", sa.String(255)),
         sa.Column("event_name", sa.String(255)),
+        # 0007: the warehouse row's loaded-at value when the event was rejected (or held, or queued):
+        # an overlapping window leaves a rejected event alone until its row is loaded again.
+        sa.Column("row_loaded_at", sa.DateTime(timezone=True)),
         # Only rejected rows need finding by status; delivered ones are found by key.
         sa.Index("ix_deliveries_rejected", "destination", "event_table",
                  postgresql_where=sa.text(f"status = '{REJECTED}'"), sqlite_where=sa.text(f"status = '{REJECTED}'")),

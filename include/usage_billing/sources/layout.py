@@ -38,6 +38,9 @@ BASE_COLUMNS = frozenset({
 # Internal column names added to every extracted frame.
 COPIES = "_copies"
 TABLE = "_table"
+# The row's loaded-at value, under one name whatever ``source.loaded_at_column`` is (added by the
+# delivery before mapping; the ledger records it with a rejection).
+LOADED_AT = "_loaded_at"
 
 
 def column_for(field: str) -> str:

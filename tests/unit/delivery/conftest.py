@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from usage_billing.delivery import DeliveryJob
 from usage_billing.delivery.fake import FakeSender
@@ -72,6 +73,13 @@ class Core:
     def statuses(self) -> dict[str, str]:
         keys = list(self.source.tables["api_call"]["id"])
         return self.ledger.status_of(self.name, keys)
+
+    def attempts(self) -> dict[str, int]:
+        """How many times the ledger marked each key (a mark made again counts)."""
+        t = self.ledger.table.c
+        with self.ledger.engine.connect() as conn:
+            return dict(conn.execute(sa.select(t.idempotency_key, t.attempts).where(t.destination == self.name))
+                        .tuples().all())
 
 
 WINDOW = Window(NOW - timedelta(hours=2), NOW)

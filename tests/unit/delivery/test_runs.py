@@ -71,15 +71,33 @@ def test_retries_exhausted_fail_the_task_after_marking_the_confirmed_part_and_th
     assert max(core.sender.accepted_counts.values()) == 1, "nothing confirmed was sent again"
 
 
-def test_mapping_rejections_are_recorded_and_counted_new_once(core):
+def test_a_rejected_row_is_left_alone_by_overlapping_windows_until_it_is_loaded_again(core):
     frame = core.source.tables["api_call"].copy()
     frame.loc[frame.index[:5], "user_id"] = pd.NA
     core.source.tables["api_call"] = frame
     first = deliver_window(core.job(), PARTITION, WINDOW)
     assert first.mapping_rejected == 5 and first.rejected_before == 0
+    marks = core.attempts()
+
     again = deliver_window(core.job("run-2"), PARTITION, WINDOW)
-    assert again.mapping_rejected == 5 and again.rejected_before == 5, "an overlapping run re-rejects, not anew"
-    assert "5 already rejected before" in again.render()
+    assert again.mapping_rejected == 0 and again.already_delivered == len(frame), "settled: skipped, not re-rejected"
+    assert core.attempts() == marks, "nothing marked again"
+
+    # Two rows loaded again, one fixed upstream and one still without a customer, plus the same
+    # rows' old copies: the new loads are tried again, the old copies are not.
+    reloaded = frame.iloc[:2].copy()
+    reloaded["received_at"] = WINDOW.end - timedelta(minutes=1)
+    reloaded.loc[reloaded.index[0], "user_id"] = "cus_fixed"
+    core.source.tables["api_call"] = pd.concat([frame, reloaded], ignore_index=True)
+    third = deliver_window(core.job("run-3"), PARTITION, WINDOW)
+    fixed, still = reloaded["id"].tolist()
+    assert core.statuses()[fixed] == "delivered" and core.sender.accepted_counts[fixed] == 1
+    assert third.mapping_rejected == 1 and third.rejected_before == 1, "the same verdict on the new load, not anew"
+    assert "1 already rejected before" in third.render()
+    assert core.statuses()[still] == "rejected" and core.attempts()[still] == marks[still] + 1
+
+    fourth = deliver_window(core.job("run-4"), PARTITION, WINDOW)
+    assert fourth.sent == fourth.rejected == 0, "the new load is settled too"
 
 
 def test_events_past_the_grace_period_go_through_one_backfill_per_day(core):
