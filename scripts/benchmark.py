@@ -324,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1,
                         help="interleaved rounds per latency (Airflow run, its rerun, core run, floor), "
                              "reported as median and spread (default 1)")
+    parser.add_argument("--runner", choices=("scheduler", "dags-test"), default="scheduler",
+                        help="how the DAG run goes through Airflow: a scheduler with a LocalExecutor and its "
+                             "api-server and dag-processor, started once per latency (default; how a deployment "
+                             "runs it), or `airflow dags test` in a child process per run")
+    parser.add_argument("--scheduler-idle-sleep", type=float, default=None,
+                        help="[scheduler] scheduler_idle_sleep_time of the scheduler runner, in seconds (default: "
+                             "Airflow's, 1 s): how long an idle scheduler loop sleeps, a wait between tasks")
+    parser.add_argument("--parallelism", type=int, default=8,
+                        help="core.parallelism of the scheduler runner: task processes at once (default 8)")
     parser.add_argument("--partitions-per-table", type=int, default=1,
                         help="airflow.partitions_per_table of the DAG run (hash buckets per event table)")
     parser.add_argument("--batch-size", type=int, default=500, help="events per request (default 500, the max)")
@@ -1196,6 +1205,23 @@ def run_as_users_do(ctx: Context, sandbox: SandboxProcess, airflow_home: Any, ru
     return first, again
 
 
+def run_under_scheduler(ctx: Context, sandbox: SandboxProcess, stack: Any, ledger_schema: str, name: str,
+                        tag: str) -> tuple[Any, Any]:
+    """The window's DAG run triggered through the REST API, then cleared and run again (everything
+    already delivered), as a user does from the UI; the run is deleted afterwards so the next round
+    can trigger the same logical date."""
+    stack.configure(ledger_schema)
+    run_id = f"benchmark_{tag}"
+    sandbox.reset()
+    first = stack.run(ctx.window.end, f"as run, {name}", run_id)
+    first.sandbox = sandbox.accepted_events()
+    sandbox.reset()
+    again = stack.run(ctx.window.end, f"rerun, {name}", run_id, again=True)
+    again.sandbox = sandbox.accepted_events()
+    stack.forget(run_id)
+    return first, again
+
+
 def check_airflow(first: Any, again: Any, ledger: Any, ctx: Context) -> list[str]:
     """Correctness of the DAG runs: success, every deliverable event delivered once, the rerun sent nothing."""
     problems = []
@@ -1220,27 +1246,33 @@ def print_airflow(run: Any, ctx: Context, title: str) -> None:
     """One DAG run: the total, where the time went, the deliver tasks' stages, memory."""
     t = run.totals
     print(f"\n== {title}: {run.label}")
-    print(f"  airflow dags test segment_to_{ctx.destination.name} {ctx.window.end.isoformat()}: "
-          f"{run.seconds:.2f} s from process start to the last task's end (process exited after "
-          f"{run.exit_seconds:.2f} s); dag run {run.state or '?'}; {_n(t['unique_events'])} events, "
-          f"{_n(t['sent'])} sent, {_n(t['already_delivered'])} already settled")
+    scheduled = hasattr(run, "requested_at")
+    timed = ("from the request to the last task's end" if scheduled else
+             f"from process start to the last task's end (process exited after {run.exit_seconds:.2f} s)")
+    print(f"  {run.command}: {run.seconds:.2f} s {timed}; dag run {run.state or '?'}; {_n(t['unique_events'])} "
+          f"events, {_n(t['sent'])} sent, {_n(t['already_delivered'])} already settled")
     print(f"  {'where the time went':<74}{'s':>8}{'share':>8}")
     for label, seconds in run.breakdown():
         print(f"  {label:<74}{seconds:>8.2f}{100 * seconds / (run.seconds or 1e-9):>7.1f}%")
     print(f"  {'total':<74}{run.seconds:>8.2f}{100.0:>7.1f}%")
-    print(f"  (then {run.exit_seconds - run.seconds:.2f} s until the process exited: Python's interpreter shutdown "
-          f"collecting the modules Airflow imported; not counted)")
+    if not scheduled:
+        print(f"  (then {run.exit_seconds - run.seconds:.2f} s until the process exited: Python's interpreter "
+              f"shutdown collecting the modules Airflow imported; not counted)")
     deliver = run.execute_of("deliver")
     print(f"  Airflow's fixed cost (everything but the deliver tasks' execute): {run.seconds - deliver:.2f} s")
-    print("  tasks: " + ", ".join(f"{task.name} {task.total:.2f} s (execute {task.execute:.2f})"
+    print("  tasks: " + ", ".join(f"{task.name} {task.total:.2f} s" + ("" if scheduled else
+                                                                        f" (execute {task.execute:.2f})")
                                    for task in run.tasks))
     stages = run.stages
     if stages:
         print("  deliver stages (busy seconds summed over the mapped tasks, from their XComs; they overlap): "
               + ", ".join(f"{stage} {stages.get(stage, 0.0):.2f}" for stage in STAGES)
               + f"; the core timed itself at {run.deliver_core:.2f} s")
-    print(f"  peak memory of the airflow process (the tasks run in it): {run.peak_mb:,.0f} MB ru_maxrss; "
-          f"its CPU {run.cpu:.1f} s; log {run.log}")
+    if scheduled:
+        print(f"  peak memory of a deliver task process (VmHWM, its largest): {run.peak_mb:,.0f} MB; logs {run.log}")
+    else:
+        print(f"  peak memory of the airflow process (the tasks run in it): {run.peak_mb:,.0f} MB ru_maxrss; "
+              f"its CPU {run.cpu:.1f} s; log {run.log}")
 
 
 @dataclass
@@ -1281,7 +1313,8 @@ class Rounds:
                 ("  of which deliver tasks (execute)", [r.execute_of("deliver") for r in self.as_run], "s"),
                 ("  of which Airflow's fixed cost (the rest)",
                  [r.seconds - r.execute_of("deliver") for r in self.as_run], "s"),
-                ("  peak memory of the airflow process", [r.peak_mb for r in self.as_run], "MB"),
+                ("  peak memory of the task process (dags test: the whole process)", [r.peak_mb for r in self.as_run],
+                 "MB"),
                 ("rerun through Airflow (everything delivered)", [r.seconds for r in self.as_run_rerun], "s"),
                 ("  of which deliver tasks (execute)", [r.execute_of("deliver") for r in self.as_run_rerun], "s"),
                 ("  of which Airflow's fixed cost (the rest)",
@@ -1449,23 +1482,41 @@ def main(argv: list[str] | None = None) -> int:
 
             airflow_home = AirflowHome(home / "airflow", args.destination, settings_dict, url,
                                        args.partitions_per_table)
-            print(f"airflow: metadata database (SQLite) migrated in {airflow_home.migrate():.1f} s "
-                  f"(setup, not measured)")
+            if args.runner == "dags-test":
+                print(f"airflow: metadata database (SQLite) migrated in {airflow_home.migrate():.1f} s "
+                      f"(setup, not measured)")
 
         for index, latency in enumerate(latencies):
             sandbox = SandboxProcess(args.destination, latency)
             name = f"{1000 * latency:.0f} ms"
             rounds = Rounds()
+            stack = None
             try:
                 os.environ.update(sandbox.connection_env())
+                if airflow_home is not None and args.runner == "scheduler":
+                    from benchmark_airflow import SchedulerStack
+
+                    stack = SchedulerStack(home / f"scheduler_{index}", airflow_home, sandbox.connection_env(),
+                                           args.parallelism, args.scheduler_idle_sleep).__enter__()
+                    idle = ("Airflow's default" if args.scheduler_idle_sleep is None else
+                            f"{args.scheduler_idle_sleep:g} s")
+                    warm_schema = f"{ledger_prefix}_warm_{index}"
+                    created.append(warm_schema)
+                    warm = stack.warm_up(ctx.window.end - timedelta(days=1), warm_schema)
+                    print(f"airflow: api-server, scheduler (LocalExecutor, parallelism {args.parallelism}, "
+                          f"scheduler_idle_sleep_time {idle}) and dag-processor up in {stack.start_seconds:.1f} s, "
+                          f"then a warm-up run of an empty hour in {warm:.1f} s (setup, not measured)")
                 for number in range(args.rounds):
                     detail = number == 0  # the per-stage tables of the first round; medians after the last
                     tag = f"{index}_{number}"
                     if airflow_home is not None:
                         ledger_schema = f"{ledger_prefix}_af_{tag}"
                         created.append(ledger_schema)
-                        run_home = airflow_home.new_home()
-                        as_run, again = run_as_users_do(ctx, sandbox, airflow_home, run_home, ledger_schema, name)
+                        if stack is not None:
+                            as_run, again = run_under_scheduler(ctx, sandbox, stack, ledger_schema, name, tag)
+                        else:
+                            as_run, again = run_as_users_do(ctx, sandbox, airflow_home, airflow_home.new_home(),
+                                                            ledger_schema, name)
                         rounds.as_run.append(as_run)
                         rounds.as_run_rerun.append(again)
                         problems += check_airflow(as_run, again, Ledger(engine, ledger_schema), ctx)
@@ -1519,6 +1570,8 @@ def main(argv: list[str] | None = None) -> int:
                     targets.append(Target(f"sandbox not the bottleneck, latency {name}", "yes" if fine else "no",
                                           "yes", fine))
             finally:
+                if stack is not None:
+                    stack.stop()
                 sandbox.stop()
                 for variable in sandbox.connection_env():
                     os.environ.pop(variable, None)

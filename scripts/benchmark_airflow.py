@@ -84,6 +84,7 @@ class AirflowRun:
     """What one ``airflow dags test`` cost, and what its tasks reported."""
 
     label: str
+    command: str = ""  # what was run, as the summary names it
     started_at: float = 0.0  # epoch seconds, just before the process was started
     returncode: int = 0
     seconds: float = 0.0  # process start -> the last task's end
@@ -228,7 +229,7 @@ def run_dag(home: Path, airflow_home: AirflowHome, ledger_schema: str, connectio
     log_path = home / f"dags-test-{int(time.time() * 1000)}.log"
     command = [airflow_home.airflow, "dags", "test", f"segment_to_{airflow_home.destination}",
                logical_date.isoformat()]
-    result = AirflowRun(label, log=str(log_path))
+    result = AirflowRun(label, command=" ".join(["airflow", *command[1:]]), log=str(log_path))
     with open(log_path, "wb") as sink:
         started = result.started_at = time.time()
         process = subprocess.Popen(command, env=env, cwd=home, stdout=sink, stderr=subprocess.STDOUT)  # noqa: S603
@@ -306,3 +307,258 @@ def _read_xcoms(database: Path, destination: str, result: AirflowRun) -> None:
                 report = json.loads(report)
             if isinstance(report, dict):
                 result.reports.append(report)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same DAG run under a scheduler: api-server, scheduler (LocalExecutor) and dag-processor
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SchedulerRun(AirflowRun):
+    """One DAG run under the scheduler, timed from the API request (trigger, or clear for the rerun) to
+    the last task's end. The tasks' own start and end come from the metadata database; mapped
+    ``deliver`` tasks run side by side, so a task's share of the run is the union of its intervals."""
+
+    requested_at: float = 0.0
+    intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def execute_of(self, task_id: str) -> float:
+        return _union(self.intervals.get(task_id, []))
+
+    @property
+    def deliver_core(self) -> float:
+        return max((float(r.get("seconds") or 0.0) for r in self.reports), default=0.0)
+
+    def breakdown(self) -> list[tuple[str, float]]:
+        """Where the run's wall time went; the rows add up to :attr:`seconds`."""
+        every = [span for spans in self.intervals.values() for span in spans]
+        first = min((start for start, _ in every), default=self.requested_at)
+        rows = [("request -> first task running (scheduler loop, executor, task process start)",
+                 first - self.requested_at)]
+        for task_id in ("gate", "plan", "deliver", "backfill", "report"):
+            if task_id in self.intervals:
+                count = len(self.intervals[task_id])
+                label = f"{task_id} ({count} mapped tasks side by side, start to end)" if count > 1 else \
+                    f"{task_id} (task start to end)"
+                rows.append((label, self.execute_of(task_id)))
+        rows.append(("between tasks (scheduler loop, executor queue, task process start)",
+                     self.seconds - (first - self.requested_at) - _union(every)))
+        return rows
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by at least one of ``spans``."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+class SchedulerStack:
+    """Airflow's three services with a LocalExecutor, started once per sandbox (not measured).
+
+    Why a scheduler as well as ``airflow dags test``: it is how a deployment runs the DAG. Each task
+    is a process of its own (forked by the executor's worker, which has Airflow imported already),
+    the api-server that serves the Execution API is up before the run, and the mapped deliver tasks
+    run side by side (``core.parallelism``). Its metadata database is PostgreSQL (a database of its
+    own on the benchmark's server): the LocalExecutor refuses SQLite. Scheduled runs are off
+    (``use_job_schedule``): only the benchmark's requests create runs.
+    """
+
+    def __init__(self, root: Path, airflow_home: AirflowHome, connection_env: dict[str, str], parallelism: int,
+                 idle_sleep: float | None = None):
+        self.root, self.airflow_home, self.connection_env = root, airflow_home, connection_env
+        self.parallelism, self.idle_sleep = parallelism, idle_sleep
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.dag_id = f"segment_to_{airflow_home.destination}"
+        self.processes: list[subprocess.Popen] = []
+        self.env: dict[str, str] = {}
+        self.url = ""
+        self.token = ""
+        self.metadata_url = ""
+
+    def __enter__(self) -> SchedulerStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def configure(self, ledger_schema: str) -> None:
+        """Point the configuration file at ``ledger_schema``: each task process reads it when it runs."""
+        self.airflow_home.environment(self.root, ledger_schema, self.connection_env)
+
+    def start(self) -> None:
+        import sqlalchemy as sa
+        from airflow_local import LocalAirflow, free_port, psycopg2_url
+
+        started = time.perf_counter()
+        url = psycopg2_url(self.airflow_home.database_url)
+        self.metadata_url = url.set(database=f"bench_airflow_{uuid.uuid4().hex[:8]}").render_as_string(False)
+        LocalAirflow._create_database(sa.make_url(self.metadata_url))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {
+            **self.airflow_home.environment(self.root, "unused", self.connection_env),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.metadata_url,
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+            # Parse the DAG files once at start-up, not every 30 s while the run is measured.
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "3600",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "3600",
+        }
+        if self.idle_sleep is not None:
+            self.env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] = str(self.idle_sleep)
+        subprocess.run([self.airflow_home.airflow, "db", "migrate"], env=self.env, cwd=self.root, check=True,  # noqa: S603
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for service in ("api-server", "scheduler", "dag-processor"):
+            log = open(self.root / f"{service}.log", "ab")  # noqa: SIM115 - closed with the process
+            self.processes.append(subprocess.Popen([self.airflow_home.airflow, service], env=self.env,  # noqa: S603
+                                                   cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+        self._wait(lambda: self._get_token(), "the api-server")
+        self._wait(lambda: self._api("GET", f"/api/v2/dags/{self.dag_id}", check=False).ok, "the DAG to be parsed")
+        self._api("PATCH", f"/api/v2/dags/{self.dag_id}", json={"is_paused": False})
+        self.start_seconds = time.perf_counter() - started
+
+    def stop(self) -> None:
+        import signal
+
+        import sqlalchemy as sa
+        from airflow_local import LocalAirflow
+
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.processes.clear()
+        if self.metadata_url:
+            LocalAirflow.drop_database(sa.make_url(self.metadata_url))
+            self.metadata_url = ""
+
+    def _get_token(self) -> bool:
+        import requests
+
+        try:
+            answer = requests.get(f"{self.url}/auth/token", timeout=5)
+        except requests.RequestException:
+            return False
+        if answer.ok:
+            self.token = answer.json()["access_token"]
+        return answer.ok
+
+    def _api(self, method: str, path: str, check: bool = True, **kwargs: Any) -> Any:
+        import requests
+
+        answer = requests.request(method, f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}"},
+                                  timeout=30, **kwargs)
+        if check and not answer.ok:
+            raise RuntimeError(f"{method} {path}: HTTP {answer.status_code} {answer.text[:500]}")
+        return answer
+
+    def _wait(self, ready: Any, what: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args[-1]} exited {process.returncode}; see {self.root}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{what}: not ready within {timeout:.0f} s; see the logs in {self.root}")
+
+    def run(self, logical_date: datetime, label: str, run_id: str, again: bool = False,
+            timeout: float = 1800.0) -> SchedulerRun:
+        """Trigger the run (``again``: clear it, as the UI's Clear does) and wait for it to finish."""
+        path = f"/api/v2/dags/{self.dag_id}/dagRuns"
+        command = f"POST {path}/{run_id}/clear" if again else f"POST {path} (logical date {logical_date.isoformat()})"
+        result = SchedulerRun(label, command=f"{command}; scheduler, LocalExecutor, parallelism {self.parallelism}",
+                              log=str(self.root))
+        result.requested_at = result.started_at = time.time()
+        if again:
+            self._api("POST", f"{path}/{run_id}/clear", json={"dry_run": False})
+        else:
+            self._api("POST", path, json={"dag_run_id": run_id, "logical_date": logical_date.isoformat()})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self._api("GET", f"{path}/{run_id}").json()["state"]
+            if state in ("success", "failed"):
+                break
+            time.sleep(0.1)
+        result.state = state
+        self._collect(run_id, result)
+        return result
+
+    def warm_up(self, logical_date: datetime, ledger_schema: str) -> float:
+        """One run of an empty hour before anything is measured (not measured): the api-server builds
+        its Execution API on the first task's request (3 s here), which a deployment's api-server did
+        long before. Returns its seconds."""
+        self.configure(ledger_schema)
+        run_id = "benchmark_warm_up"
+        run = self.run(logical_date, "warm-up", run_id)
+        if run.state != "success":
+            raise RuntimeError(f"the warm-up run of an empty hour ended {run.state}; see the logs in {self.root}")
+        self.forget(run_id)
+        return run.seconds
+
+    def forget(self, run_id: str) -> None:
+        """Delete the run, so the next round can trigger the same logical date again."""
+        self._api("DELETE", f"/api/v2/dags/{self.dag_id}/dagRuns/{run_id}")
+
+    def _collect(self, run_id: str, result: SchedulerRun) -> None:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(self.metadata_url)
+        try:
+            with engine.connect() as conn:
+                tis = conn.execute(sa.text(
+                    "SELECT task_id, map_index, start_date, end_date FROM task_instance WHERE dag_id = :d "
+                    "AND run_id = :r AND start_date IS NOT NULL ORDER BY start_date"),
+                    {"d": self.dag_id, "r": run_id}).all()
+                values = conn.execute(sa.text(
+                    "SELECT value FROM xcom WHERE dag_id = :d AND run_id = :r AND task_id = 'deliver' "
+                    "AND key = 'return_value' ORDER BY map_index"), {"d": self.dag_id, "r": run_id}).scalars().all()
+        finally:
+            engine.dispose()
+        last = result.requested_at
+        for task_id, map_index, start, end in tis:
+            begin, finish = start.timestamp(), (end or start).timestamp()
+            result.intervals.setdefault(task_id, []).append((begin, finish))
+            result.tasks.append(TaskTiming(task_id, map_index, begin, execute_from=begin, execute_to=finish,
+                                           ended=finish))
+            last = max(last, finish)
+        result.seconds = last - result.requested_at
+        result.exit_seconds = result.seconds
+        for value in values:
+            report: Any = json.loads(value) if isinstance(value, str | bytes) else value
+            if isinstance(report, str):
+                report = json.loads(report)
+            if isinstance(report, dict):
+                result.reports.append(report)
+        result.peak_mb = max((float(r.get("peak_mb") or 0.0) for r in result.reports), default=0.0)

@@ -183,7 +183,23 @@ class SegmentDeliveryOperator(_ConfiguredOperator):
         if report.lateness_seconds and max(report.lateness_seconds) > settings.source.lookback.total_seconds():
             self.log.warning("some rows were loaded more than source.lookback (%s) after their event time; "
                              "raise source.lookback or rely on the completeness sweep", settings.source.lookback)
-        return report.to_dict()
+        peak = peak_memory_mb()
+        self.log.info("peak memory of this task process: %.0f MB (sizing workers: see the README)", peak)
+        return {**report.to_dict(), "peak_mb": round(peak, 1)}
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MB; ``ru_maxrss`` where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def backfill_task_of(capabilities: Capabilities, mode: str) -> bool:
