@@ -2,8 +2,8 @@
 
 Not a performance test (the timings of 3,000 events mean nothing): it checks that the script runs
 the real pipeline, the rerun, the floor and the capacity probe, and the DAG run through Airflow
-(``airflow dags test``) with its rerun, prints every part of its report, and that what it delivered
-adds up.
+(``airflow dags test``, and under a scheduler with a LocalExecutor) with its rerun, prints every part
+of its report, and that what it delivered adds up.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def as_run() -> subprocess.CompletedProcess:
     env = {**os.environ, "TEST_DATABASE_URL": TEST_DATABASE_URL}
     return subprocess.run(
         [sys.executable, str(PROJECT / "scripts" / "benchmark.py"), "--events", "3000", "--latency", "0",
-         "--airflow-only", "--capacity-seconds", "0", "--concurrency", "4"],
+         "--airflow-only", "--runner", "dags-test", "--capacity-seconds", "0", "--concurrency", "4"],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=280, check=False)
 
 
@@ -99,3 +99,32 @@ def test_the_dag_run_through_airflow_and_its_rerun_are_timed_and_broken_down(as_
     assert re.search(r"deliver stages .*: extract \d+\.\d+, transform", out), out
     assert re.search(r"peak memory of the airflow process .*: [\d,]+ MB", out), out
     assert re.search(r"^\s+as run / floor\s+\d+\.\d+ x", out, re.MULTILINE), out
+
+
+@pytest.fixture(scope="module")
+def under_scheduler() -> subprocess.CompletedProcess:
+    env = {**os.environ, "TEST_DATABASE_URL": TEST_DATABASE_URL}
+    return subprocess.run(
+        [sys.executable, str(PROJECT / "scripts" / "benchmark.py"), "--events", "3000", "--latency", "0",
+         "--airflow-only", "--runner", "scheduler", "--capacity-seconds", "0", "--concurrency", "4",
+         "--skip-floor", "--scheduler-idle-sleep", "0.2"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=280, check=False)
+
+
+def test_the_dag_run_under_a_scheduler_and_its_cleared_rerun_are_timed_from_the_request(under_scheduler):
+    out = under_scheduler.stdout
+    assert under_scheduler.returncode == 0, out[-3000:] + under_scheduler.stderr[-3000:]
+    assert "CORRECTNESS CHECKS FAILED" not in out
+    assert re.search(r"scheduler \(LocalExecutor, parallelism 8, scheduler_idle_sleep_time 0.2 s\).* warm-up run", out)
+    runs = re.findall(r"POST /api/v2/dags/segment_to_orb/dagRuns(/benchmark_0_0/clear| \(logical date \S+\)); "
+                      r"scheduler, LocalExecutor, parallelism 8: (\d+\.\d+) s from the request to the last task's end; "
+                      r"dag run success; ([\d,]+) events, ([\d,]+) sent, ([\d,]+) already settled", out)
+    assert [r[0].startswith("/benchmark") for r in runs] == [False, True], out  # triggered, then cleared
+    (_, _, events, sent, skipped), (_, _, events_again, sent_again, skipped_again) = runs
+    assert _number(events) == _number(events_again) and _number(skipped) == 0 and _number(sent) > 0
+    assert _number(sent_again) == 0 and _number(skipped_again) == _number(events)
+    for part in ("request -> first task running", "gate (task start to end)", "plan (task start to end)",
+                 "deliver (3 mapped tasks side by side, start to end)", "report (task start to end)",
+                 "between tasks"):
+        assert len(re.findall(rf"^\s+{re.escape(part)}.*\s\d+\.\d+\s+-?\d+\.\d+%$", out, re.MULTILINE)) == 2, part
+    assert re.search(r"peak memory of a deliver task process \(VmHWM, its largest\): [\d,]+ MB", out), out
