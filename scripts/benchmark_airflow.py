@@ -375,6 +375,7 @@ class SchedulerStack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dag_id = f"segment_to_{airflow_home.destination}"
         self.processes: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
         self.env: dict[str, str] = {}
         self.url = ""
         self.token = ""
@@ -428,7 +429,8 @@ class SchedulerStack:
         subprocess.run([self.airflow_home.airflow, "db", "migrate"], env=self.env, cwd=self.root, check=True,  # noqa: S603
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for service in ("api-server", "scheduler", "dag-processor"):
-            log = open(self.root / f"{service}.log", "ab")  # noqa: SIM115 - closed with the process
+            log = open(self.root / f"{service}.log", "ab")
+            self.logs.append(log)
             self.processes.append(subprocess.Popen([self.airflow_home.airflow, service], env=self.env,  # noqa: S603
                                                    cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                                    start_new_session=True))
@@ -458,6 +460,9 @@ class SchedulerStack:
             except ProcessLookupError:
                 pass
         self.processes.clear()
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
         if self.metadata_url:
             LocalAirflow.drop_database(sa.make_url(self.metadata_url))
             self.metadata_url = ""
