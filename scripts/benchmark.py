@@ -734,6 +734,11 @@ class Context:
     counts: WindowCounts
     # The source each partition opens (a new connection per task, as the DAG's deliver tasks do).
     open_source: Callable[[], Any] | None = None
+    # Connections the Airflow runs get besides the sandbox's: an emulated warehouse's.
+    warehouse_connections: dict[str, str] = field(default_factory=dict)
+
+    def airflow_connections(self, sandbox: SandboxProcess) -> dict[str, str]:
+        return {**sandbox.connection_env(), **self.warehouse_connections}
 
 
 def run_pipeline(ctx: Context, sandbox: SandboxProcess, ledger: Any, run_id: str, label: str,
@@ -1195,11 +1200,11 @@ def run_as_users_do(ctx: Context, sandbox: SandboxProcess, airflow_home: Any, ru
 
     logical_date = ctx.window.end  # an interval timetable's run for [start, end) has logical date = end
     sandbox.reset()
-    first = run_dag(run_home, airflow_home, ledger_schema, sandbox.connection_env(), logical_date,
+    first = run_dag(run_home, airflow_home, ledger_schema, ctx.airflow_connections(sandbox), logical_date,
                     f"as run, {name}")
     first.sandbox = sandbox.accepted_events()
     sandbox.reset()
-    again = run_dag(run_home, airflow_home, ledger_schema, sandbox.connection_env(), logical_date,
+    again = run_dag(run_home, airflow_home, ledger_schema, ctx.airflow_connections(sandbox), logical_date,
                     f"rerun, {name}")
     again.sandbox = sandbox.accepted_events()
     return first, again
@@ -1446,9 +1451,9 @@ def main(argv: list[str] | None = None) -> int:
         source_section = {"schema": schema, "events": list(TABLES), "loaded_at_column": "received_at",
                           "lookback": "0s", "chunk_size": args.chunk_size}
         if warehouse is not None:
+            # The DAG run reads the emulator through its connection; the ledger stays in PostgreSQL
+            # (ledger.conn_id, the default segment_warehouse, is the benchmark's PostgreSQL there).
             source_section.update(conn_id=WAREHOUSE_CONN_ID, schema=warehouse.schema)
-            # The DAG run through Airflow reads PostgreSQL; an emulated warehouse is measured core-only.
-            args.core_only = True
         # The same settings for the core run and, written to a file, for the DAG run through Airflow.
         settings_dict = {
             "source": source_section,
@@ -1473,8 +1478,10 @@ def main(argv: list[str] | None = None) -> int:
             counts.add(window_counts(engine, schema, table, window, customer))
         print(f"window {window} on received_at: {_n(counts.rows)} rows, {_n(counts.unique)} unique events, "
               f"{_n(counts.deliverable)} deliverable (the rest have no customer id)")
+        connection = f"AIRFLOW_CONN_{WAREHOUSE_CONN_ID.upper()}"
         ctx = Context(args, engine, schema, window, settings, destination, counts,
-                      open_source=(lambda: warehouse.open_source(settings)) if warehouse is not None else None)
+                      open_source=(lambda: warehouse.open_source(settings)) if warehouse is not None else None,
+                      warehouse_connections={connection: os.environ[connection]} if warehouse is not None else {})
         scale = counts.unique / TARGET_EVENTS
         airflow_home = None
         if not args.core_only:
@@ -1496,7 +1503,7 @@ def main(argv: list[str] | None = None) -> int:
                 if airflow_home is not None and args.runner == "scheduler":
                     from benchmark_airflow import SchedulerStack
 
-                    stack = SchedulerStack(home / f"scheduler_{index}", airflow_home, sandbox.connection_env(),
+                    stack = SchedulerStack(home / f"scheduler_{index}", airflow_home, ctx.airflow_connections(sandbox),
                                            args.parallelism, args.scheduler_idle_sleep).__enter__()
                     idle = ("Airflow's default" if args.scheduler_idle_sleep is None else
                             f"{args.scheduler_idle_sleep:g} s")
