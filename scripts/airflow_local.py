@@ -452,9 +452,11 @@ class LocalAirflow:
 
     def expected_dag_ids(self) -> list[str]:
         from billing_airflow.operators.run_request import MODES, REPLACE, dag_id_for
+        from usage_billing.destinations import DESTINATIONS
 
         destinations = self.settings.configured_destinations()
-        return [dag_id_for(d, mode) for d in destinations for mode in MODES if mode != REPLACE or d == "orb"]
+        return [dag_id_for(d, mode) for d in destinations for mode in MODES
+                if mode != REPLACE or DESTINATIONS[d].capabilities.backfills]
 
     def wait_for_dags(self, dag_ids: Sequence[str]) -> None:
         """Until the dag-processor has serialized every DAG in ``dag_ids``; at once on an import error."""
