@@ -209,6 +209,21 @@ def test_a_replace_dag_follows_the_declared_backfills_not_the_name(monkeypatch):
         build_delivery_dag("orb", mode="replace")
 
 
+def test_every_registered_destination_has_its_hook_and_its_dags(bag):
+    """The Airflow surface of a destination: the hook its registry line names, and one DAG file per mode."""
+    from billing_airflow.hooks.base import BillingApiHook
+    from billing_airflow.operators.deliver import hook_class
+    from billing_airflow.operators.run_request import MODES, REPLACE, dag_id_for
+    from usage_billing.destinations import DESTINATIONS
+
+    for name, kind in DESTINATIONS.items():
+        hook = hook_class(name)
+        assert issubclass(hook, BillingApiHook) and hook.destination == name
+        modes = [mode for mode in MODES if mode != REPLACE or kind.capabilities.backfills]
+        assert {dag_id_for(name, mode) for mode in modes} <= set(bag.dags), name
+        assert (PROJECT / "dags" / f"segment_to_{name}.py").is_file()
+
+
 @pytest.mark.parametrize(("partition", "label"), [
     ({"table": "api_call", "bucket": 0, "buckets": 1}, "api_call"),
     ({"table": "api_call", "bucket": 1, "buckets": 4}, "api_call #2/4"),
