@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
 
     from usage_billing import sample_data
-    from usage_billing.sandbox import KableSandbox, OrbSandbox
+    from usage_billing.sandbox import KableSandbox, OrbSandbox, ServerOptions
     from usage_billing.settings import load_settings
     from usage_billing.sources.postgres import create_engine
 
@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     log_path = state / "airflow-tasks.log"
     log_offset = log_path.stat().st_size if log_path.exists() else 0
     with contextlib.ExitStack() as stack:
-        orb = stack.enter_context(OrbSandbox(api_key=API_KEYS["orb"], state_file=state / "orb-accepted.jsonl"))
+        orb = stack.enter_context(OrbSandbox(api_key=API_KEYS["orb"],
+                                             server=ServerOptions(state_file=state / "orb-accepted.jsonl")))
         kable = stack.enter_context(KableSandbox(client_id=API_KEYS["kable_client"], api_key=API_KEYS["kable"],
-                                                 state_file=state / "kable-accepted.jsonl"))
+                                                 server=ServerOptions(state_file=state / "kable-accepted.jsonl")))
         before = {"orb": len(orb.accepted()), "kable": len(kable.accepted())}
         if emulated:
             emulator = stack.enter_context(_emulator(args.warehouse))

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
+from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox, ServerOptions
 from usage_billing.sandbox.orb import EVENT_FIELDS, FUTURE_TOLERANCE, _plainly_valid, parse_timestamp
 from usage_billing.sandbox.server import BadBody, parse_json
 
@@ -482,11 +482,24 @@ def test_orb_slow_fault_times_client_out_then_processes(orb: OrbSandbox) -> None
     assert orb.requests[-1].fault == "slow" and orb.requests[-1].status == 200
 
 
-def test_orb_slow_fault_answers_patient_client(orb: OrbSandbox) -> None:
-    orb.inject(Fault.SLOW, delay=0.2)
-    started = time.monotonic()
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-    assert time.monotonic() - started >= 0.2
+class RecordedPauses:
+    """A sandbox's ``pause`` that records each delay instead of waiting it out."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, seconds: float, stopping: threading.Event) -> bool:
+        self.delays.append(seconds)
+        return not stopping.is_set()
+
+
+def test_orb_slow_fault_answers_patient_client() -> None:
+    pauses = RecordedPauses()
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(pause=pauses)) as orb:
+        orb.inject(Fault.SLOW, delay=0.2)
+        assert ingest(orb, [orb_event("k")]).status_code == 200
+        assert orb.accepted_keys() == {"k"}
+    assert pauses.delays == [0.2], "the SLOW delay, and no latency (none configured)"
 
 
 def test_stop_interrupts_slow_request(orb: OrbSandbox) -> None:
@@ -616,30 +629,40 @@ def test_random_faults_rate_zero_turns_off(orb: OrbSandbox) -> None:
     assert _status_sequence(orb, 5) == ["200"] * 5
 
 
-def test_latency_is_applied_concurrently() -> None:
-    with OrbSandbox(api_key=ORB_KEY, latency=0.3) as orb:
-        n = 3
-        barrier = threading.Barrier(n)
-        durations: list[float] = []
+def test_latency_is_applied_to_each_request_concurrently() -> None:
+    """Each request waits out the latency in its own thread, not holding the sandbox's lock: the
+    three requests' pauses meet at a barrier, which a serialised wait would never fill."""
+    n = 3
+    meeting = threading.Barrier(n, timeout=10)
+    delays: list[float] = []
+    all_waiting_at_once: list[bool] = []
+
+    def pause(seconds: float, stopping: threading.Event) -> bool:
+        delays.append(seconds)
+        try:
+            meeting.wait()
+            all_waiting_at_once.append(True)
+        except threading.BrokenBarrierError:
+            all_waiting_at_once.append(False)
+        return not stopping.is_set()
+
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(latency=0.3, pause=pause)) as orb:
         statuses: list[int] = []
-
-        def worker(i: int) -> None:
-            barrier.wait()
-            t0 = time.monotonic()
-            statuses.append(ingest(orb, [orb_event(f"k{i}")]).status_code)
-            durations.append(time.monotonic() - t0)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-        started = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        total = time.monotonic() - started
+        threads = [threading.Thread(target=lambda i=i: statuses.append(ingest(orb, [orb_event(f"k{i}")],
+                                                                             timeout=30).status_code))
+                   for i in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert statuses == [200] * n
-    assert min(durations) >= 0.29
-    # Serialised latency would take >= 0.9 s; concurrent sleeps take ~0.3 s.
-    assert total < 0.75
+    assert delays == [0.3] * n
+    assert all_waiting_at_once == [True] * n
+
+
+def test_a_negative_latency_is_refused() -> None:
+    with pytest.raises(ValueError, match="latency must be >= 0"):
+        ServerOptions(latency=-1)
 
 
 # ============================================================================ persistence
@@ -648,10 +671,10 @@ def test_latency_is_applied_concurrently() -> None:
 def test_state_file_survives_restart(tmp_path: Path) -> None:
     state = tmp_path / "state" / "orb.jsonl"
     events = [orb_event(f"k{i}") for i in range(3)]
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=state)) as orb:
         assert ingest(orb, events).status_code == 200
     assert len(state.read_text().splitlines()) == 3
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=state)) as orb:
         assert orb.accepted() == events
         assert ingest(orb, events).status_code == 200
         assert orb.duplicates == 3
@@ -662,21 +685,21 @@ def test_state_file_survives_restart(tmp_path: Path) -> None:
 def test_state_file_tolerates_torn_last_line(tmp_path: Path) -> None:
     state = tmp_path / "kable.jsonl"
     state.write_text(json.dumps(kable_event("t1")) + "\n" + '{"clientId": "c", "timest')
-    with KableSandbox(state_file=state) as kable:
+    with KableSandbox(server=ServerOptions(state_file=state)) as kable:
         assert kable.accepted_keys() == {"t1"}
 
 
 def test_reset_truncates_state_file(tmp_path: Path) -> None:
     state = tmp_path / "orb.jsonl"
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=state)) as orb:
         ingest(orb, [orb_event("k")])
         orb.reset()
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=state)) as orb:
         assert orb.accepted() == []
 
 
 def test_restart_same_instance_keeps_state(tmp_path: Path) -> None:
-    orb = OrbSandbox(api_key=ORB_KEY, state_file=tmp_path / "orb.jsonl")
+    orb = OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=tmp_path / "orb.jsonl"))
     orb.start()
     ingest(orb, [orb_event("k")])
     orb.stop()
@@ -795,13 +818,13 @@ def test_backfill_replace_existing_events_then_revert() -> None:
 def test_backfill_replacement_persists_across_restart(tmp_path: Path) -> None:
     state = tmp_path / "orb.jsonl"
     ts = iso(now() - timedelta(days=3))
-    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10), state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10), server=ServerOptions(state_file=state)) as orb:
         ingest(orb, [orb_event("old", timestamp=ts)])
         backfill = create_backfill(orb, **window(4, 2)).json()
         ingest(orb, [orb_event("new", timestamp=ts)], params={"backfill_id": backfill["id"]})
         backfill_action(orb, backfill["id"], "close")
         assert orb.accepted_keys() == {"new"}
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=state)) as orb:
         assert orb.accepted_keys() == {"new"}
 
 

@@ -34,6 +34,7 @@ from usage_billing import sample_data
 from usage_billing.delivery import DeliveryJob, deliver_window
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
+from usage_billing.sandbox import ServerOptions
 from usage_billing.settings import parse_settings
 from usage_billing.sources import Partition, Window
 
@@ -212,7 +213,7 @@ def test_a_task_killed_mid_window_is_completed_by_its_retry(warehouse, schemas, 
     now = datetime.now(UTC)
     start, _ = _hours(now)
     for world in make_world("orb", warehouse, schemas, pg_url, pg_engine, monkeypatch, start, now,
-                            sandbox_options={"latency": 0.15}, destination_overrides={"orb": {"batch_size": 10}}):
+                            sandbox_options={"server": ServerOptions(latency=0.15)}, destination_overrides={"orb": {"batch_size": 10}}):
         args = {"config": world.config, "destination": "orb", "window": everything(now).to_dict(), "run_id": "r1",
                 "warehouse": True}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "include"), str(PROJECT / "plugins"),
