@@ -317,9 +317,10 @@ class LocalAirflow:
             now = datetime.now(UTC)
             last_hour = now.replace(minute=0, second=0, microsecond=0)
             first_hour = last_hour - timedelta(hours=self.options.hours)
-            stats = sample_data.generate(engine, source.schema_, start=first_hour - source.lookback,
-                                         hours=self.options.hours + int(source.lookback.total_seconds() // 3600),
-                                         events_per_hour=self.options.events_per_hour, seed=7, now=now)
+            lookback_hours = int(source.lookback.total_seconds() // 3600)
+            stats = sample_data.generate(engine, source.schema_, sample_data.Sample(
+                start=first_hour - source.lookback, hours=self.options.hours + lookback_hours,
+                events_per_hour=self.options.events_per_hour, seed=7, now=now))
         finally:
             engine.dispose()
         sample = {"first_hour": first_hour.isoformat(), "last_hour": last_hour.isoformat(), "rows": stats.rows,

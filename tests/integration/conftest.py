@@ -140,9 +140,9 @@ def make_world(name, pg_engine, schemas, monkeypatch, sandbox_options=None, dest
                events_per_hour=60, hours=3):
     schema, ledger_schema = schemas
     now = datetime.now(UTC)
-    stats = sample_data.generate(pg_engine, schema, start=now.replace(minute=0, second=0, microsecond=0)
-                                 - timedelta(hours=hours), hours=hours, events_per_hour=events_per_hour, seed=11,
-                                 now=now)
+    first_hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours)
+    stats = sample_data.generate(pg_engine, schema, sample_data.Sample(start=first_hour, hours=hours,
+                                                                       events_per_hour=events_per_hour, seed=11, now=now))
     settings = parse_settings(config(schema, ledger_schema, **(destination_overrides or {})))
     ledger = Ledger(pg_engine, ledger_schema)
     ledger.create()
