@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/include:$(CURDIR)/plugins
 # glibc otherwise keeps freed memory in one arena per sending thread (measured by make bench).
 export MALLOC_ARENA_MAX := 2
 
-.PHONY: run airflow test lint lock bench clean
+.PHONY: run airflow test test-fast lint lock bench clean
 
 $(VENV)/.synced: requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,17 @@ run: $(RUN_NEEDS)
 airflow: $(VENV)/.synced
 	$(PY) scripts/airflow_local.py $(ARGS)
 
-## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis.
+## Install from the lock and run the whole test suite against PostgreSQL (TEST_DATABASE_URL) and Redis:
+## about 10 minutes of both cores on a clean clone (README, Tests).
 test: $(VENV)/.synced $(BQEMU_VENV)/.synced
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Only the layers that need nothing running (no PostgreSQL, Redis, emulator or browser):
+## tests/unit, tests/dags, tests/deploy and the lint checks: 799 tests in about 30 s on this project's 2-core
+## machine (median of six runs, 2026-11-30). `make test` stays the whole suite (CI runs it).
+FAST_TESTS := tests/unit tests/dags tests/deploy tests/test_lint.py
+test-fast: $(VENV)/.synced
+	$(PY) -m pytest $(FAST_TESTS) $(PYTEST_ARGS)
 
 lint: $(VENV)/.synced
 	$(VENV)/bin/ruff check dags plugins include tests scripts docker

@@ -67,8 +67,9 @@ def seed(args: argparse.Namespace, now: datetime) -> tuple[datetime, datetime] |
         if _already_seeded(engine, schema, list(settings.source.events)):
             print(f"demo-seed: {schema} already holds sample data; not reseeding", flush=True)
             return None
-        stats = sample_data.generate(engine, schema, start=first_hour - timedelta(hours=6), hours=args.hours + 6,
-                                     events_per_hour=args.events_per_hour, seed=args.seed, now=now)
+        sample = sample_data.Sample(start=first_hour - timedelta(hours=6), hours=args.hours + 6,
+                                    events_per_hour=args.events_per_hour, seed=args.seed, now=now)
+        stats = sample_data.generate(engine, schema, sample)
     finally:
         engine.dispose()
     print(f"demo-seed: loaded {stats.rows} Segment rows into {schema} ({stats.duplicates} duplicates, "

@@ -317,9 +317,10 @@ class LocalAirflow:
             now = datetime.now(UTC)
             last_hour = now.replace(minute=0, second=0, microsecond=0)
             first_hour = last_hour - timedelta(hours=self.options.hours)
-            stats = sample_data.generate(engine, source.schema_, start=first_hour - source.lookback,
-                                         hours=self.options.hours + int(source.lookback.total_seconds() // 3600),
-                                         events_per_hour=self.options.events_per_hour, seed=7, now=now)
+            lookback_hours = int(source.lookback.total_seconds() // 3600)
+            stats = sample_data.generate(engine, source.schema_, sample_data.Sample(
+                start=first_hour - source.lookback, hours=self.options.hours + lookback_hours,
+                events_per_hour=self.options.events_per_hour, seed=7, now=now))
         finally:
             engine.dispose()
         sample = {"first_hour": first_hour.isoformat(), "last_hour": last_hour.isoformat(), "rows": stats.rows,
@@ -452,9 +453,11 @@ class LocalAirflow:
 
     def expected_dag_ids(self) -> list[str]:
         from billing_airflow.operators.run_request import MODES, REPLACE, dag_id_for
+        from usage_billing.destinations import DESTINATIONS
 
         destinations = self.settings.configured_destinations()
-        return [dag_id_for(d, mode) for d in destinations for mode in MODES if mode != REPLACE or d == "orb"]
+        return [dag_id_for(d, mode) for d in destinations for mode in MODES
+                if mode != REPLACE or DESTINATIONS[d].capabilities.backfills]
 
     def wait_for_dags(self, dag_ids: Sequence[str]) -> None:
         """Until the dag-processor has serialized every DAG in ``dag_ids``; at once on an import error."""

@@ -387,8 +387,8 @@ def _generate_worker(url: str, schema: str, hour: datetime, jobs: list[tuple[int
     rows = unique = 0
     try:
         for seed, count in jobs:
-            stats = sample_data.generate(engine, schema, start=hour, hours=1, events_per_hour=count, seed=seed,
-                                         now=hour + timedelta(days=3))
+            stats = sample_data.generate(engine, schema, sample_data.Sample(start=hour, hours=1, events_per_hour=count,
+                                                                            seed=seed, now=hour + timedelta(days=3)))
             rows += stats.rows
             unique += stats.unique_events
     finally:
@@ -476,7 +476,7 @@ def _load_emulator_worker(kind: str, schema: str, hour: datetime, jobs: list[tup
     from usage_billing.sandbox import warehouses
 
     for seed, count in jobs:
-        rows = sample_data.generate_rows(hour, 1, count, seed=seed, now=hour + timedelta(days=3))
+        rows = sample_data.generate_rows(sample_data.Sample(hour, 1, count, seed=seed, now=hour + timedelta(days=3)))
         if kind == "snowflake":
             warehouses.load_snowflake(WAREHOUSE_CONN_ID, schema, rows)
         else:

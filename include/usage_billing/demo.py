@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
 
     from usage_billing import sample_data
-    from usage_billing.sandbox import KableSandbox, OrbSandbox
+    from usage_billing.sandbox import KableSandbox, OrbSandbox, ServerOptions
     from usage_billing.settings import load_settings
     from usage_billing.sources.postgres import create_engine
 
@@ -134,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     first_hour = last_hour - timedelta(hours=args.hours)
     if sample:
         first_hour, now = datetime.fromisoformat(sample["first_hour"]), datetime.fromisoformat(sample["created_at"])
+    # Six hours before the first run's window, for its lookback; the same rows for the same marker.
+    warehouse_sample = sample_data.Sample(first_hour - timedelta(hours=6), args.hours + 6, args.events_per_hour,
+                                          seed=7, now=now)
     if not emulated:
         engine = create_engine(f"sqlite:///{warehouse_db}", [settings.source.schema_, settings.ledger.schema_])
         if not sample:
-            stats = sample_data.generate(engine, settings.source.schema_, start=first_hour - timedelta(hours=6),
-                                         hours=args.hours + 6, events_per_hour=args.events_per_hour, seed=7, now=now)
+            stats = sample_data.generate(engine, settings.source.schema_, warehouse_sample)
             print(f"warehouse: created {warehouse_db.name} with {stats.rows} Segment rows "
                   f"({stats.duplicates} duplicates, {stats.anonymous} anonymous, {stats.late} loaded late) "
                   f"in {settings.source.schema_}.{{{', '.join(stats.per_event)}}}")
@@ -152,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     log_path = state / "airflow-tasks.log"
     log_offset = log_path.stat().st_size if log_path.exists() else 0
     with contextlib.ExitStack() as stack:
-        orb = stack.enter_context(OrbSandbox(api_key=API_KEYS["orb"], state_file=state / "orb-accepted.jsonl"))
+        orb = stack.enter_context(OrbSandbox(api_key=API_KEYS["orb"],
+                                             server=ServerOptions(state_file=state / "orb-accepted.jsonl")))
         kable = stack.enter_context(KableSandbox(client_id=API_KEYS["kable_client"], api_key=API_KEYS["kable"],
-                                                 state_file=state / "kable-accepted.jsonl"))
+                                                 server=ServerOptions(state_file=state / "kable-accepted.jsonl")))
         before = {"orb": len(orb.accepted()), "kable": len(kable.accepted())}
         if emulated:
             emulator = stack.enter_context(_emulator(args.warehouse))
@@ -162,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[f"AIRFLOW_CONN_{LEDGER_CONN_ID.upper()}"] = json.dumps({"conn_type": "sqlite",
                                                                               "host": str(ledger_db)})
             # The emulator starts empty every time: the same rows (same seed, same load time) again.
-            rows = sample_data.generate_rows(first_hour - timedelta(hours=6), args.hours + 6, args.events_per_hour,
-                                             seed=7, now=now)
+            rows = sample_data.generate_rows(warehouse_sample)
             emulator.load(settings.source.schema_, rows)
             stats = sample_data.summarize(rows)
             print(f"warehouse: {emulator.description}; loaded {stats.rows} Segment rows ({stats.duplicates} "

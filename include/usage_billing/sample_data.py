@@ -34,7 +34,7 @@ import math
 import random
 from bisect import bisect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from operator import itemgetter
@@ -62,6 +62,7 @@ __all__ = [
     "EVENTS",
     "EventSpec",
     "PropertySpec",
+    "Sample",
     "SampleStats",
     "UTCDateTime",
     "create_tables",
@@ -598,15 +599,35 @@ def _window_rows(
     return rows
 
 
-def generate_rows(
-    start: datetime,
-    hours: int,
-    events_per_hour: int,
-    seed: int = 0,
-    events: Iterable[str] = EVENTS,
-    customers: int = 12,
-    now: datetime | None = None,
-) -> dict[str, list[dict[str, Any]]]:
+@dataclass(frozen=True)
+class Sample:
+    """What to generate: ``hours`` hourly windows from ``start``, each with ``events_per_hour``
+    distinct events of each of ``events``, for ``customers`` customers, as the warehouse holds them
+    at ``now``.
+
+    Data for one window of one event is a pure function of ``seed``, the event, the window start,
+    ``events_per_hour`` and ``customers``. ``now`` defaults to the current time; pass one (or an old
+    ``start``) for reproducible output.
+    """
+
+    # Start of the first window (usually an hour boundary); naive values are taken as UTC.
+    start: datetime
+    hours: int
+    # Distinct events per window and event type, before duplicates are added and unloaded rows removed.
+    events_per_hour: int
+    seed: int = 0
+    # Slugs of the events to generate (keys of EVENTS).
+    events: Iterable[str] = tuple(EVENTS)
+    # Distinct customers (user_id cus_<name>).
+    customers: int = 12
+    now: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.hours < 0 or self.events_per_hour < 0 or self.customers < 1:
+            raise ValueError("hours and events_per_hour must be >= 0 and customers >= 1")
+
+
+def generate_rows(sample: Sample) -> dict[str, list[dict[str, Any]]]:
     """Generate Segment warehouse rows for the sample events.
 
     For each event and each hourly window ``[start + i h, start + (i+1) h)``,
@@ -616,43 +637,27 @@ def generate_rows(
     already be in the warehouse at ``now``: windows starting at or after
     ``now`` are skipped, and rows whose ``uuid_ts`` (load time) is after
     ``now`` are left out, so the most recent hour or so is incomplete, as in
-    a real warehouse. Pass an explicit ``now`` (or an old ``start``) for
-    reproducible output.
-
-    Data for one window of one event is a pure function of ``seed``, the
-    event, the window start, ``events_per_hour`` and ``customers``.
-
-    Args:
-        start: Start of the first window; naive values are taken as UTC.
-            Usually an hour boundary.
-        hours: Number of hourly windows.
-        events_per_hour: Distinct events per window and per event type
-            (before duplicates are added and unloaded rows removed).
-        seed: Random seed.
-        events: Slugs of the events to generate (keys of :data:`EVENTS`).
-        customers: Number of distinct customers (``user_id`` ``cus_<name>``).
-        now: The present; defaults to the current time.
+    a real warehouse.
 
     Returns:
         Rows by event slug; each row is a dict with every column of the
         event table. Datetimes are aware UTC.
 
     Raises:
-        ValueError: For unknown events or negative counts.
+        ValueError: For unknown events.
     """
-    if hours < 0 or events_per_hour < 0 or customers < 1:
-        raise ValueError("hours and events_per_hour must be >= 0 and customers >= 1")
-    specs = [_spec(slug) for slug in dict.fromkeys(events)]
-    start = _utc(start)
-    now = _utc(now) if now is not None else datetime.now(UTC)
-    population = _population(seed, customers)
+    specs = [_spec(slug) for slug in dict.fromkeys(sample.events)]
+    start = _utc(sample.start)
+    now = _utc(sample.now) if sample.now is not None else datetime.now(UTC)
+    population = _population(sample.seed, sample.customers)
     out: dict[str, list[dict[str, Any]]] = {spec.slug: [] for spec in specs}
-    for i in range(hours):
+    for i in range(sample.hours):
         window_start = start + i * _HOUR
         if window_start >= now:
             break
         for spec in specs:
-            out[spec.slug].extend(_window_rows(spec, window_start, events_per_hour, seed, population, now))
+            out[spec.slug].extend(_window_rows(spec, window_start, sample.events_per_hour, sample.seed, population,
+                                               now))
     return out
 
 
@@ -904,50 +909,32 @@ def load(engine: Engine, schema: str, rows: Mapping[str, Sequence[Mapping[str, A
 _FLUSH_ROWS = 200_000
 
 
-def generate(
-    engine: Engine,
-    schema: str,
-    start: datetime,
-    hours: int,
-    events_per_hour: int,
-    seed: int = 0,
-    **kw: Any,
-) -> SampleStats:
-    """Create the tables, generate sample rows and load them.
+def generate(engine: Engine, schema: str, sample: Sample) -> SampleStats:
+    """Create the tables, generate the sample's rows and load them.
 
-    Rows are exactly those of ``generate_rows(start, hours, events_per_hour,
-    seed, **kw)``; they are generated and loaded a few hours at a time so
-    that memory stays bounded. Each load is its own transaction.
+    Rows are exactly those of ``generate_rows(sample)``; they are generated and loaded a few hours
+    at a time so that memory stays bounded. Each load is its own transaction.
 
     Args:
         engine: Target database (on SQLite, with ``schema`` attached).
         schema: Source schema name, created on PostgreSQL if missing.
-        start: Start of the first hourly window.
-        hours: Number of hourly windows.
-        events_per_hour: Distinct events per window and per event type.
-        seed: Random seed.
-        **kw: ``events``, ``customers`` and ``now``, as for :func:`generate_rows`.
+        sample: What to generate.
 
     Returns:
         Statistics of the rows loaded.
     """
-    unexpected = set(kw) - {"events", "customers", "now"}
-    if unexpected:
-        raise TypeError(f"generate() got unexpected keyword arguments {sorted(unexpected)}")
-    if hours < 0 or events_per_hour < 0 or kw.get("customers", 1) < 1:
-        raise ValueError("hours and events_per_hour must be >= 0 and customers >= 1")
-    events = tuple(dict.fromkeys(kw.pop("events", EVENTS)))
+    events = tuple(dict.fromkeys(sample.events))
     # One "now" for the whole run, so the chunks agree with a single call.
-    kw["now"] = _utc(kw["now"]) if kw.get("now") is not None else datetime.now(UTC)
+    now = _utc(sample.now) if sample.now is not None else datetime.now(UTC)
     create_tables(engine, schema, events)
 
     stats = SampleStats(per_event=dict.fromkeys(events, 0))
     pending: dict[str, list[dict[str, Any]]] = {slug: [] for slug in events}
     buffered = 0
-    start = _utc(start)
-    windows = [w for w in (start + i * _HOUR for i in range(hours)) if w < kw["now"]]
+    start = _utc(sample.start)
+    windows = [w for w in (start + i * _HOUR for i in range(sample.hours)) if w < now]
     for n, window in enumerate(windows, 1):
-        chunk = generate_rows(window, 1, events_per_hour, seed, events=events, **kw)
+        chunk = generate_rows(replace(sample, start=window, hours=1, events=events, now=now))
         for slug, batch in chunk.items():
             pending[slug].extend(batch)
             buffered += len(batch)

@@ -69,7 +69,7 @@ def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = 
     The hourly DAG starts with a gate (``airflow.approve_backfills_above``, None: no gate) that holds a
     backfill run for approval the same way when it would send more events than that.
 
-    ``mode=deliver`` is the hourly ``segment_to_<destination>``; ``replace`` (Orb only) and
+    ``mode=deliver`` is the hourly ``segment_to_<destination>``; ``replace`` (destinations declaring backfills: Orb) and
     ``replay_rejected`` are manually triggered DAGs of their own (``segment_to_orb_replace``,
     ``segment_to_<destination>_replay_rejected``). The mode is given to the operators here, never
     read from the run's parameters, so no form or backfill can turn a replace into a plain delivery.
@@ -81,8 +81,8 @@ def build_delivery_dag(destination: str, doc_md: str | None = None, mode: str = 
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    if mode == REPLACE and destination != "orb":
-        raise ValueError("mode=replace exists only for Orb: Kable has no backfills to replace a period")
+    if mode == REPLACE and not DESTINATIONS[destination].capabilities.backfills:
+        raise ValueError(f"mode=replace needs backfills to replace a period; {destination} declares none")
     settings = load_settings()
     dag_id = dag_id_for(destination, mode)
     if getattr(settings.destinations, destination) is None:

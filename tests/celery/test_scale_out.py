@@ -159,8 +159,8 @@ def test_backfill_spreads_over_two_celery_workers_and_delivers_each_event_once(
     now = datetime.now(UTC)
     last_hour = now.replace(minute=0, second=0, microsecond=0)
     first_hour = last_hour - timedelta(hours=RUNS)
-    sample_data.generate(pg_engine, schema, start=first_hour - LOOKBACK, hours=RUNS + 6, events_per_hour=30,
-                         seed=7, now=now)
+    sample_data.generate(pg_engine, schema, sample_data.Sample(start=first_hour - LOOKBACK, hours=RUNS + 6,
+                                                               events_per_hour=30, seed=7, now=now))
     settings = config(schema, ledger_schema)
     del settings["destinations"]["kable"]  # Orb only: no segment_to_kable DAG to parse and schedule
     # Two hash buckets per table -> 6 mapped deliver tasks per run; no retries: any failure shows.

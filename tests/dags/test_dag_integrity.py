@@ -192,6 +192,38 @@ def test_kable_has_no_replace_dag(bag):
     assert "segment_to_kable_replace" not in bag.dags
 
 
+def test_a_replace_dag_follows_the_declared_backfills_not_the_name(monkeypatch):
+    """Re-billing a period needs backfills: the registry's capabilities decide, for any destination."""
+    import dataclasses
+
+    from billing_airflow.dag_factory import build_delivery_dag
+    from usage_billing.destinations import DESTINATIONS, Capabilities
+
+    with pytest.raises(ValueError, match="kable declares none"):
+        build_delivery_dag("kable", mode="replace")
+    monkeypatch.setitem(DESTINATIONS, "kable", dataclasses.replace(DESTINATIONS["kable"],
+                                                                   capabilities=Capabilities(backfills=True)))
+    assert build_delivery_dag("kable", mode="replace").dag_id == "segment_to_kable_replace"
+    monkeypatch.setitem(DESTINATIONS, "orb", dataclasses.replace(DESTINATIONS["orb"], capabilities=Capabilities()))
+    with pytest.raises(ValueError, match="orb declares none"):
+        build_delivery_dag("orb", mode="replace")
+
+
+def test_every_registered_destination_has_its_hook_and_its_dags(bag):
+    """The Airflow surface of a destination: the hook its registry line names, and one DAG file per mode."""
+    from billing_airflow.hooks.base import BillingApiHook
+    from billing_airflow.operators.deliver import hook_class
+    from billing_airflow.operators.run_request import MODES, REPLACE, dag_id_for
+    from usage_billing.destinations import DESTINATIONS
+
+    for name, kind in DESTINATIONS.items():
+        hook = hook_class(name)
+        assert issubclass(hook, BillingApiHook) and hook.destination == name
+        modes = [mode for mode in MODES if mode != REPLACE or kind.capabilities.backfills]
+        assert {dag_id_for(name, mode) for mode in modes} <= set(bag.dags), name
+        assert (PROJECT / "dags" / f"segment_to_{name}.py").is_file()
+
+
 @pytest.mark.parametrize(("partition", "label"), [
     ({"table": "api_call", "bucket": 0, "buckets": 1}, "api_call"),
     ({"table": "api_call", "bucket": 1, "buckets": 4}, "api_call #2/4"),

@@ -31,8 +31,8 @@ def stack(airflow_db, pg_url, pg_engine, schemas, monkeypatch, tmp_path, request
     now = datetime.now(UTC)
     last_hour = now.replace(minute=0, second=0, microsecond=0)
     first_hour = last_hour - timedelta(hours=HOURS)
-    sample_data.generate(pg_engine, schema, start=first_hour - timedelta(hours=6), hours=HOURS + 6,
-                         events_per_hour=40, seed=5, now=now)
+    sample_data.generate(pg_engine, schema, sample_data.Sample(start=first_hour - timedelta(hours=6), hours=HOURS + 6,
+                                                               events_per_hour=40, seed=5, now=now))
     path = tmp_path / "usage_billing.yaml"
     settings = config(schema, ledger_schema)
     # dag.test() of Airflow 3.3.2 cannot finish a run of a DAG with a DeadlineAlert (DagRun.update_state

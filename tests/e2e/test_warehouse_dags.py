@@ -38,7 +38,7 @@ def test_segment_to_orb_delivers_two_hours_from_the_warehouse_once_and_again_sen
     warehouse = emulated_warehouse(kind, request, schema, pg_url, monkeypatch)
     now = datetime.now(UTC)
     first_hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS)
-    rows = sample_data.generate_rows(first_hour - LOOKBACK, HOURS + 6, 30, seed=5, now=now)
+    rows = sample_data.generate_rows(sample_data.Sample(first_hour - LOOKBACK, HOURS + 6, 30, seed=5, now=now))
     warehouse.load(rows)
 
     settings = config(schema, ledger_schema)

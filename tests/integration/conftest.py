@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from usage_billing import sample_data
 from usage_billing.delivery import DeliveryJob
-from usage_billing.destinations import Destination, get_destination
+from usage_billing.destinations import DESTINATIONS, Destination, get_destination
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.sandbox import KableSandbox, OrbSandbox
 from usage_billing.settings import parse_settings
@@ -115,9 +115,12 @@ class World:
 
 
 def start_sandbox(name: str, **kwargs):
+    """The local API standing in for destination ``name``; a new destination adds its own here."""
     if name == "orb":
         return OrbSandbox(api_key=ORB_KEY, **kwargs)
-    return KableSandbox(client_id=KABLE_CLIENT, api_key=KABLE_KEY, **kwargs)
+    if name == "kable":
+        return KableSandbox(client_id=KABLE_CLIENT, api_key=KABLE_KEY, **kwargs)
+    raise LookupError(f"no sandbox for destination {name!r}: add one to start_sandbox and connection_env")
 
 
 def connection_env(name: str, url: str) -> dict[str, str]:
@@ -127,9 +130,9 @@ def connection_env(name: str, url: str) -> dict[str, str]:
                                                       "password": KABLE_KEY})}
 
 
-@pytest.fixture(params=["orb", "kable"])
+@pytest.fixture(params=list(DESTINATIONS))
 def world(request, pg_engine, schemas, monkeypatch):
-    """The conformance fixture: every test using it runs once against Orb and once against Kable."""
+    """The conformance fixture: every test using it runs once against each registered destination."""
     yield from make_world(request.param, pg_engine, schemas, monkeypatch)
 
 
@@ -137,9 +140,9 @@ def make_world(name, pg_engine, schemas, monkeypatch, sandbox_options=None, dest
                events_per_hour=60, hours=3):
     schema, ledger_schema = schemas
     now = datetime.now(UTC)
-    stats = sample_data.generate(pg_engine, schema, start=now.replace(minute=0, second=0, microsecond=0)
-                                 - timedelta(hours=hours), hours=hours, events_per_hour=events_per_hour, seed=11,
-                                 now=now)
+    first_hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours)
+    stats = sample_data.generate(pg_engine, schema, sample_data.Sample(start=first_hour, hours=hours,
+                                                                       events_per_hour=events_per_hour, seed=11, now=now))
     settings = parse_settings(config(schema, ledger_schema, **(destination_overrides or {})))
     ledger = Ledger(pg_engine, ledger_schema)
     ledger.create()

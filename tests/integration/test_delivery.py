@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from tests.integration.conftest import make_world
 from usage_billing.delivery import DeliveryFailed
+from usage_billing.destinations import DESTINATIONS
 from usage_billing.sandbox import Fault
 
 
@@ -70,7 +71,7 @@ def stale(world) -> bool:
     return changed > 50 + 0.1 * max(rows, 0)
 
 
-@pytest.mark.parametrize("name", ["orb", "kable"])
+@pytest.mark.parametrize("name", list(DESTINATIONS))
 def test_batches_respect_the_configured_size(name, pg_engine, schemas, monkeypatch):
     for world in make_world(name, pg_engine, schemas, monkeypatch,
                             destination_overrides={name: {"batch_size": 7}}):

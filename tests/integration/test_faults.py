@@ -22,13 +22,14 @@ from tests.conftest import PROJECT
 from tests.integration.conftest import KABLE_KEY, ORB_KEY, config, connection_env, make_world
 from tests.integration.test_delivery import assert_exactly_once
 from usage_billing.delivery import DeliveryFailed
-from usage_billing.sandbox import Fault
+from usage_billing.destinations import DESTINATIONS
+from usage_billing.sandbox import Fault, ServerOptions
 from usage_billing.sources import Window
 
 
-@pytest.mark.parametrize("name", ["orb", "kable"])
+@pytest.mark.parametrize("name", list(DESTINATIONS))
 def test_a_task_killed_mid_delivery_is_completed_by_its_retry(name, pg_engine, pg_url, schemas, monkeypatch):
-    for world in make_world(name, pg_engine, schemas, monkeypatch, sandbox_options={"latency": 0.15},
+    for world in make_world(name, pg_engine, schemas, monkeypatch, sandbox_options={"server": ServerOptions(latency=0.15)},
                             destination_overrides={name: {"batch_size": 10}}):
         args = {"config": config(*schemas, **{"orb": {}, "kable": {}} | {name: {"batch_size": 10}}),
                 "destination": name, "database_url": pg_url, "window": world.window().to_dict(), "run_id": "r1"}

@@ -200,3 +200,78 @@ def test_rejected_event_timestamps_keep_microseconds_and_nulls(ledger):
 def test_columns_of_different_lengths_are_refused_before_any_sql():
     with pytest.raises(ValueError, match="different lengths"):
         EventRefs(["a", "b"], ["m"], ["t", "t"], [T0, T0])
+
+
+# -- what the Billing view reads (billing_airflow.ui.billing_view), on both dialects -----------------
+
+DAY = T0.date().isoformat()
+
+
+def billing_ledger(book: Ledger) -> None:
+    """orb: a1, a2 (acme, api_call and login) live, b1 (acme) through backfill bf_1, n1 with no customer;
+    rejected r1 (acme), held h1 (no customer). kable: k1 (zeta)."""
+    def deliver_to(destination: str, keys: list[str], customers: list[str | None], names: list[str],
+                   route: Route = Route()) -> None:
+        book.mark_delivered(destination, RUN_A, EventRefs(keys, keys, ["api_call"] * len(keys), [T0] * len(keys),
+                                                          customers, names), T0, route)
+
+    deliver_to("orb", ["a1", "a2"], ["acme", "acme"], ["api_call", "login"])
+    deliver_to("orb", ["b1"], ["acme"], ["api_call"], Route("backfill", "bf_1"))
+    deliver_to("orb", ["n1"], [None], ["api_call"])
+    deliver_to("kable", ["k1"], ["zeta"], ["api_call"])
+    book.mark_rejected("orb", RUN_A, [Rejection("r1", "m-r1", "api_call", "bad amount", T0, customer="acme")], T0)
+    book.mark_rejected("orb", RUN_A, [Rejection("h1", "m-h1", "api_call", "in the future", T0)], T0, status="held")
+
+
+def test_the_ledger_says_which_of_its_tables_exist(ledger):
+    assert all(ledger.has_table(name) for name in ("deliveries", "day_counts", "findings", "backfills"))
+    assert not ledger.has_table("no_such_table")
+
+
+def test_counts_per_day_split_by_status_and_backfill(ledger):
+    billing_ledger(ledger)
+    counts = {(str(r["day"])[:10], r["destination"], r["status"], bool(r["backfill"])): r["n"]
+              for r in ledger.counts_per_day()}
+    assert counts == {(DAY, "orb", "delivered", False): 3, (DAY, "orb", "delivered", True): 1,
+                      (DAY, "orb", "rejected", False): 1, (DAY, "orb", "held", False): 1,
+                      (DAY, "kable", "delivered", False): 1}
+
+
+def test_rejected_and_held_events_come_with_their_reason_and_customer(ledger):
+    billing_ledger(ledger)
+    rows = [(r["destination"], r["status"], r["reason"], r["message_id"], r["customer_id"])
+            for r in ledger.rejected_and_held()]
+    assert sorted(rows) == [("orb", "held", "in the future", "m-h1", None),
+                            ("orb", "rejected", "bad amount", "m-r1", "acme")]
+
+
+@pytest.mark.parametrize(("customer", "delivered", "names"), [
+    (None, {("orb", "acme"): 3, ("kable", "zeta"): 1},
+     {("orb", "acme", "api_call"): 2, ("orb", "acme", "login"): 1, ("kable", "zeta", "api_call"): 1}),
+    ("acme", {("orb", "acme"): 3}, {("orb", "acme", "api_call"): 2, ("orb", "acme", "login"): 1}),
+    ("nobody", {}, {}),
+], ids=["every-customer", "one-customer", "unknown-customer"])
+def test_deliveries_per_known_customer_and_event_name(ledger, customer, delivered, names):
+    billing_ledger(ledger)
+    per_customer = ledger.delivered_per_customer(customer)
+    assert {(r["destination"], r["customer_id"]): r["n"] for r in per_customer} == delivered
+    assert all(r["last"] is not None for r in per_customer)
+    assert {(r["destination"], r["customer_id"], r["event_name"]): r["n"]
+            for r in ledger.delivered_event_names(customer)} == names
+
+
+def test_day_counts_findings_and_backfills_of_every_destination(ledger):
+    for destination in ("orb", "kable"):
+        ledger.record_day_counts(destination, {T0.date(): {"warehouse": 3, "delivered": 2, "rejected": 1, "held": 0}},
+                                 RUN_A, T0)
+        ledger.record_findings(destination, [{"kind": "not_delivered", "hour": T0, "events": 2}], RUN_A, T0)
+    ledger.record_backfill("orb", {"id": "bf_late", "timeframe_start": "2026-11-22T00:00:00Z",
+                                   "timeframe_end": "2026-11-23T00:00:00Z"}, RUN_A)
+    ledger.record_backfill("orb", {"id": "bf_early", "timeframe_start": "2026-11-20T00:00:00Z",
+                                   "timeframe_end": "2026-11-21T00:00:00Z"}, RUN_A)
+    assert sorted((r["destination"], str(r["day"])[:10], r["warehouse"]) for r in ledger.day_counts()) == [
+        ("kable", DAY, 3), ("orb", DAY, 3)]
+    assert [f["destination"] for f in ledger.findings()] == ["orb", "kable"], "oldest first"
+    assert [f["destination"] for f in ledger.findings("kable")] == ["kable"]
+    assert [b["backfill_id"] for b in ledger.backfill_records()] == ["bf_early", "bf_late"]
+    assert ledger.backfill_records("kable") == []

@@ -9,7 +9,7 @@ import yaml
 from tests.integration.conftest import config, make_world
 from usage_billing import cli
 from usage_billing.delivery import replay_rejected
-from usage_billing.destinations import get_destination
+from usage_billing.destinations import DESTINATIONS, get_destination
 
 
 def replay(world, destination=None, reason_contains=None):
@@ -36,7 +36,7 @@ def test_fixed_data_is_replayed_with_the_original_keys(world):
     assert len(world.sandbox.accepted()) == len(world.deliverable_ids()), "nothing re-sent twice"
 
 
-@pytest.mark.parametrize("name", ["orb", "kable"])
+@pytest.mark.parametrize("name", list(DESTINATIONS))
 def test_a_fixed_mapping_is_replayed(name, pg_engine, schemas, monkeypatch):
     for world in make_world(name, pg_engine, schemas, monkeypatch):
         world.deliver()

@@ -29,6 +29,7 @@ from tests.unit.test_sample_data import (
 from usage_billing.sample_data import (
     BASE_COLUMNS,
     EVENTS,
+    Sample,
     SampleStats,
     create_tables,
     event_table,
@@ -103,7 +104,7 @@ def loaded(
     gen = _pg_backend() if request.param == "postgresql" else _sqlite_backend(tmp_path_factory.mktemp("sample_sqlite"))
     engine, schema = next(gen)
     try:
-        stats = generate(engine, schema, START, HOURS, PER_HOUR, seed=SEED, now=NOW)
+        stats = generate(engine, schema, Sample(START, HOURS, PER_HOUR, seed=SEED, now=NOW))
         yield engine, schema, stats, _read_all(engine, schema)
     finally:
         gen.close()
@@ -200,7 +201,7 @@ def test_rows_round_trip_exactly(loaded: tuple) -> None:
     # Same seed, same rows; and what the database returns is what was generated:
     # aware UTC datetimes to the microsecond, exact floats, ints, NULLs.
     _, _, _, read = loaded
-    expected = generate_rows(START, HOURS, PER_HOUR, seed=SEED, now=NOW)
+    expected = generate_rows(Sample(START, HOURS, PER_HOUR, seed=SEED, now=NOW))
     for slug in EVENTS:
         assert _sorted(read[slug]) == _sorted(expected[slug])
     sample = read["payment_confirmed"][0]
@@ -282,13 +283,13 @@ def test_load_rejects_unknown_columns_and_events(backend: tuple[sa.Engine, str])
 def test_generate_twice_appends_and_clips_at_now(backend: tuple[sa.Engine, str]) -> None:
     engine, schema = backend
     now = START + timedelta(hours=3, minutes=15)
-    stats = generate(engine, schema, START, 6, 20, seed=5, events=["api_call"], now=now, customers=3)
+    stats = generate(engine, schema, Sample(START, 6, 20, seed=5, events=["api_call"], now=now, customers=3))
     assert sa.inspect(engine).get_table_names(schema=schema) == ["api_call"]
     read = _read_all(engine, schema, ["api_call"])
     assert stats.per_event == {"api_call": len(read["api_call"])}
     assert max(r["uuid_ts"] for r in read["api_call"]) <= now
     assert {r["user_id"] for r in read["api_call"]} - {None} <= {"cus_acme", "cus_globex", "cus_initech"}
-    again = generate(engine, schema, START, 6, 20, seed=5, events=["api_call"], now=now, customers=3)
+    again = generate(engine, schema, Sample(START, 6, 20, seed=5, events=["api_call"], now=now, customers=3))
     assert again == stats
     assert len(_read_all(engine, schema, ["api_call"])["api_call"]) == 2 * stats.rows
 
@@ -300,7 +301,7 @@ def test_generic_insert_path_matches_fast_path(backend: tuple[sa.Engine, str]) -
 
     engine, schema = backend
     create_tables(engine, schema)
-    rows = generate_rows(START, 2, 15, seed=9, now=NOW)
+    rows = generate_rows(Sample(START, 2, 15, seed=9, now=NOW))
     metadata = sa.MetaData()
     sample_data._load_insert(engine, [(event_table(metadata, schema, slug), batch) for slug, batch in rows.items()])
     read = _read_all(engine, schema)
@@ -309,10 +310,10 @@ def test_generic_insert_path_matches_fast_path(backend: tuple[sa.Engine, str]) -
 
 def test_generate_in_the_future_creates_empty_tables(backend: tuple[sa.Engine, str]) -> None:
     engine, schema = backend
-    stats = generate(engine, schema, NOW + HOUR, 3, 10, now=NOW)
+    stats = generate(engine, schema, Sample(NOW + HOUR, 3, 10, now=NOW))
     assert stats == SampleStats(per_event=dict.fromkeys(EVENTS, 0))
     assert _read_all(engine, schema) == {slug: [] for slug in EVENTS}
     with pytest.raises(TypeError, match="unexpected keyword"):
-        generate(engine, schema, START, 1, 1, now=NOW, customer=3)
+        generate(engine, schema, Sample(START, 1, 1, now=NOW, customer=3))
     with pytest.raises(ValueError):
-        generate(engine, schema, START, 1, -1, now=NOW)
+        generate(engine, schema, Sample(START, 1, -1, now=NOW))

@@ -13,6 +13,7 @@ from usage_billing.naming import flatten_path, snake_case
 from usage_billing.sample_data import (
     BASE_COLUMNS,
     EVENTS,
+    Sample,
     event_table,
     generate_rows,
     summarize,
@@ -97,48 +98,48 @@ def test_event_table_rejects_unsafe_schema_and_unknown_event() -> None:
 
 
 def test_same_seed_same_rows_other_seed_other_rows() -> None:
-    first = generate_rows(START, 6, 30, seed=3, now=NOW)
-    assert first == generate_rows(START, 6, 30, seed=3, now=NOW)
-    other = generate_rows(START, 6, 30, seed=4, now=NOW)
+    first = generate_rows(Sample(START, 6, 30, seed=3, now=NOW))
+    assert first == generate_rows(Sample(START, 6, 30, seed=3, now=NOW))
+    other = generate_rows(Sample(START, 6, 30, seed=4, now=NOW))
     assert {r["id"] for r in first["api_call"]}.isdisjoint({r["id"] for r in other["api_call"]})
 
 
 def test_hour_by_hour_equals_one_call() -> None:
-    whole = generate_rows(START, 5, 25, seed=1, now=NOW)
+    whole = generate_rows(Sample(START, 5, 25, seed=1, now=NOW))
     pieces: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for i in range(5):
-        for slug, rows in generate_rows(START + i * HOUR, 1, 25, seed=1, now=NOW).items():
+        for slug, rows in generate_rows(Sample(START + i * HOUR, 1, 25, seed=1, now=NOW)).items():
             pieces[slug].extend(rows)
     assert whole == dict(pieces)
 
 
 def test_events_subset_and_naive_start() -> None:
-    rows = generate_rows(START.replace(tzinfo=None), 2, 10, seed=1, events=["tokens_used"], now=NOW)
+    rows = generate_rows(Sample(START.replace(tzinfo=None), 2, 10, seed=1, events=["tokens_used"], now=NOW))
     assert list(rows) == ["tokens_used"]
-    assert rows == generate_rows(START, 2, 10, seed=1, events=["tokens_used"], now=NOW)
+    assert rows == generate_rows(Sample(START, 2, 10, seed=1, events=["tokens_used"], now=NOW))
     with pytest.raises(ValueError, match="unknown sample event"):
-        generate_rows(START, 1, 1, events=["nope"], now=NOW)
+        generate_rows(Sample(START, 1, 1, events=["nope"], now=NOW))
 
 
 def test_nothing_is_generated_after_now() -> None:
     now = START + timedelta(hours=10, minutes=30)
-    rows = generate_rows(START, HOURS, 60, seed=2, now=now)
+    rows = generate_rows(Sample(START, HOURS, 60, seed=2, now=now))
     flat = [r for batch in rows.values() for r in batch]
     assert flat
     assert max(r["timestamp"] for r in flat) <= now
     assert max(r["uuid_ts"] for r in flat) <= now  # rows not loaded yet are absent
     assert max(r["timestamp"] for r in flat) >= START + timedelta(hours=10)
     # A later "now" only adds rows: the earlier picture is a subset.
-    later = generate_rows(START, HOURS, 60, seed=2, now=NOW)
+    later = generate_rows(Sample(START, HOURS, 60, seed=2, now=NOW))
     for slug, batch in rows.items():
         later_rows = {(r["id"], r["uuid_ts"]): r for r in later[slug]}
         assert all(later_rows[(r["id"], r["uuid_ts"])] == r for r in batch)
-    assert generate_rows(now + HOUR, 3, 60, now=now) == {slug: [] for slug in EVENTS}
+    assert generate_rows(Sample(now + HOUR, 3, 60, now=now)) == {slug: [] for slug in EVENTS}
 
 
 def test_rows_look_like_a_segment_warehouse() -> None:
     customers = 12
-    rows = generate_rows(START, 24, 500, seed=11, customers=customers, now=NOW)
+    rows = generate_rows(Sample(START, 24, 500, seed=11, customers=customers, now=NOW))
     flat = [r for batch in rows.values() for r in batch]
     stats = summarize(rows)
     n = stats.unique_events
@@ -202,9 +203,9 @@ def test_rows_look_like_a_segment_warehouse() -> None:
 
 def test_generate_rows_validates_arguments() -> None:
     with pytest.raises(ValueError):
-        generate_rows(START, -1, 10, now=NOW)
+        generate_rows(Sample(START, -1, 10, now=NOW))
     with pytest.raises(ValueError):
-        generate_rows(START, 1, 10, customers=0, now=NOW)
+        generate_rows(Sample(START, 1, 10, customers=0, now=NOW))
 
 
 # --------------------------------------------------------------------------

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from usage_billing.delivery.contract import BackfillApi
@@ -39,15 +38,6 @@ DAY = timedelta(days=1)
 
 def day_of(moment: datetime) -> datetime:
     return moment.replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def group_by_day(timestamps: Mapping[int, datetime | None]) -> dict[datetime, list[int]]:
-    """Positions of late events (position -> timestamp), grouped by the UTC day of their timestamp."""
-    groups: dict[datetime, list[int]] = defaultdict(list)
-    for position, stamp in timestamps.items():
-        if stamp is not None:
-            groups[day_of(stamp)].append(position)
-    return dict(sorted(groups.items()))
 
 
 def timeframe_for(day: datetime, latest: datetime) -> tuple[datetime, datetime]:

@@ -26,7 +26,7 @@ class DeliveryJob:
     """A destination, its transport, the warehouse, the ledger and the run, with the knobs of one task.
 
     ``now`` is the clock the mapping and the ledger use (event-time rules, marks); ``clock`` paces
-    the progress lines. Tests inject both.
+    the progress lines and times each delivery's report. Tests inject both.
     """
 
     destination: Destination

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, timedelta
@@ -127,7 +126,7 @@ def replace_window(job: DeliveryJob, tables: list[str], window: Window) -> Deliv
 
 def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
     """Deliver one scope (a partition's window, or chosen ids); see the module docstring."""
-    started = time.monotonic()
+    started = job.clock()
     source, destination, ledger = job.source, job.destination, job.ledger
     report = DeliveryReport(destination=destination.name, partition=str(scope.partition),
                             window=scope.label or str(scope.window), mode=scope.mode)
@@ -159,7 +158,7 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
                                   loaded_at, job.chunk_size, scope.ids, unknown)
             _run(job, scope, request, report, filtered)
     finally:
-        report.seconds = time.monotonic() - started
+        report.seconds = job.clock() - started
         report.cost = source.cost.render()
     if report.old_events:
         report.notes.append(f"{report.old_events} events are older than {destination.old_event_warning}: "

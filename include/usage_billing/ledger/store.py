@@ -209,11 +209,13 @@ class Ledger:
             if not updated:
                 conn.execute(self.backfills.insert().values(**values, events_sent=events_sent))
 
-    def backfill_records(self, destination: str) -> list[dict]:
+    def backfill_records(self, destination: str | None = None) -> list[dict]:
+        """The recorded Orb backfills of ``destination`` (None: of every destination), by timeframe."""
+        query = sa.select(self.backfills).order_by(self.backfills.c.timeframe_start)
+        if destination is not None:
+            query = query.where(self.backfills.c.destination == destination)
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(self.backfills).where(self.backfills.c.destination == destination)
-                                .order_by(self.backfills.c.timeframe_start))
-            return [dict(row._mapping) for row in rows]
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def refresh_statistics(self) -> bool:
         """ANALYZE the deliveries table when its statistics are stale (PostgreSQL only).
@@ -647,12 +649,14 @@ class Ledger:
                 f.destination == destination, f.kind == kind, f.healed_at.is_(None),
                 self._among(f.idempotency_key, keys)).values(healed_at=self._utc(now), healed_by_run=run.run_id))
 
-    def findings(self, destination: str) -> list[dict]:
-        """Every finding of a destination, oldest first."""
+    def findings(self, destination: str | None = None) -> list[dict]:
+        """Every finding of ``destination`` (None: of every destination), oldest first."""
         f = self.findings_table.c
+        query = sa.select(self.findings_table).order_by(f.id)
+        if destination is not None:
+            query = query.where(f.destination == destination)
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(
-                sa.select(self.findings_table).where(f.destination == destination).order_by(f.id))]
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     # -- the sweep's day counts (usage_billing.delivery.sweep) ------------------------------------
 
@@ -671,6 +675,66 @@ class Ledger:
             conn.execute(insert.on_conflict_do_update(
                 index_elements=[table.c.destination, table.c.day],
                 set_={name: insert.excluded[name] for name in (*DAY_COUNTS, "counted_at", "dag_id", "run_id")}))
+
+    def day_counts(self) -> list[dict]:
+        """Every destination's stored day counts: the sweep's latest count of each event day."""
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(sa.select(self.day_counts_table))]
+
+    # -- the Billing view (billing_airflow.ui.billing_view) ----------------------------------------
+    # Read only, every destination at once, and never the warehouse: a page view must not start a
+    # scan of a warehouse that bills by the byte.
+
+    def has_table(self, name: str) -> bool:
+        """Whether the ledger has table ``name`` (``deliveries``, ``day_counts``...) yet: the view may be
+        opened before the first task created the ledger, or against a ledger older than the table."""
+        return sa.inspect(self.engine).has_table(name, schema=self.schema)
+
+    def counts_per_day(self) -> list[dict]:
+        """Events per day of their own timestamp, destination and status, and whether sent through a
+        backfill: ``day``, ``destination``, ``status``, ``backfill``, ``n``. ``day`` is a date on
+        PostgreSQL and text on SQLite."""
+        t = self.table.c
+        day = sa.func.date(t.event_timestamp)
+        via_backfill = t.backfill_id.is_not(None)
+        query = (sa.select(day.label("day"), t.destination, t.status, via_backfill.label("backfill"),
+                           sa.func.count().label("n"))
+                 .group_by(day, t.destination, t.status, via_backfill))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def rejected_and_held(self) -> list[dict]:
+        """Every rejected or held event (``destination``, ``status``, ``reason``, ``message_id``,
+        ``event_table``, ``event_timestamp``, ``attempts``, ``customer_id``), per destination oldest first."""
+        t = self.table.c
+        query = (sa.select(t.destination, t.status, t.reason, t.message_id, t.event_table, t.event_timestamp,
+                           t.attempts, t.customer_id)
+                 .where(t.status.in_((REJECTED, HELD))).order_by(t.destination, t.event_timestamp, t.idempotency_key))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def delivered_per_customer(self, customer: str | None = None) -> list[dict]:
+        """Per destination and known billing customer (only ``customer`` if given): the delivered events
+        (``n``) and the latest delivery (``last``)."""
+        t = self.table.c
+        query = (sa.select(t.destination, t.customer_id, sa.func.count().label("n"),
+                           sa.func.max(t.delivered_at).label("last"))
+                 .where(*self._delivered_to_customer(customer)).group_by(t.destination, t.customer_id))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def delivered_event_names(self, customer: str | None = None) -> list[dict]:
+        """Per destination, known billing customer (only ``customer`` if given) and event name: the
+        delivered events (``n``)."""
+        t = self.table.c
+        query = (sa.select(t.destination, t.customer_id, t.event_name, sa.func.count().label("n"))
+                 .where(*self._delivered_to_customer(customer)).group_by(t.destination, t.customer_id, t.event_name))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def _delivered_to_customer(self, customer: str | None) -> list[sa.ColumnElement[bool]]:
+        t = self.table.c
+        return [t.status == DELIVERED, t.customer_id.is_not(None), *([t.customer_id == customer] if customer else [])]
 
     def _utc(self, value: datetime) -> datetime:
         # SQLite stores the wall-clock text it is given: every value goes in as UTC.

@@ -18,6 +18,6 @@ from __future__ import annotations
 
 from usage_billing.sandbox.kable import KableSandbox
 from usage_billing.sandbox.orb import OrbSandbox
-from usage_billing.sandbox.server import Fault, RequestRecord, SandboxServer
+from usage_billing.sandbox.server import Fault, RequestRecord, SandboxServer, ServerOptions
 
-__all__ = ["Fault", "KableSandbox", "OrbSandbox", "RequestRecord", "SandboxServer"]
+__all__ = ["Fault", "KableSandbox", "OrbSandbox", "RequestRecord", "SandboxServer", "ServerOptions"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from usage_billing.sandbox.kable import KableSandbox
 from usage_billing.sandbox.orb import OrbSandbox
-from usage_billing.sandbox.server import SandboxServer
+from usage_billing.sandbox.server import SandboxServer, ServerOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,21 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         orb = OrbSandbox(
             api_key=args.orb_api_key,
             grace_period=timedelta(hours=args.grace_period_hours),
-            latency=args.latency,
-            seed=args.seed,
-            state_file=state("orb"),
-            port=args.orb_port,
             validation_response=args.orb_validation_response,
+            server=ServerOptions(latency=args.latency, seed=args.seed, state_file=state("orb"), port=args.orb_port),
         )
         sandboxes.append(orb)
     if args.kable_port >= 0:
         kable = KableSandbox(
             client_id=args.kable_client_id,
             api_key=args.kable_api_key,
-            latency=args.latency,
-            seed=args.seed,
-            state_file=state("kable"),
-            port=args.kable_port,
+            server=ServerOptions(latency=args.latency, seed=args.seed, state_file=state("kable"),
+                                 port=args.kable_port),
         )
         sandboxes.append(kable)
     for sandbox in sandboxes:

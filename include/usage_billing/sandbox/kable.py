@@ -27,7 +27,6 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from usage_billing.sandbox.server import (
@@ -37,6 +36,7 @@ from usage_billing.sandbox.server import (
     IngestResult,
     Response,
     SandboxServer,
+    ServerOptions,
     parse_json,
 )
 
@@ -112,22 +112,19 @@ class KableSandbox(SandboxServer):
         self,
         client_id: str = "kci_test",
         api_key: str = "kable-sandbox-key",
-        latency: float = 0.0,
-        seed: int | None = 0,
-        state_file: str | Path | None = None,
-        port: int = 0,
         *,
         max_events: int = MAX_EVENTS_PER_REQUEST,
+        server: ServerOptions = ServerOptions(),
     ) -> None:
         """Configure the sandbox (see :class:`~usage_billing.sandbox.server.SandboxServer`).
 
         Args:
             client_id: the expected ``KABLE-CLIENT-ID``.
             api_key: the expected ``KABLE-CLIENT-SECRET``.
-            latency, seed, state_file, port: as for ``SandboxServer``.
             max_events: per-request event cap (the sandbox's assumption: 500).
+            server: latency, seed, state file, port (:class:`~usage_billing.sandbox.server.ServerOptions`).
         """
-        super().__init__(latency=latency, seed=seed, state_file=state_file, port=port)
+        super().__init__(server)
         self.client_id = client_id
         self.api_key = api_key
         self.max_events = int(max_events)

@@ -55,7 +55,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from usage_billing.sandbox.server import (
@@ -65,6 +64,7 @@ from usage_billing.sandbox.server import (
     IngestResult,
     Response,
     SandboxServer,
+    ServerOptions,
     canonical,
     count_events,
     parse_json,
@@ -320,21 +320,17 @@ class OrbSandbox(SandboxServer):
         self,
         api_key: str = "orb-test-key",
         grace_period: timedelta = timedelta(hours=12),
-        latency: float = 0.0,
-        seed: int | None = 0,
-        state_file: str | Path | None = None,
-        port: int = 0,
         *,
         validation_response: str | int = "400",
         max_events: int = MAX_EVENTS_PER_REQUEST,
         customers: Iterable[str] | None = None,
+        server: ServerOptions = ServerOptions(),
     ) -> None:
         """Configure the sandbox (see :class:`~usage_billing.sandbox.server.SandboxServer`).
 
         Args:
             api_key: the only bearer token accepted.
             grace_period: how late an event may arrive outside a backfill.
-            latency, seed, state_file, port: as for ``SandboxServer``.
             validation_response: ``"400"`` rejects a request with any invalid event (the
                 spec's behaviour); ``"200"`` ingests the valid events and lists the failures
                 in ``validation_failed``.
@@ -342,8 +338,9 @@ class OrbSandbox(SandboxServer):
             customers: the external customer ids that exist in the account (``GET
                 /v1/customers/external_customer_id/{id}`` answers 404 for others); None: every
                 customer exists. Ingest accepts events of unknown customers either way, as Orb does.
+            server: latency, seed, state file, port (:class:`~usage_billing.sandbox.server.ServerOptions`).
         """
-        super().__init__(latency=latency, seed=seed, state_file=state_file, port=port)
+        super().__init__(server)
         mode = str(validation_response)
         if mode not in ("400", "200"):
             raise ValueError('validation_response must be "400" or "200"')

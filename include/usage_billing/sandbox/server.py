@@ -31,7 +31,7 @@ import sys
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -150,6 +150,35 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def wait_unless_stopped(seconds: float, stopping: threading.Event) -> bool:
+    """Wait ``seconds``; ``False`` as soon as ``stopping`` is set (the sandbox is shutting down)."""
+    return not stopping.wait(seconds)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a sandbox serves, whichever API it imitates.
+
+    ``pause`` is how a request handler waits out ``latency`` and :attr:`Fault.SLOW` delays; tests
+    pass one that records the delays instead of sleeping them, so no test measures the clock.
+    """
+
+    # Seconds added to every ingest response (waited in the handler's own thread).
+    latency: float = 0.0
+    # Seed of the sandbox's random generator (random faults without their own seed, generated ids).
+    seed: int | None = 0
+    # JSON-lines file of accepted events, reloaded by start(): dedup and accepted() survive a restart.
+    state_file: str | Path | None = None
+    # TCP port on 127.0.0.1; 0 picks a free one.
+    port: int = 0
+    # (seconds, the sandbox's stopping event) -> False when the sandbox stopped during the wait.
+    pause: Callable[[float, threading.Event], bool] = wait_unless_stopped
+
+    def __post_init__(self) -> None:
+        if self.latency < 0:
+            raise ValueError("latency must be >= 0")
+
+
 def _reject_constant(name: str) -> Any:
     # JSON has no NaN/Infinity; Python's json module accepts them unless told not to.
     raise ValueError(f"{name} is not valid JSON")
@@ -261,34 +290,17 @@ class SandboxServer:
     #: Event field holding the idempotency key events are de-duplicated on (string values only).
     key_field: str = ""
 
-    def __init__(
-        self,
-        *,
-        latency: float = 0.0,
-        seed: int | None = 0,
-        state_file: str | Path | None = None,
-        port: int = 0,
-    ) -> None:
-        """Configure (but do not start) the sandbox.
-
-        Args:
-            latency: seconds added to every ingest response (slept in the handler's own thread).
-            seed: seed for the sandbox's random generator (random faults without their own
-                seed, generated ids).
-            state_file: JSON-lines file of accepted events; reloaded by :meth:`start` so
-                dedup and :meth:`accepted` survive a restart.
-            port: TCP port on 127.0.0.1; 0 picks a free one.
-        """
-        if latency < 0:
-            raise ValueError("latency must be >= 0")
-        self.latency = float(latency)
-        self.seed = seed
-        self.state_file = Path(state_file) if state_file is not None else None
-        self._port = int(port)
+    def __init__(self, server: ServerOptions = ServerOptions()) -> None:
+        """Configure (but do not start) the sandbox; ``server`` says how it serves."""
+        self.latency = float(server.latency)
+        self.seed = server.seed
+        self.state_file = Path(server.state_file) if server.state_file is not None else None
+        self._port = int(server.port)
+        self._pause = server.pause
         # The address to listen on; the CLI's --host changes it (0.0.0.0 inside a container).
         self.host = HOST
         self._lock = threading.RLock()
-        self._rng = random.Random(seed)
+        self._rng = random.Random(self.seed)
         self._accepted: list[dict[str, Any]] = []
         self._keys: dict[str, dict[str, Any]] = {}
         self._duplicates = 0
@@ -296,7 +308,7 @@ class SandboxServer:
         self._faults: deque[list[Any]] = deque()  # [FaultPlan, remaining]
         self._random_rate = 0.0
         self._random_kinds: tuple[Fault, ...] = ()
-        self._random_rng = random.Random(seed)
+        self._random_rng = random.Random(self.seed)
         self._random_params: dict[str, Any] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -715,7 +727,7 @@ class SandboxServer:
         """Sleep without holding the lock; ``False`` if the sandbox is stopping meanwhile."""
         if seconds <= 0:
             return not self._stopping.is_set()
-        return not self._stopping.wait(seconds)
+        return self._pause(seconds, self._stopping)
 
     def _log_request(self, record: RequestRecord) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import msgspec
 import requests
@@ -33,7 +34,9 @@ from limits.strategies import MovingWindowRateLimiter
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
 from usage_billing.delivery.contract import BatchOutcome, BatchRejected, FatalDeliveryError, TransientDeliveryError
-from usage_billing.settings_base import DeliverySettings
+
+if TYPE_CHECKING:
+    from usage_billing.settings_base import DeliverySettings
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException
 from croniter import croniter
 
+from usage_billing.destinations import DESTINATIONS
 from usage_billing.settings import Settings
 from usage_billing.sources import Window
 
@@ -140,13 +141,14 @@ def run_request(context: Any, settings: Settings, mode: str, destination: str) -
     """Validate the run against its DAG's mode; raises AirflowFailException (no retries) on a bad request."""
     if mode not in MODES:
         raise AirflowFailException(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    backfills = DESTINATIONS[destination].capabilities.backfills
     unexpected = _unexpected_params(context)
     if unexpected:
         hint = ""
         if "mode" in unexpected:
             hint = (f"; the mode is the DAG's, not a parameter: trigger {dag_id_for(destination, REPLAY_REJECTED)} "
                     f"to replay rejections" + (f" or {dag_id_for(destination, REPLACE)} to re-bill a period"
-                                               if destination == "orb" else ""))
+                                               if backfills else ""))
         raise AirflowFailException(f"{_dag_id(context)} takes no parameter {', '.join(map(repr, unexpected))}{hint}")
     params = context.get("params") or {}
     head = f"run request: {destination}, mode={mode} (fixed by the DAG {_dag_id(context)})"
@@ -154,8 +156,8 @@ def run_request(context: Any, settings: Settings, mode: str, destination: str) -
         window, source = delivery_window(context, settings)
         return RunRequest(mode, window, None, f"{head}, window {window}, from {source}")
     if mode == REPLACE:
-        if destination != "orb":
-            raise AirflowFailException("mode=replace exists only for Orb: Kable has no backfills to replace a period")
+        if not backfills:
+            raise AirflowFailException(f"mode=replace needs backfills to replace a period; {destination} declares none")
         window = replace_period(context)
         return RunRequest(mode, window, None,
                           f"{head}, period [{window.start.isoformat()}, {window.end.isoformat()}) by event timestamp "

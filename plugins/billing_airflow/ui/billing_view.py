@@ -11,10 +11,11 @@ linked to the destination's replay DAG; per destination, one row per billing cus
 backfills and their status.
 
 Everything comes from the ledger's tables (``deliveries``, ``day_counts``, ``findings``, ``backfills``)
-by SQL that runs on PostgreSQL and SQLite alike; nothing here writes, and nothing here reads the
-warehouse: a page view must not start a scan of a warehouse that bills by the byte, so the warehouse
-side is what the sweep stored (``usage_billing.delivery.sweep``). Every value that reaches the page is
-escaped: customer ids, event names and reasons come from warehouse rows anyone can write.
+through the ``Ledger``'s read methods, which own the SQL (PostgreSQL and SQLite alike); this module
+only groups and formats their rows. Nothing here writes, and nothing here reads the warehouse: a
+page view must not start a scan of a warehouse that bills by the byte, so the warehouse side is what
+the sweep stored (``usage_billing.delivery.sweep``). Every value that reaches the page is escaped:
+customer ids, event names and reasons come from warehouse rows anyone can write.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import quote
-
-import sqlalchemy as sa
 
 from usage_billing.ledger import DELIVERED, HELD, LOST, QUEUED, REJECTED, Ledger, generic_reason
 
@@ -136,10 +135,6 @@ def _time(value: Any) -> str:
     return str(value)[:19] if value else ""
 
 
-def _has(ledger: Ledger, table: str) -> bool:
-    return sa.inspect(ledger.engine).has_table(table, schema=ledger.schema)
-
-
 def held_customer(reason: str | None) -> str | None:
     """The customer a hold names ("customer 'acme' does not exist in orb"), if it names one."""
     match = _HELD_CUSTOMER.search(reason or "")
@@ -150,7 +145,7 @@ def summarize(ledger: Ledger, customer: str | None = None) -> BillingSummary:
     """The Billing view's numbers, from the ledger's tables; ``customer`` limits the per-customer
     table to that customer id (exact match), the rest of the page is unchanged."""
     customer = customer or None
-    if not _has(ledger, "deliveries"):
+    if not ledger.has_table("deliveries"):
         return BillingSummary([], [], [], customer_filter=customer)
     days: dict[tuple[str, str], DayRow] = {}
 
@@ -158,75 +153,59 @@ def summarize(ledger: Ledger, customer: str | None = None) -> BillingSummary:
         key = (_day(day), destination)
         return days.setdefault(key, DayRow(*key))
 
-    with ledger.engine.connect() as conn:
-        _count_days(conn, ledger, day_row)
-        if _has(ledger, "day_counts"):
-            _swept_days(conn, ledger, day_row)
-        reasons, held, not_delivered = _rejections_and_holds(conn, ledger, customer)
-        findings = _findings(conn, ledger, day_row) if _has(ledger, "findings") else []
-        customers, cut = _customers(conn, ledger, customer, not_delivered)
-        backfills = []
-        if _has(ledger, "backfills"):
-            backfills = [dict(r._mapping) for r in conn.execute(
-                sa.select(ledger.backfills).order_by(ledger.backfills.c.timeframe_start))]
+    _count_days(ledger, day_row)
+    if ledger.has_table("day_counts"):
+        _swept_days(ledger, day_row)
+    reasons, held, not_delivered = _rejections_and_holds(ledger, customer)
+    findings = _findings(ledger, day_row) if ledger.has_table("findings") else []
+    customers, cut = _customers(ledger, customer, not_delivered)
+    backfills = ledger.backfill_records() if ledger.has_table("backfills") else []
     return BillingSummary(sorted(days.values(), key=lambda r: (r.day, r.destination)), reasons, backfills, held,
                           findings, customers, customer, cut)
 
 
-def _count_days(conn: sa.Connection, ledger: Ledger, day_row) -> None:
-    t = ledger.table.c
-    day = sa.func.date(t.event_timestamp)
-    via_backfill = t.backfill_id.is_not(None)
-    rows = conn.execute(sa.select(day.label("day"), t.destination, t.status, via_backfill.label("backfill"),
-                                  sa.func.count().label("n"))
-                        .group_by(day, t.destination, t.status, via_backfill))
-    for row in rows:
-        entry = day_row(row.day, row.destination)
-        if row.status == DELIVERED:
-            entry.delivered += row.n
-            if row.backfill:
-                entry.via_backfills += row.n
-        elif row.status == REJECTED:
-            entry.rejected += row.n
-        elif row.status == HELD:
-            entry.held += row.n
-        elif row.status == LOST:
-            entry.lost_now += row.n
-        elif row.status == QUEUED:
-            entry.queued_now += row.n
+def _count_days(ledger: Ledger, day_row) -> None:
+    for row in ledger.counts_per_day():
+        entry, n = day_row(row["day"], row["destination"]), row["n"]
+        if row["status"] == DELIVERED:
+            entry.delivered += n
+            if row["backfill"]:
+                entry.via_backfills += n
+        elif row["status"] == REJECTED:
+            entry.rejected += n
+        elif row["status"] == HELD:
+            entry.held += n
+        elif row["status"] == LOST:
+            entry.lost_now += n
+        elif row["status"] == QUEUED:
+            entry.queued_now += n
 
 
-def _swept_days(conn: sa.Connection, ledger: Ledger, day_row) -> None:
+def _swept_days(ledger: Ledger, day_row) -> None:
     """The warehouse side of each day, as the daily sweep last counted it: a day whose events are all
     missing has no ledger row, and shows here only through its count."""
-    for row in conn.execute(sa.select(ledger.day_counts_table)):
-        entry = day_row(row.day, row.destination)
-        entry.warehouse = row.warehouse
-        entry.missing = row.warehouse - row.delivered - row.rejected - row.held
-        entry.counted = f"{_time(row.counted_at)} by the sweep"
+    for row in ledger.day_counts():
+        entry = day_row(row["day"], row["destination"])
+        entry.warehouse = row["warehouse"]
+        entry.missing = row["warehouse"] - row["delivered"] - row["rejected"] - row["held"]
+        entry.counted = f"{_time(row['counted_at'])} by the sweep"
 
 
-def _rejections_and_holds(conn: sa.Connection, ledger: Ledger, customer: str | None
-                          ) -> tuple[list[ReasonRow], list[ReasonRow], Counter]:
+def _rejections_and_holds(ledger: Ledger, customer: str | None) -> tuple[list[ReasonRow], list[ReasonRow], Counter]:
     """Rejected and held events by reason (row ids stripped, so one reason groups many rows), and
     per (destination, customer, status) where the customer is known: from the row, or named by the hold."""
-    t = ledger.table.c
     counts: Counter = Counter()
     examples: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     per_customer: Counter = Counter()
-    rows = conn.execute(
-        sa.select(t.destination, t.status, t.reason, t.message_id, t.event_table, t.event_timestamp, t.attempts,
-                  t.customer_id)
-        .where(t.status.in_((REJECTED, HELD))).order_by(t.destination, t.event_timestamp, t.idempotency_key))
-    for row in rows:
-        key = (row.status, row.destination, generic_reason(row.reason))
+    for row in ledger.rejected_and_held():
+        key = (row["status"], row["destination"], generic_reason(row["reason"]))
         counts[key] += 1
         if len(examples[key]) < EXAMPLES:
-            examples[key].append({"message_id": row.message_id, "event_table": row.event_table,
-                                  "day": _day(row.event_timestamp), "attempts": row.attempts})
-        who = row.customer_id or held_customer(row.reason)
+            examples[key].append({"message_id": row["message_id"], "event_table": row["event_table"],
+                                  "day": _day(row["event_timestamp"]), "attempts": row["attempts"]})
+        who = row["customer_id"] or held_customer(row["reason"])
         if who is not None and customer in (None, who):
-            per_customer[(row.destination, who, row.status)] += 1
+            per_customer[(row["destination"], who, row["status"])] += 1
     ordered = sorted(counts.items(), key=lambda item: (item[0][1], -item[1], item[0][2]))
     grouped = {status: [ReasonRow(destination, reason, count, examples[(s, destination, reason)])
                         for (s, destination, reason), count in ordered if s == status]
@@ -234,54 +213,49 @@ def _rejections_and_holds(conn: sa.Connection, ledger: Ledger, customer: str | N
     return grouped[REJECTED], grouped[HELD], per_customer
 
 
-def _findings(conn: sa.Connection, ledger: Ledger, day_row) -> list[FindingRow]:
+def _findings(ledger: Ledger, day_row) -> list[FindingRow]:
     """Reconciliation's findings per day (of the hour they are about) and per destination x kind.
 
     Every reconciliation of an hour records what it finds again, so a finding about one event (it has
     a key) counts once however often it was found, and a count about an hour counts as the latest
     reconciliation of that hour found it. Findings are exceptions: few rows, aggregated here."""
-    f = ledger.findings_table.c
-    latest: dict[tuple, Any] = {}
-    for row in conn.execute(sa.select(f.destination, f.kind, f.hour, f.idempotency_key, f.events, f.detail,
-                                      f.healed_at).order_by(f.id)):
-        what = row.idempotency_key if row.idempotency_key is not None else _time(row.hour)
-        latest[(row.destination, row.kind, row.idempotency_key is not None, what)] = row
+    latest: dict[tuple, dict] = {}
+    for row in ledger.findings():
+        key = row["idempotency_key"]
+        what = key if key is not None else _time(row["hour"])
+        latest[(row["destination"], row["kind"], key is not None, what)] = row
     kinds: dict[tuple[str, str], FindingRow] = {}
     for row in latest.values():
-        events, healed = int(row.events or 0), row.healed_at is not None
-        entry = day_row(_day(row.hour), row.destination)
-        if row.kind == FOUND_LOST:
+        events, healed = int(row["events"] or 0), row["healed_at"] is not None
+        destination, found = row["destination"], row["kind"]
+        entry = day_row(_day(row["hour"]), destination)
+        if found == FOUND_LOST:
             entry.found_lost += events
             entry.found_lost_healed += events if healed else 0
-        elif row.kind == UNKNOWN_TO_LEDGER:
+        elif found == UNKNOWN_TO_LEDGER:
             entry.unknown_to_ledger += events
-        elif row.kind == NOT_DELIVERED:
+        elif found == NOT_DELIVERED:
             entry.not_delivered += events
-        kind = kinds.setdefault((row.destination, row.kind), FindingRow(row.destination, row.kind))
+        kind = kinds.setdefault((destination, found), FindingRow(destination, found))
         kind.findings += 1
         kind.events += events
         kind.healed += events if healed else 0
-        kind.last_hour = max(kind.last_hour, _time(row.hour))
-        kind.detail = kind.detail or (row.detail or "")
+        kind.last_hour = max(kind.last_hour, _time(row["hour"]))
+        kind.detail = kind.detail or (row["detail"] or "")
     return [kinds[key] for key in sorted(kinds)]
 
 
-def _customers(conn: sa.Connection, ledger: Ledger, customer: str | None, not_delivered: Counter
+def _customers(ledger: Ledger, customer: str | None, not_delivered: Counter
                ) -> tuple[list[CustomerRow], dict[str, int]]:
     """One row per (destination, customer): delivered events, their event names, the last delivery,
     and the rejected / held events where the customer is known."""
-    t = ledger.table.c
-    known = [t.customer_id.is_not(None)] + ([t.customer_id == customer] if customer else [])
     rows: dict[tuple[str, str], CustomerRow] = {}
-    for row in conn.execute(sa.select(t.destination, t.customer_id, sa.func.count().label("n"),
-                                      sa.func.max(t.delivered_at).label("last"))
-                            .where(t.status == DELIVERED, *known).group_by(t.destination, t.customer_id)):
-        rows[(row.destination, row.customer_id)] = CustomerRow(row.destination, row.customer_id, row.n,
-                                                               last_delivery=_time(row.last))
-    for row in conn.execute(sa.select(t.destination, t.customer_id, t.event_name, sa.func.count().label("n"))
-                            .where(t.status == DELIVERED, *known)
-                            .group_by(t.destination, t.customer_id, t.event_name)):
-        rows[(row.destination, row.customer_id)].event_names.append((row.event_name or "(no name)", row.n))
+    for row in ledger.delivered_per_customer(customer):
+        rows[(row["destination"], row["customer_id"])] = CustomerRow(row["destination"], row["customer_id"], row["n"],
+                                                                     last_delivery=_time(row["last"]))
+    for row in ledger.delivered_event_names(customer):
+        rows[(row["destination"], row["customer_id"])].event_names.append((row["event_name"] or "(no name)",
+                                                                            row["n"]))
     for (destination, who, status), n in not_delivered.items():
         entry = rows.setdefault((destination, who), CustomerRow(destination, who))
         if status == REJECTED:

@@ -47,7 +47,7 @@ def reference(pg_url) -> Iterator[SqlSource]:
 @pytest.fixture(scope="module")
 def sample_rows(reference):
     """Ten hours of sample events (duplicates, late rows, nulls), loaded once into PostgreSQL."""
-    rows = sample_data.generate_rows(START, 10, 50, seed=2, now=NOW)
+    rows = sample_data.generate_rows(sample_data.Sample(START, 10, 50, seed=2, now=NOW))
     sample_data.create_tables(reference.engine, reference.schema)
     sample_data.load(reference.engine, reference.schema, rows)
     return rows

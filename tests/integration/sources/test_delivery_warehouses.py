@@ -34,6 +34,7 @@ from usage_billing import sample_data
 from usage_billing.delivery import DeliveryJob, deliver_window
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
+from usage_billing.sandbox import ServerOptions
 from usage_billing.settings import parse_settings
 from usage_billing.sources import Partition, Window
 
@@ -117,7 +118,7 @@ def make_world(name: str, warehouse: Warehouse, schemas, pg_url, pg_engine, monk
     monkeypatch.setenv(f"AIRFLOW_CONN_{LEDGER_CONN.upper()}",
                        sa.make_url(pg_url).set(drivername="postgresql").render_as_string(False))
     # The same rows as the PostgreSQL world (tests/integration/conftest.make_world): seed 11, 60 an hour.
-    rows = sample_data.generate_rows(start, 3, 60, seed=11, now=now)
+    rows = sample_data.generate_rows(sample_data.Sample(start, 3, 60, seed=11, now=now))
     warehouse.load(rows)
     settings_dict = world_config(warehouse, schemas[1], name, **(destination_overrides or {}))
     settings = parse_settings(settings_dict)
@@ -192,7 +193,7 @@ def test_rows_loaded_late_into_an_earlier_window_are_delivered_by_the_next_windo
 
         # A warehouse sync that failed earlier lands now: rows whose loaded-at value lies in the
         # window already delivered (Segment stamps the time it staged them, not when they arrived).
-        late = sample_data.generate_rows(start, 1, 8, seed=99, now=now)
+        late = sample_data.generate_rows(sample_data.Sample(start, 1, 8, seed=99, now=now))
         stamp = boundary - timedelta(minutes=30)
         for batch in late.values():
             for row in batch:
@@ -212,7 +213,7 @@ def test_a_task_killed_mid_window_is_completed_by_its_retry(warehouse, schemas, 
     now = datetime.now(UTC)
     start, _ = _hours(now)
     for world in make_world("orb", warehouse, schemas, pg_url, pg_engine, monkeypatch, start, now,
-                            sandbox_options={"latency": 0.15}, destination_overrides={"orb": {"batch_size": 10}}):
+                            sandbox_options={"server": ServerOptions(latency=0.15)}, destination_overrides={"orb": {"batch_size": 10}}):
         args = {"config": world.config, "destination": "orb", "window": everything(now).to_dict(), "run_id": "r1",
                 "warehouse": True}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT / "include"), str(PROJECT / "plugins"),

@@ -24,7 +24,7 @@ def source(request, pg_url, schemas, tmp_path):
     else:
         schema = "prod_api"
         engine = create_engine(f"sqlite:///{tmp_path}/wh.db", [schema])
-    sample_data.generate(engine, schema, start=START, hours=10, events_per_hour=50, seed=2, now=NOW)
+    sample_data.generate(engine, schema, sample_data.Sample(START, hours=10, events_per_hour=50, seed=2, now=NOW))
     yield engine, schema
     engine.dispose()
 

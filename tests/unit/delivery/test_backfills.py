@@ -1,17 +1,12 @@
-"""Backfill timeframes: grouped by UTC day, inside the day, reaching just past the latest event."""
+"""Backfill timeframes: inside the day, reaching just past the latest event."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from usage_billing.delivery.backfills import group_by_day, timeframe_for
+from usage_billing.delivery.backfills import timeframe_for
 
 DAY = datetime(2026, 11, 20, tzinfo=UTC)
-
-
-def test_late_events_are_grouped_by_the_utc_day_of_their_timestamp():
-    stamps = {0: DAY.replace(hour=23, minute=59), 1: DAY.replace(day=21, hour=0), 2: DAY.replace(hour=1), 3: None}
-    assert group_by_day(stamps) == {DAY: [0, 2], DAY.replace(day=21): [1]}
 
 
 def test_a_timeframe_ends_at_the_hour_after_the_latest_event_and_never_past_the_day():

@@ -232,6 +232,13 @@ def test_progress_lines_follow_the_injected_clock(core, caplog):
     assert progress and "sent" in progress[-1]
 
 
+def test_the_report_times_the_delivery_with_the_injected_clock(core):
+    readings = iter([1000.0])
+    report = deliver_window(dataclasses.replace(core.job(), clock=lambda: next(readings, 1012.5)), PARTITION, WINDOW)
+    assert report.seconds == 12.5
+    assert "duration          12.5 s" in report.render()
+
+
 def test_an_event_stamped_too_far_ahead_is_held_then_delivered_once_due(core):
     future = events(3, start=NOW + timedelta(hours=2), prefix="future")
     future["received_at"] = NOW - timedelta(minutes=10)

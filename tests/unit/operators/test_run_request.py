@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from billing_airflow.operators.run_request import (
     run_request,
 )
 from tests.integration.conftest import config
+from usage_billing.destinations import DESTINATIONS, Capabilities
 from usage_billing.settings import parse_settings
 
 SETTINGS = parse_settings(config("src", "ledger"))
@@ -95,3 +97,23 @@ def test_naive_period_bounds_are_utc():
     ctx = context("segment_to_orb_replace", {"period_start": "2026-11-23T08:00", "period_end": "2026-11-23T09:00"},
                   ["period_start", "period_end"])
     assert run_request(ctx, SETTINGS, REPLACE, "orb").window.start == T - timedelta(hours=2)
+
+
+def test_replace_follows_the_declared_backfills_not_the_destination_name(monkeypatch):
+    period = {"period_start": "2026-11-23T08:00:00+00:00", "period_end": "2026-11-23T09:00:00+00:00"}
+    with pytest.raises(AirflowFailException, match="kable declares none"):
+        run_request(context("segment_to_kable_replace", period, list(period)), SETTINGS, REPLACE, "kable")
+    monkeypatch.setitem(DESTINATIONS, "kable", dataclasses.replace(DESTINATIONS["kable"],
+                                                                   capabilities=Capabilities(backfills=True)))
+    request = run_request(context("segment_to_kable_replace", period, list(period)), SETTINGS, REPLACE, "kable")
+    assert request.window.start == datetime(2026, 11, 23, 8, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("backfills", [True, False], ids=["declared", "not_declared"])
+def test_the_mode_hint_names_a_replace_dag_only_when_backfills_are_declared(monkeypatch, backfills):
+    monkeypatch.setitem(DESTINATIONS, "kable", dataclasses.replace(DESTINATIONS["kable"],
+                                                                   capabilities=Capabilities(backfills=backfills)))
+    with pytest.raises(AirflowFailException) as error:
+        run_request(context("segment_to_kable", {"mode": "replace"}), SETTINGS, DELIVER, "kable")
+    assert "segment_to_kable_replay_rejected" in str(error.value)
+    assert ("segment_to_kable_replace" in str(error.value)) == backfills

@@ -1,116 +1,32 @@
-"""Tests for the Orb and Kable sandboxes, exercised over real loopback HTTP with ``requests``."""
+"""The Orb sandbox (``usage_billing.sandbox.orb``) over real loopback HTTP: ingest, validation as Orb's
+API reference states it, backfills, reading events back, customers, and the fast paths of its ingest."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from usage_billing.sandbox import Fault, KableSandbox, OrbSandbox
+from tests.unit.sandbox.conftest import (
+    ORB_AUTH,
+    ORB_ERRORS,
+    ORB_KEY,
+    ingest,
+    iso,
+    now,
+    orb_event,
+    wait_until,
+    without,
+)
+from usage_billing.sandbox import Fault, OrbSandbox, ServerOptions
 from usage_billing.sandbox.orb import EVENT_FIELDS, FUTURE_TOLERANCE, _plainly_valid, parse_timestamp
-from usage_billing.sandbox.server import BadBody, parse_json
 
 pytestmark = pytest.mark.timeout(60)
-
-ORB_KEY = "orb-test-key"
-ORB_AUTH = {"Authorization": f"Bearer {ORB_KEY}"}
-KABLE_ID = "kci_test"
-KABLE_SECRET = "kable-sandbox-key"
-KABLE_AUTH = {"KABLE-CLIENT-ID": KABLE_ID, "KABLE-CLIENT-SECRET": KABLE_SECRET}
-ORB_ERRORS = "https://docs.withorb.com/reference/error-responses"
-KABLE_CREATE = "/api/v1/events/create"
-
-
-def iso(dt: datetime) -> str:
-    """RFC 3339 / ISO 8601 UTC with a Z suffix."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def orb_event(key: str, **overrides: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "event_name": "api_call",
-        "idempotency_key": key,
-        "timestamp": iso(now() - timedelta(minutes=1)),
-        "properties": {"units": 3, "region": "eu", "trial": False, "ratio": 0.5},
-        "external_customer_id": "acct_1",
-    }
-    event.update(overrides)
-    return event
-
-
-def without(event: dict[str, Any], *fields: str) -> dict[str, Any]:
-    return {k: v for k, v in event.items() if k not in fields}
-
-
-def kable_event(txn: str | None, **overrides: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "clientId": "customer_1",
-        "timestamp": iso(now()),
-        "data": {"calls": 1, "endpoint": "/v1/things"},
-    }
-    if txn is not None:
-        event["transactionId"] = txn
-    event.update(overrides)
-    return event
-
-
-def ingest(
-    orb: OrbSandbox,
-    events: list[dict[str, Any]],
-    *,
-    session: requests.Session | None = None,
-    params: dict[str, str] | None = None,
-    timeout: float = 5.0,
-) -> requests.Response:
-    poster = session or requests
-    return poster.post(
-        f"{orb.url}/v1/ingest",
-        json={"events": events},
-        headers=ORB_AUTH,
-        params=params,
-        timeout=timeout,
-    )
-
-
-def kable_post(kable: KableSandbox, body: Any, *, timeout: float = 5.0) -> requests.Response:
-    return requests.post(f"{kable.url}{KABLE_CREATE}", json=body, headers=KABLE_AUTH, timeout=timeout)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-@pytest.fixture
-def orb() -> Iterator[OrbSandbox]:
-    with OrbSandbox(api_key=ORB_KEY) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def kable() -> Iterator[KableSandbox]:
-    with KableSandbox(client_id=KABLE_ID, api_key=KABLE_SECRET) as sandbox:
-        yield sandbox
 
 
 # ============================================================================ Orb: basics
@@ -415,282 +331,7 @@ def test_orb_unknown_route_and_wrong_method(orb: OrbSandbox) -> None:
     assert requests.get(f"{orb.url}/v1/ingest", headers=ORB_AUTH, timeout=5).status_code == 405
 
 
-# ============================================================================ faults
-
-
-@pytest.mark.parametrize(
-    ("kind", "kwargs", "status", "error_type", "headers"),
-    [
-        (Fault.TOO_MANY_REQUESTS, {"retry_after": 1.5}, 429, "#429-too-many-requests", {"Retry-After": "1.5"}),
-        (Fault.TOO_MANY_REQUESTS, {"retry_after": 2}, 429, "#429-too-many-requests", {"Retry-After": "2"}),
-        (Fault.TOO_MANY_REQUESTS, {}, 429, "#429-too-many-requests", {"Retry-After": None}),
-        (Fault.SERVER_ERROR, {}, 500, "#500-internal-server-error", {}),
-        (Fault.SERVER_ERROR, {"status": 502}, 502, "#500-internal-server-error", {}),
-        (Fault.SERVER_ERROR, {"status": 503}, 503, "#500-internal-server-error", {}),
-        (Fault.BAD_REQUEST, {}, 400, "#400-request-validation-errors", {}),
-    ],
-    ids=[
-        "429_retry_after_fraction",
-        "429_retry_after_int",
-        "429_no_retry_after",
-        "500",
-        "502",
-        "503",
-        "bad_request_no_attribution",
-    ],
-)
-def test_orb_http_error_faults(
-    orb: OrbSandbox,
-    kind: Fault,
-    kwargs: dict[str, Any],
-    status: int,
-    error_type: str,
-    headers: dict[str, str | None],
-) -> None:
-    orb.inject(kind, times=1, **kwargs)
-    resp = ingest(orb, [orb_event("k")])
-    assert resp.status_code == status
-    body = resp.json()
-    assert body["type"] == f"{ORB_ERRORS}{error_type}"
-    assert body["status"] == status
-    for name, value in headers.items():
-        assert resp.headers.get(name) == value
-    if kind is Fault.BAD_REQUEST:
-        assert body["validation_errors"] == []
-    assert orb.accepted() == []
-    assert orb.requests[-1].fault == kind.value and orb.requests[-1].status == status
-    # The fault was used up: the retry goes through.
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-    assert orb.accepted_keys() == {"k"}
-
-
-def test_orb_faults_apply_in_fifo_order_with_times(orb: OrbSandbox) -> None:
-    orb.inject(Fault.TOO_MANY_REQUESTS, times=2, retry_after=1)
-    orb.inject(Fault.SERVER_ERROR, status=503)
-    assert orb.pending_faults == 3
-    statuses = [ingest(orb, [orb_event("k")]).status_code for _ in range(4)]
-    assert statuses == [429, 429, 503, 200]
-    assert [r.fault for r in orb.requests] == ["too_many_requests", "too_many_requests", "server_error", None]
-
-
-def test_orb_slow_fault_times_client_out_then_processes(orb: OrbSandbox) -> None:
-    orb.inject(Fault.SLOW, delay=1.0)
-    with pytest.raises(requests.Timeout):
-        ingest(orb, [orb_event("slow")], timeout=0.5)
-    # The server still processes the request after the delay, as a slow real server would.
-    assert wait_until(lambda: orb.accepted_keys() == {"slow"})
-    assert orb.requests[-1].fault == "slow" and orb.requests[-1].status == 200
-
-
-def test_orb_slow_fault_answers_patient_client(orb: OrbSandbox) -> None:
-    orb.inject(Fault.SLOW, delay=0.2)
-    started = time.monotonic()
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-    assert time.monotonic() - started >= 0.2
-
-
-def test_stop_interrupts_slow_request(orb: OrbSandbox) -> None:
-    orb.inject(Fault.SLOW, delay=30)
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            ingest(orb, [orb_event("k")], timeout=10)
-        except requests.RequestException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    assert wait_until(lambda: orb.pending_faults == 0)
-    orb.stop()
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "stop() ended the slow request instead of waiting 30 s for it"
-    assert len(errors) == 1 and isinstance(errors[0], requests.ConnectionError)
-    assert orb.accepted() == []
-
-
-def test_fault_kind_accepts_value_or_name(orb: OrbSandbox) -> None:
-    orb.inject("server_error")
-    orb.inject("TOO_MANY_REQUESTS")
-    assert [ingest(orb, [orb_event("k")]).status_code for _ in range(2)] == [500, 429]
-
-
-def test_orb_reset_fault_raises_connection_error_and_accepts_nothing(orb: OrbSandbox) -> None:
-    orb.inject(Fault.RESET)
-    with pytest.raises(requests.ConnectionError):
-        ingest(orb, [orb_event("k")])
-    assert orb.accepted() == []
-    record = orb.requests[-1]
-    assert (record.fault, record.status, record.n_events) == ("reset", None, 1)
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-    assert orb.accepted_keys() == {"k"}
-
-
-def test_orb_reset_fault_on_reused_keep_alive_connection(orb: OrbSandbox) -> None:
-    with requests.Session() as session:
-        assert ingest(orb, [orb_event("warm")], session=session).status_code == 200
-        orb.inject(Fault.RESET)
-        with pytest.raises(requests.ConnectionError):
-            ingest(orb, [orb_event("k")], session=session)
-        assert orb.accepted_keys() == {"warm"}
-        # The session recovers on a new connection.
-        assert ingest(orb, [orb_event("k")], session=session).status_code == 200
-    assert orb.accepted_keys() == {"warm", "k"}
-
-
-def test_orb_lost_response_raises_connection_error_but_accepts(orb: OrbSandbox) -> None:
-    orb.inject(Fault.LOST_RESPONSE)
-    events = [orb_event("a"), orb_event("b")]
-    with pytest.raises(requests.ConnectionError):
-        ingest(orb, events)
-    assert orb.accepted_keys() == {"a", "b"}
-    record = orb.requests[-1]
-    assert (record.fault, record.status, record.n_events) == ("lost_response", None, 2)
-    # The client's retry is answered normally and de-duplicated.
-    assert ingest(orb, events).status_code == 200
-    assert orb.duplicates == 2 and len(orb.accepted()) == 2
-
-
-def test_orb_faults_never_hit_control_or_backfill_endpoints(orb: OrbSandbox) -> None:
-    orb.inject(Fault.SERVER_ERROR, times=1)
-    assert requests.get(f"{orb.url}/_sandbox/health", timeout=5).status_code == 200
-    assert requests.get(f"{orb.url}/v1/events/backfills", headers=ORB_AUTH, timeout=5).status_code == 200
-    assert orb.pending_faults == 1
-    assert ingest(orb, [orb_event("k")]).status_code == 500
-
-
-def test_clear_faults_and_reset(orb: OrbSandbox) -> None:
-    orb.inject(Fault.SERVER_ERROR, times=5)
-    orb.set_random_faults(rate=1.0, kinds=[Fault.TOO_MANY_REQUESTS])
-    orb.clear_faults()
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-    orb.inject(Fault.SERVER_ERROR)
-    orb.reset()
-    assert orb.accepted() == [] and orb.requests == [] and orb.duplicates == 0
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("kind", "kwargs"),
-    [
-        ("nonsense", {}),
-        (Fault.SERVER_ERROR, {"status": 404}),
-        (Fault.TOO_MANY_REQUESTS, {"status": 500}),
-        (Fault.SLOW, {"delay": -1}),
-        (Fault.RESET, {"times": 0}),
-    ],
-    ids=["unknown_kind", "non_5xx_status", "status_on_429", "negative_delay", "zero_times"],
-)
-def test_inject_rejects_bad_arguments(orb: OrbSandbox, kind: Any, kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        orb.inject(kind, **kwargs)
-
-
-def _status_sequence(orb: OrbSandbox, n: int) -> list[str]:
-    out = []
-    with requests.Session() as session:
-        for i in range(n):
-            try:
-                out.append(str(ingest(orb, [orb_event(f"k{i}")], session=session).status_code))
-            except requests.ConnectionError:
-                out.append("conn")
-    return out
-
-
-def test_random_faults_are_reproducible_with_seed() -> None:
-    kinds = [Fault.TOO_MANY_REQUESTS, Fault.SERVER_ERROR, Fault.RESET, Fault.LOST_RESPONSE]
-    runs = []
-    for seed in (7, 7, 8):
-        with OrbSandbox(api_key=ORB_KEY) as orb:
-            orb.set_random_faults(rate=0.5, kinds=kinds, seed=seed)
-            runs.append(_status_sequence(orb, 30))
-    assert runs[0] == runs[1]
-    assert runs[0] != runs[2]
-    assert "200" in runs[0] and len(set(runs[0])) >= 3
-
-
-def test_random_faults_rate_zero_turns_off(orb: OrbSandbox) -> None:
-    orb.set_random_faults(rate=1.0, kinds=[Fault.SERVER_ERROR], seed=1)
-    assert _status_sequence(orb, 3)[0] in {"500", "502", "503"}
-    orb.set_random_faults(rate=0)
-    assert _status_sequence(orb, 5) == ["200"] * 5
-
-
-def test_latency_is_applied_concurrently() -> None:
-    with OrbSandbox(api_key=ORB_KEY, latency=0.3) as orb:
-        n = 3
-        barrier = threading.Barrier(n)
-        durations: list[float] = []
-        statuses: list[int] = []
-
-        def worker(i: int) -> None:
-            barrier.wait()
-            t0 = time.monotonic()
-            statuses.append(ingest(orb, [orb_event(f"k{i}")]).status_code)
-            durations.append(time.monotonic() - t0)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-        started = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        total = time.monotonic() - started
-    assert statuses == [200] * n
-    assert min(durations) >= 0.29
-    # Serialised latency would take >= 0.9 s; concurrent sleeps take ~0.3 s.
-    assert total < 0.75
-
-
-# ============================================================================ persistence
-
-
-def test_state_file_survives_restart(tmp_path: Path) -> None:
-    state = tmp_path / "state" / "orb.jsonl"
-    events = [orb_event(f"k{i}") for i in range(3)]
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
-        assert ingest(orb, events).status_code == 200
-    assert len(state.read_text().splitlines()) == 3
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
-        assert orb.accepted() == events
-        assert ingest(orb, events).status_code == 200
-        assert orb.duplicates == 3
-        assert orb.accepted() == events
-    assert len(state.read_text().splitlines()) == 3
-
-
-def test_state_file_tolerates_torn_last_line(tmp_path: Path) -> None:
-    state = tmp_path / "kable.jsonl"
-    state.write_text(json.dumps(kable_event("t1")) + "\n" + '{"clientId": "c", "timest')
-    with KableSandbox(state_file=state) as kable:
-        assert kable.accepted_keys() == {"t1"}
-
-
-def test_reset_truncates_state_file(tmp_path: Path) -> None:
-    state = tmp_path / "orb.jsonl"
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
-        ingest(orb, [orb_event("k")])
-        orb.reset()
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
-        assert orb.accepted() == []
-
-
-def test_restart_same_instance_keeps_state(tmp_path: Path) -> None:
-    orb = OrbSandbox(api_key=ORB_KEY, state_file=tmp_path / "orb.jsonl")
-    orb.start()
-    ingest(orb, [orb_event("k")])
-    orb.stop()
-    orb.stop()  # idempotent
-    orb.start()
-    try:
-        assert orb.accepted_keys() == {"k"}
-        assert ingest(orb, [orb_event("k")]).status_code == 200
-        assert orb.duplicates == 1
-    finally:
-        orb.stop()
-
-
-# ============================================================================ backfills
+# ============================================================================ Orb: backfills
 
 
 def create_backfill(orb: OrbSandbox, **body: Any) -> requests.Response:
@@ -795,13 +436,13 @@ def test_backfill_replace_existing_events_then_revert() -> None:
 def test_backfill_replacement_persists_across_restart(tmp_path: Path) -> None:
     state = tmp_path / "orb.jsonl"
     ts = iso(now() - timedelta(days=3))
-    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10), state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(days=10), server=ServerOptions(state_file=state)) as orb:
         ingest(orb, [orb_event("old", timestamp=ts)])
         backfill = create_backfill(orb, **window(4, 2)).json()
         ingest(orb, [orb_event("new", timestamp=ts)], params={"backfill_id": backfill["id"]})
         backfill_action(orb, backfill["id"], "close")
         assert orb.accepted_keys() == {"new"}
-    with OrbSandbox(api_key=ORB_KEY, state_file=state) as orb:
+    with OrbSandbox(api_key=ORB_KEY, server=ServerOptions(state_file=state)) as orb:
         assert orb.accepted_keys() == {"new"}
 
 
@@ -901,6 +542,7 @@ def test_backfill_auto_closes_at_close_time(orb: OrbSandbox) -> None:
 
 
 # ============================================================================ Orb: reading events back
+
 
 HOUR = timedelta(hours=1)
 
@@ -1076,246 +718,7 @@ def test_events_are_deleted_through_the_control_endpoint_too(history_orb: OrbSan
     assert bad.status_code == 400
 
 
-
-# ============================================================================ Kable
-
-
-def test_kable_accepts_array_and_dedups_on_transaction_id(kable: KableSandbox) -> None:
-    events = [kable_event("t1"), kable_event("t2")]
-    resp = kable_post(kable, events)
-    assert resp.status_code == 200
-    assert resp.json() == {"message": "Events successfully recorded"}
-    assert kable_post(kable, [*events, kable_event("t3")]).status_code == 200
-    assert [e["transactionId"] for e in kable.accepted()] == ["t1", "t2", "t3"]
-    assert kable.accepted_keys() == {"t1", "t2", "t3"}
-    assert kable.duplicates == 2
-    assert kable.url.startswith("http://127.0.0.1:")
-
-
-def test_kable_events_without_transaction_id_are_always_recorded(kable: KableSandbox) -> None:
-    event = kable_event(None)
-    kable_post(kable, [event])
-    kable_post(kable, [event])
-    assert len(kable.accepted()) == 2 and kable.accepted_keys() == set() and kable.duplicates == 0
-
-
-def test_kable_accepts_single_object_body(kable: KableSandbox) -> None:
-    event = kable_event("solo", kableClientId=KABLE_ID, library={"name": "x", "version": "1"})
-    resp = kable_post(kable, event)
-    assert resp.status_code == 200
-    assert kable.accepted() == [event]
-    assert kable.requests[-1].n_events == 1
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        {},
-        {"KABLE-CLIENT-ID": KABLE_ID},
-        {"KABLE-CLIENT-SECRET": KABLE_SECRET},
-        {"KABLE-CLIENT-ID": "kci_other", "KABLE-CLIENT-SECRET": KABLE_SECRET},
-        {"KABLE-CLIENT-ID": KABLE_ID, "KABLE-CLIENT-SECRET": "sk_live.wrong"},
-        {"Authorization": f"Bearer {KABLE_SECRET}"},
-    ],
-    ids=["no_headers", "missing_secret", "missing_client_id", "wrong_client_id", "wrong_secret", "bearer_instead"],
-)
-def test_kable_rejects_bad_auth(kable: KableSandbox, headers: dict[str, str]) -> None:
-    resp = requests.post(f"{kable.url}{KABLE_CREATE}", json=[kable_event("t")], headers=headers, timeout=5)
-    assert resp.status_code == 401
-    assert resp.json() == {"message": "Unauthorized"}
-    assert resp.headers.get("X-REQUEST-ID")
-    assert kable.accepted() == []
-
-
-def test_kable_auth_header_names_are_case_insensitive(kable: KableSandbox) -> None:
-    headers = {"kable-client-id": KABLE_ID, "Kable-Client-Secret": KABLE_SECRET}
-    resp = requests.post(f"{kable.url}{KABLE_CREATE}", json=[kable_event("t")], headers=headers, timeout=5)
-    assert resp.status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("bad", "problem"),
-    [
-        (lambda: without(kable_event("t"), "clientId"), "clientId is required"),
-        (lambda: kable_event("t", clientId=""), "clientId must be a non-empty string"),
-        (lambda: kable_event("t", clientId=42), "clientId must be a non-empty string"),
-        (lambda: without(kable_event("t"), "timestamp"), "timestamp is required"),
-        (lambda: kable_event("t", timestamp="09/01/2022"), "RFC 3339"),
-        (lambda: kable_event("t", timestamp="2022-01-09T09:32:01"), "RFC 3339"),
-        (lambda: kable_event("t", timestamp="2022-13-09T09:32:01Z"), "not a valid date-time"),
-        (lambda: kable_event("t", transactionId=123), "transactionId must be a non-empty string"),
-        (lambda: kable_event("t", data=[1, 2]), "data must be a JSON object"),
-        (lambda: "not an event", "event must be a JSON object"),
-    ],
-    ids=[
-        "missing_client_id",
-        "empty_client_id",
-        "numeric_client_id",
-        "missing_timestamp",
-        "non_rfc3339_timestamp",
-        "timestamp_without_offset",
-        "impossible_month",
-        "numeric_transaction_id",
-        "data_not_object",
-        "event_not_object",
-    ],
-)
-def test_kable_invalid_event_rejects_whole_request_naming_index(
-    kable: KableSandbox, bad: Callable[[], Any], problem: str
-) -> None:
-    resp = kable_post(kable, [kable_event("ok1"), kable_event("ok2"), bad()])
-    assert resp.status_code == 400
-    message = resp.json()["message"]
-    assert message.startswith("invalid input, object invalid: event[2]: ")
-    assert problem in message
-    assert kable.accepted() == []
-
-
-def test_kable_accepts_rfc3339_offsets(kable: KableSandbox) -> None:
-    events = [
-        kable_event("a", timestamp="2022-01-09T09:32:01Z"),
-        kable_event("b", timestamp="2022-01-09T09:32:01.123+02:00"),
-    ]
-    assert kable_post(kable, events).status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("data", "fragment"),
-    [(b"{oops", "not valid JSON"), (b'"just a string"', "event object or an array")],
-    ids=["malformed_json", "scalar_body"],
-)
-def test_kable_rejects_malformed_body(kable: KableSandbox, data: bytes, fragment: str) -> None:
-    resp = requests.post(f"{kable.url}{KABLE_CREATE}", data=data, headers=KABLE_AUTH, timeout=5)
-    assert resp.status_code == 400
-    assert fragment in resp.json()["message"]
-
-
-@pytest.mark.parametrize(("count", "status"), [(500, 200), (501, 400)], ids=["exactly_500", "over_500"])
-def test_kable_500_event_cap(kable: KableSandbox, count: int, status: int) -> None:
-    resp = kable_post(kable, [kable_event(f"t{i}") for i in range(count)])
-    assert resp.status_code == status
-    assert len(kable.accepted()) == (count if status == 200 else 0)
-
-
-def test_kable_request_id_on_every_response(kable: KableSandbox) -> None:
-    responses = [
-        kable_post(kable, [kable_event("t")]),  # 200
-        kable_post(kable, [{"timestamp": iso(now())}]),  # 400
-        requests.post(f"{kable.url}{KABLE_CREATE}", json=[], timeout=5),  # 401
-        requests.get(f"{kable.url}/api/v1/unknown", headers=KABLE_AUTH, timeout=5),  # 404
-    ]
-    kable.inject(Fault.TOO_MANY_REQUESTS)
-    kable.inject(Fault.SERVER_ERROR, status=503)
-    responses += [kable_post(kable, [kable_event("t")]), kable_post(kable, [kable_event("t")])]
-    responses.append(requests.get(f"{kable.url}/_sandbox/health", timeout=5))
-    assert [r.status_code for r in responses] == [200, 400, 401, 404, 429, 503, 200]
-    ids = [r.headers.get("X-REQUEST-ID") for r in responses]
-    assert all(ids) and len(set(ids)) == len(ids)
-    # The log (API requests only, not control endpoints) carries the same ids.
-    assert [r.request_id for r in kable.requests] == ids[:-1]
-
-
-@pytest.mark.parametrize(
-    ("kind", "kwargs", "status", "message"),
-    [
-        (Fault.TOO_MANY_REQUESTS, {"retry_after": 3}, 429, "Too Many Requests"),
-        (Fault.SERVER_ERROR, {"status": 502}, 502, "Something went wrong"),
-        (Fault.BAD_REQUEST, {}, 400, "invalid input, object invalid"),
-    ],
-    ids=["429", "502", "bad_request"],
-)
-def test_kable_http_error_faults(
-    kable: KableSandbox, kind: Fault, kwargs: dict[str, Any], status: int, message: str
-) -> None:
-    kable.inject(kind, **kwargs)
-    resp = kable_post(kable, [kable_event("t")])
-    assert resp.status_code == status and resp.json() == {"message": message}
-    if kind is Fault.TOO_MANY_REQUESTS:
-        assert resp.headers["Retry-After"] == "3"
-    assert kable.accepted() == []
-
-
-@pytest.mark.parametrize(
-    ("kind", "accepted"), [(Fault.RESET, set()), (Fault.LOST_RESPONSE, {"t"})], ids=["reset", "lost_response"]
-)
-def test_kable_connection_faults(kable: KableSandbox, kind: Fault, accepted: set[str]) -> None:
-    kable.inject(kind)
-    with pytest.raises(requests.ConnectionError):
-        kable_post(kable, [kable_event("t")])
-    assert kable.accepted_keys() == accepted
-    assert kable.requests[-1].fault == kind.value
-
-
-# ============================================================================ control endpoints
-
-
-def test_control_endpoints(orb: OrbSandbox) -> None:
-    base = f"{orb.url}/_sandbox"
-    assert requests.get(f"{base}/health", timeout=5).json()["ok"] is True
-
-    resp = requests.post(
-        f"{base}/faults", json={"kind": "too_many_requests", "times": 2, "retry_after": 1.5}, timeout=5
-    )
-    assert resp.status_code == 200
-    first = ingest(orb, [orb_event("k")])
-    assert first.status_code == 429 and first.headers["Retry-After"] == "1.5"
-    assert requests.delete(f"{base}/faults", timeout=5).status_code == 200
-    assert ingest(orb, [orb_event("k")]).status_code == 200
-
-    requests.post(f"{base}/faults", json={"kind": "server_error", "status": 503}, timeout=5)
-    assert ingest(orb, [orb_event("k2")]).status_code == 503
-    requests.post(f"{base}/faults", json={"kind": "slow", "delay": 0.1}, timeout=5)
-    assert ingest(orb, [orb_event("k2")]).status_code == 200
-
-    events = requests.get(f"{base}/events", timeout=5).json()
-    assert [e["idempotency_key"] for e in events["accepted"]] == ["k", "k2"]
-    assert events["duplicates"] == 0 and events["requests"] == 4
-    assert events["backfills"] == []
-
-    assert requests.post(f"{base}/reset", timeout=5).status_code == 200
-    assert requests.get(f"{base}/events", timeout=5).json() == {
-        "accepted": [],
-        "duplicates": 0,
-        "requests": 0,
-        "backfills": [],
-    }
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"kind": "meteor_strike"},
-        {"times": 2},
-        ["too_many_requests"],
-        {"kind": "server_error", "status": 418},
-        {"kind": "reset", "colour": "red"},
-    ],
-    ids=["unknown_kind", "missing_kind", "not_an_object", "bad_status", "unknown_field"],
-)
-def test_control_fault_endpoint_validates(kable: KableSandbox, body: Any) -> None:
-    resp = requests.post(f"{kable.url}/_sandbox/faults", json=body, timeout=5)
-    assert resp.status_code == 400
-    assert resp.json()["ok"] is False
-    assert kable.pending_faults == 0
-
-
-def test_control_random_faults_endpoint(kable: KableSandbox) -> None:
-    resp = requests.post(
-        f"{kable.url}/_sandbox/random_faults", json={"rate": 1.0, "kinds": ["too_many_requests"], "seed": 3}, timeout=5
-    )
-    assert resp.status_code == 200
-    assert kable_post(kable, [kable_event("t")]).status_code == 429
-    requests.delete(f"{kable.url}/_sandbox/faults", timeout=5)
-    assert kable_post(kable, [kable_event("t")]).status_code == 200
-
-
-def test_control_requests_endpoint_lists_log(kable: KableSandbox) -> None:
-    kable_post(kable, [kable_event("t")])
-    [record] = requests.get(f"{kable.url}/_sandbox/requests", timeout=5).json()["requests"]
-    assert record["path"] == KABLE_CREATE and record["status"] == 200 and record["n_events"] == 1
-
-
-# ============================================================================ hot paths
+# ============================================================================ Orb: hot paths
 # The ingest path has fast paths (msgspec parsing, a cheap validity check, canonical texts only for
 # repeated keys, counting events from the parsed body); they must answer exactly like the slow ones.
 
@@ -1406,15 +809,6 @@ def test_orb_request_log_counts_events_of_parsed_and_unparsed_bodies(orb: OrbSan
     assert post(three) == 3 and orb.requests[-1].fault == "too_many_requests"
 
 
-def test_kable_request_log_counts_events_of_parsed_and_unparsed_bodies(kable: KableSandbox) -> None:
-    three = [kable_event(f"t{i}") for i in range(3)]
-    requests.post(f"{kable.url}{KABLE_CREATE}", json=three, headers={}, timeout=5)
-    kable_post(kable, three)
-    requests.post(f"{kable.url}{KABLE_CREATE}", data=b"[{oops", headers=KABLE_AUTH, timeout=5)
-    kable_post(kable, [kable_event("x"), kable_event("y", clientId="")])
-    assert [(r.status, r.n_events) for r in kable.requests] == [(401, 3), (200, 3), (400, 0), (400, 2)]
-
-
 def test_orb_json_numbers_keep_their_python_types(orb: OrbSandbox) -> None:
     properties = {"i": 1, "f": 1.0, "e": 1e-7, "max": 2**63 - 1, "min": -(2**63), "z": -0.0}
     assert ingest(orb, [orb_event("k", properties=properties)]).status_code == 200
@@ -1448,35 +842,6 @@ def test_orb_body_parsing_matches_python_json(
         assert message in resp.text
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"[1, 1.0, -0, -0.0, 1e5, 0.1, 18446744073709551616]",
-        b'{"a": 1, "a": 2}',
-        b' {"s": "\\u00e9\\n", "t": "\xc3\xa9"} ',
-    ],
-    ids=["numbers", "repeated_name", "escapes"],
-)
-def test_parse_json_equals_python_json(raw: bytes) -> None:
-    parsed = parse_json(raw)
-    expected = json.loads(raw)
-    assert parsed == expected and repr(parsed) == repr(expected)
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (b"[NaN]", "NaN is not valid JSON"),
-        (b"[1,]", "Expecting value: line 1 column 4 (char 3)"),
-        (b"\xef\xbb\xbf[1]", "Unexpected UTF-8 BOM"),
-    ],
-    ids=["nan", "trailing_comma", "bom"],
-)
-def test_parse_json_errors_are_python_json_errors(raw: bytes, message: str) -> None:
-    with pytest.raises(BadBody, match=re.escape(f"request body is not valid JSON: {message}")):
-        parse_json(raw)
-
-
 def test_orb_timestamp_cache_keeps_only_the_parse() -> None:
     two_hours_ago = iso(now() - timedelta(hours=2))
     with OrbSandbox(api_key=ORB_KEY) as lenient, OrbSandbox(api_key=ORB_KEY, grace_period=timedelta(hours=1)) as strict:
@@ -1487,99 +852,6 @@ def test_orb_timestamp_cache_keeps_only_the_parse() -> None:
         with pytest.raises(ValueError, match="not a valid ISO 8601 date-time"):
             parse_timestamp("2026-02-30T00:00:00Z")
     assert parse_timestamp(two_hours_ago) is parse_timestamp(two_hours_ago)
-
-
-def test_kable_timestamp_verdicts_repeat(kable: KableSandbox) -> None:
-    messages = [kable_post(kable, [kable_event("t", timestamp="2022-13-09T09:32:01Z")]).json() for _ in range(2)]
-    assert messages[0] == messages[1] and "not a valid date-time" in messages[0]["message"]
-    events = [kable_event(f"t{i}", timestamp="2022-01-09T09:32:01Z") for i in range(3)]
-    assert kable_post(kable, events).status_code == 200
-
-
-# ============================================================================ CLI
-
-
-def test_cli_runs_both_sandboxes_until_sigterm(tmp_path: Path) -> None:
-    include = Path(__file__).resolve().parents[2] / "include"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(include), os.environ.get("PYTHONPATH", "")])}
-    cmd = [
-        sys.executable,
-        "-m",
-        "usage_billing.sandbox",
-        "--orb-port",
-        "0",
-        "--kable-port",
-        "0",
-        "--orb-api-key",
-        "K",
-        "--kable-client-id",
-        "C",
-        "--kable-api-key",
-        "S",
-        "--latency",
-        "0.01",
-        "--state-dir",
-        str(tmp_path),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    try:
-        line_holder: list[str] = []
-        reader = threading.Thread(target=lambda: line_holder.append(proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=15)
-        assert line_holder and line_holder[0], proc.stderr.read() if proc.poll() is not None else "no output"
-        info = json.loads(line_holder[0])
-        assert info["pid"] == proc.pid
-        assert info["orb_url"].startswith("http://127.0.0.1:") and info["kable_url"].startswith("http://127.0.0.1:")
-
-        assert requests.get(f"{info['orb_url']}/_sandbox/health", timeout=5).status_code == 200
-        resp = requests.post(
-            f"{info['orb_url']}/v1/ingest",
-            json={"events": [orb_event("k")]},
-            headers={"Authorization": "Bearer K"},
-            timeout=5,
-        )
-        assert resp.status_code == 200
-        resp = requests.post(
-            f"{info['kable_url']}{KABLE_CREATE}",
-            json=[kable_event("t")],
-            headers={"KABLE-CLIENT-ID": "C", "KABLE-CLIENT-SECRET": "S"},
-            timeout=5,
-        )
-        assert resp.status_code == 200
-        accepted = requests.get(f"{info['kable_url']}/_sandbox/events", timeout=5).json()["accepted"]
-        assert [e["transactionId"] for e in accepted] == ["t"]
-
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert (tmp_path / "orb-events.jsonl").read_text().count("\n") == 1
-    assert (tmp_path / "kable-events.jsonl").read_text().count("\n") == 1
-
-
-def test_cli_gc_freezes_survivors_and_still_collects_new_cycles() -> None:
-    include = Path(__file__).resolve().parents[2] / "include"
-    code = """
-import gc
-from usage_billing.sandbox.__main__ import freeze_survivors
-freeze_survivors()
-frozen = gc.get_freeze_count()
-kept = [{"n": i, "properties": {}} for i in range(5000)]
-gc.collect()
-assert gc.get_freeze_count() >= frozen + 5000, (frozen, gc.get_freeze_count())
-cycle = []
-cycle.append(cycle)
-del cycle
-assert gc.collect() >= 1
-"""
-    env = {**os.environ, "PYTHONPATH": str(include)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
 
 
 # ============================================================================ Orb: customers
