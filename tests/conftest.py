@@ -6,6 +6,7 @@ user postgres, database test), each in throwaway schemas, and real HTTP sandboxe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -89,31 +90,33 @@ def airflow_db() -> None:
 def fakesnow():
     """fakesnow's server (Snowflake's protocol on DuckDB) over TLS on loopback, one per session
     (``usage_billing.sandbox.warehouses``); ``REQUESTS_CA_BUNDLE`` trusts it while it runs."""
-    from usage_billing.sandbox.warehouses import EmulatorUnavailable, fakesnow_server
+    from usage_billing.sandbox.warehouses import fakesnow_server
 
-    try:
-        server = fakesnow_server()
-        started = server.__enter__()
-    except EmulatorUnavailable as error:
-        pytest.skip(str(error))
-    try:
-        yield started
-    finally:
-        server.__exit__(None, None, None)
+    with started_emulator(fakesnow_server()) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def bqemulator():
     """bqemulator (BigQuery REST + Storage Read on DuckDB) from ``.venv-bqemulator``, one per session."""
-    from usage_billing.sandbox.warehouses import EmulatorUnavailable, bqemulator_server
+    from usage_billing.sandbox.warehouses import bqemulator_server
+
+    with started_emulator(bqemulator_server()) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def started_emulator(server: contextlib.AbstractContextManager):
+    """Start an emulator: skip what needs it only when it is simply not installed; an emulator that
+    is installed but does not start fails the tests (a broken emulator must not pass ``make test``)."""
+    from usage_billing.sandbox.warehouses import EmulatorNotInstalled, EmulatorUnavailable
 
     try:
-        server = bqemulator_server()
         started = server.__enter__()
+    except EmulatorNotInstalled as error:
+        pytest.skip(str(error))
     except EmulatorUnavailable as error:
-        if "is not installed at" in str(error):
-            pytest.skip(str(error))
-        pytest.fail(str(error))
+        pytest.fail(f"the emulator is installed but did not start: {error}")
     try:
         yield started
     finally:

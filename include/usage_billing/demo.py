@@ -39,6 +39,7 @@ WAREHOUSES = ("sqlite", "snowflake", "bigquery")
 LEDGER_CONN_ID = "billing_ledger"
 DEFAULT_HOURS = 6
 DEFAULT_EVENTS_PER_HOUR = 300
+DEMO_MAXIMUM_BYTES_BILLED = 2**30
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -245,6 +246,8 @@ def _emulator_settings(state: Path, warehouse: str):
     config["ledger"] = {**config.get("ledger", {}), "conn_id": LEDGER_CONN_ID}
     if warehouse == "bigquery":
         config["source"]["loaded_at_column"] = "loaded_at"
+        # Every query carries the byte cap (default 100 GiB); the sample needs far less than 1 GiB.
+        config["source"]["maximum_bytes_billed"] = DEMO_MAXIMUM_BYTES_BILLED
     path = state / "usage_billing.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     os.environ[CONFIG_ENV_VAR] = str(path)

@@ -33,6 +33,10 @@ CONFIG_ENV_VAR = "USAGE_BILLING_CONFIG"
 # Deployment-specific override of airflow.rate_limit_storage (e.g. redis://redis:6379/1 in compose).
 RATE_LIMIT_ENV_VAR = "USAGE_BILLING_RATE_LIMIT_STORAGE"
 
+# 100 GiB: at BigQuery's on-demand price (6.25 USD per TiB) at most about 0.61 USD per query.
+DEFAULT_MAXIMUM_BYTES_BILLED = 100 * 2**30
+
+
 class SourceSettings(StrictSettings):
     """Where the Segment track events are: one warehouse table per event (Segment Warehouses)."""
 
@@ -44,7 +48,8 @@ class SourceSettings(StrictSettings):
     lookback: timedelta = timedelta(hours=6)
     chunk_size: int = Field(default=50_000, ge=100, le=1_000_000)
     # BigQuery only: every query carries this cap (bytes); BigQuery fails a query that would bill more.
-    maximum_bytes_billed: int | None = Field(default=None, ge=1)
+    # Always on: 100 GiB unless set (README "BigQuery", cost guard); it cannot be switched off.
+    maximum_bytes_billed: int = Field(default=DEFAULT_MAXIMUM_BYTES_BILLED, ge=1)
 
     @field_validator("schema_", "loaded_at_column")
     @classmethod

@@ -22,6 +22,7 @@ from tests.integration.conftest import config, connection_env, start_sandbox
 from tests.integration.sources.conftest import emulated_warehouse
 from usage_billing import sample_data
 from usage_billing.ledger import Ledger
+from usage_billing.settings import DEFAULT_MAXIMUM_BYTES_BILLED
 
 HOURS = 2
 LOOKBACK = timedelta(hours=6)
@@ -57,6 +58,14 @@ def test_segment_to_orb_delivers_two_hours_from_the_warehouse_once_and_again_sen
     anonymous = {row["id"] for row in scanned if not row["user_id"]}
     assert deliverable and anonymous
 
+    caps = []
+    if kind == "bigquery":  # every query the tasks send carries the byte cap (default: 100 GiB)
+        from google.cloud import bigquery
+
+        query = bigquery.Client.query
+        monkeypatch.setattr(bigquery.Client, "query", lambda client, sql, job_config=None, **kw: caps.append(
+            job_config.maximum_bytes_billed) or query(client, sql, job_config=job_config, **kw))
+
     dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["segment_to_orb"]
     ledger = Ledger(pg_engine, ledger_schema)
     with start_sandbox("orb") as orb:
@@ -69,6 +78,8 @@ def test_segment_to_orb_delivers_two_hours_from_the_warehouse_once_and_again_sen
         assert run_hours() == [DagRunState.SUCCESS] * HOURS
         assert orb.accepted_keys() == deliverable
         assert len(orb.accepted()) == len(deliverable), "no event twice"
+        if kind == "bigquery":
+            assert caps and set(caps) == {DEFAULT_MAXIMUM_BYTES_BILLED}, caps
         assert ledger.counts("orb")["orb"] == {"delivered": len(deliverable), "rejected": len(anonymous)}
 
         requests = len(orb.requests)

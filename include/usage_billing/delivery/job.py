@@ -83,6 +83,9 @@ class Scope:
     # adding backfill.
     into_backfill_id: str | None = None
     label: str = ""
+    # Chosen ``ids``: the earliest load the ledger recorded for them, a lower bound on the loaded-at
+    # column that prunes the read (None: unknown for some, read unpruned).
+    loaded_since: datetime | None = None
 
     @property
     def mode(self) -> str:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 from usage_billing.delivery.backfills import DAY, backfill_session, day_lock, day_of, open_backfill, timeframe_for
 from usage_billing.delivery.job import DeliveryJob, Scope
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # A replay reads its rejected events back by message id, this many per query.
 REPLAY_BATCH = 10_000
+# Taken off the earliest recorded load before it bounds a read by id: the ledger keeps microseconds,
+# a warehouse may keep nanoseconds (Snowflake), and the bound must never fall after the row.
+LOADED_SINCE_MARGIN = timedelta(seconds=1)
 # Orb backfills span at most 31 days (orb-api-notes.md).
 MAX_REPLACE = timedelta(days=31)
 
@@ -71,21 +74,54 @@ def replay_rejected(job: DeliveryJob, table: str, reason_contains: str | None = 
     current reason. ``reason_contains`` narrows the replay to one kind of rejection.
     """
     name = job.destination.name
-    rows = [r for r in job.ledger.rejected(name, reason_contains) if r["event_table"] == table]
-    message_ids = list(dict.fromkeys(r["message_id"] for r in rows if r["message_id"]))
-    label = f"replay of {len(message_ids)} rejected events" + (
+    rows = [r for r in job.ledger.rejected(name, reason_contains) if r["event_table"] == table and r["message_id"]]
+    label = f"replay of {len({r['message_id'] for r in rows})} rejected events" + (
         f" whose reason contains {reason_contains!r}" if reason_contains else "")
-    reports = deliver_ids(job, table, message_ids, label)
+    reports = deliver_ids(job, table, rows, label)
     return DeliveryReport.combine(reports, DeliveryReport(name, table, label, mode="replay_rejected"))
 
 
-def deliver_ids(job: DeliveryJob, table: str, message_ids: Sequence[str], label: str,
+def deliver_ids(job: DeliveryJob, table: str, rows: Sequence[Mapping], label: str,
                 into_backfill_id: str | None = None) -> list[DeliveryReport]:
     """Deliver chosen rows of one table, read back by message id ``REPLAY_BATCH`` at a time (held
-    events now due, a replay, a day's queued events into its backfill)."""
-    return [deliver(job, Scope(Partition(table), ids=message_ids[start:start + REPLAY_BATCH], label=label,
-                               into_backfill_id=into_backfill_id))
-            for start in range(0, len(message_ids), REPLAY_BATCH)]
+    events now due, a replay, a day's queued events into its backfill, lost events re-sent).
+
+    ``rows`` are the ledger's rows of those events (``message_id``, ``row_loaded_at``): each read
+    is pruned on the loaded-at column from the earliest load the ledger recorded for its ids
+    (:func:`loaded_since`); without one for every id it reads unpruned and its summary says so."""
+    loads: dict[str, list[datetime | None]] = {}
+    for row in rows:  # an id may have several keys (rows), each with its own recorded load
+        loads.setdefault(row["message_id"], []).append(row.get("row_loaded_at"))
+    message_ids = list(loads)
+    reports = []
+    for start in range(0, len(message_ids), REPLAY_BATCH):
+        ids = message_ids[start:start + REPLAY_BATCH]
+        since = loaded_since(load for message_id in ids for load in loads[message_id])
+        report = deliver(job, Scope(Partition(table), ids=ids, label=label, into_backfill_id=into_backfill_id,
+                                    loaded_since=since))
+        if since is not None:
+            report.notes.append(f"{len(ids)} chosen events read from rows loaded since {since:%Y-%m-%d %H:%M:%S} "
+                                f"UTC on {job.loaded_at_column} (the earliest load the ledger recorded for them)")
+        else:
+            unknown = sum(None in loads[message_id] for message_id in ids)
+            report.notes.append(f"{unknown} of {len(ids)} chosen events have no loaded-at in the ledger (recorded "
+                                f"before ledger revision 0007, or delivered without a rejection first): read by id "
+                                f"with no bound on {job.loaded_at_column}, nothing pruned the scan of "
+                                f"{job.source.schema}.{table}")
+        reports.append(report)
+    return reports
+
+
+def loaded_since(loads: Iterable[datetime | None]) -> datetime | None:
+    """The lower bound on the loaded-at column for reading chosen rows back: the earliest load the
+    ledger recorded for them, less :data:`LOADED_SINCE_MARGIN`; None when any is unknown (read them
+    unpruned). A row loaded again since has a later loaded-at, so the bound never hides it."""
+    earliest = None
+    for loaded in loads:
+        if loaded is None:
+            return None
+        earliest = loaded if earliest is None else min(earliest, loaded)
+    return None if earliest is None else earliest - LOADED_SINCE_MARGIN
 
 
 def replace_window(job: DeliveryJob, tables: list[str], window: Window) -> DeliveryReport:
@@ -155,7 +191,7 @@ def deliver(job: DeliveryJob, scope: Scope) -> DeliveryReport:
                     return ~ledger.known_clause(destination.name, events.c[destination.key_column],
                                                 job.retry_for(scope), events.c[loaded_at])
             request = ReadRequest(scope.partition, scope.window, [*destination.required_columns(columns), loaded_at],
-                                  loaded_at, job.chunk_size, scope.ids, unknown)
+                                  loaded_at, job.chunk_size, scope.ids, unknown, scope.loaded_since)
             _run(job, scope, request, report, filtered)
     finally:
         report.seconds = job.clock() - started
@@ -196,11 +232,11 @@ def send_queued(job: DeliveryJob, this_run_only: bool = False) -> DeliveryReport
             with open_backfill(job, start, end, replace=False) as backfill:
                 backfills += 1
                 label = f"{len(rows)} queued events of {day:%Y-%m-%d} UTC, backfill {backfill['id']}"
-                by_table: dict[str, list[str]] = {}
+                by_table: dict[str, list[dict]] = {}
                 for row in rows:
-                    by_table.setdefault(row["event_table"], []).append(row["message_id"])
-                day_reports = [report for table, ids in sorted(by_table.items())
-                               for report in deliver_ids(job, table, ids, label, backfill["id"])]
+                    by_table.setdefault(row["event_table"], []).append(row)
+                day_reports = [report for table, chosen in sorted(by_table.items())
+                               for report in deliver_ids(job, table, chosen, label, backfill["id"])]
                 ledger.record_backfill(name, backfill, job.run, events_sent=sum(r.accepted for r in day_reports))
             reports += day_reports
             _reject_gone(job, rows)

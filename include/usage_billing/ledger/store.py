@@ -511,14 +511,15 @@ class Ledger:
 
     def rejected(self, destination: str, reason_contains: str | None = None,
                  limit: int | None = None) -> list[dict]:
-        """Rejected events (key, message id, table, timestamp, reason, attempts), oldest first."""
+        """Rejected events (key, message id, table, timestamp, reason, attempts, the row's loaded-at
+        when rejected), oldest first."""
         t = self.table.c
         query = (sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp, t.reason, t.attempts,
-                           t.last_attempt_at)
+                           t.last_attempt_at, t.row_loaded_at)
                  .where(self._rejected(destination, reason_contains))
                  .order_by(t.event_timestamp, t.idempotency_key).limit(limit or None))
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
+            return [{**row._mapping, "row_loaded_at": _aware(row.row_loaded_at)} for row in conn.execute(query)]
 
     def _rejected(self, destination: str, reason_contains: str | None = None) -> sa.ColumnElement[bool]:
         """"This destination's rejected events", optionally by reason text."""
@@ -528,25 +529,28 @@ class Ledger:
             clause = sa.and_(clause, t.reason.like(f"%{reason_contains}%"))
         return clause
 
-    def held_due(self, destination: str, table: str, until: datetime, run: RunRef | None = None) -> list[str]:
-        """Message ids of a table's held events whose timestamp is now acceptable (at or before ``until``),
-        leaving out those ``run`` itself just held (it looks again next run)."""
+    def held_due(self, destination: str, table: str, until: datetime, run: RunRef | None = None) -> list[dict]:
+        """A table's held events whose timestamp is now acceptable (at or before ``until``), as
+        ``message_id`` and ``row_loaded_at`` (the row's loaded-at when held), oldest first, leaving
+        out those ``run`` itself just held (it looks again next run)."""
         t = self.table.c
-        query = (sa.select(t.message_id).where(t.destination == destination, t.status == HELD, t.event_table == table,
-                                               t.event_timestamp <= until, t.message_id.is_not(None))
+        query = (sa.select(t.message_id, t.row_loaded_at)
+                 .where(t.destination == destination, t.status == HELD, t.event_table == table,
+                        t.event_timestamp <= until, t.message_id.is_not(None))
                  .order_by(t.event_timestamp))
         if run is not None:
             query = query.where(sa.or_(t.run_id.is_(None), t.run_id != run.run_id, t.dag_id != run.dag_id))
         with self.engine.connect() as conn:
-            return list(conn.execute(query).scalars())
+            return [{"message_id": message_id, "row_loaded_at": _aware(loaded)}
+                    for message_id, loaded in conn.execute(query)]
 
     def queued(self, destination: str, start: datetime | None = None, end: datetime | None = None,
                run: RunRef | None = None) -> list[dict]:
-        """The events queued for a backfill (key, message id, table, timestamp), oldest first; with
-        ``start``/``end`` only those whose timestamp lies in ``[start, end)``, with ``run`` only
-        those that run queued."""
+        """The events queued for a backfill (key, message id, table, timestamp, the row's loaded-at
+        when queued), oldest first; with ``start``/``end`` only those whose timestamp lies in
+        ``[start, end)``, with ``run`` only those that run queued."""
         t = self.table.c
-        query = (sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp)
+        query = (sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp, t.row_loaded_at)
                  .where(t.destination == destination, t.status == QUEUED).order_by(t.event_timestamp))
         if run is not None:
             query = query.where(t.dag_id == run.dag_id, t.run_id == run.run_id)
@@ -555,7 +559,8 @@ class Ledger:
         if end is not None:
             query = query.where(t.event_timestamp < self._utc(end))
         with self.engine.connect() as conn:
-            return [{**row._mapping, "event_timestamp": _aware(row.event_timestamp)} for row in conn.execute(query)]
+            return [{**row._mapping, "event_timestamp": _aware(row.event_timestamp),
+                     "row_loaded_at": _aware(row.row_loaded_at)} for row in conn.execute(query)]
 
     def delivered_between(self, destination: str, start: datetime, end: datetime) -> int:
         """Delivered events whose event timestamp lies in ``[start, end)``."""
@@ -613,15 +618,17 @@ class Ledger:
                   reason: str) -> list[dict]:
         """Mark delivered events the destination turned out not to hold as ``lost``, so the next
         delivery of their ids sends them again under the same keys; their delivery so far is kept
-        in ``delivery_history``. Returns the rows marked (key, message id, table, timestamp)."""
+        in ``delivery_history``. Returns the rows marked (key, message id, table, timestamp, and the
+        row's loaded-at when the event was once rejected, held or queued; a delivery does not record it)."""
         if not keys:
             return []
         t = self.table.c
         self._archive(destination, keys, run, now)
         where = sa.and_(t.destination == destination, t.status == DELIVERED, self._among(t.idempotency_key, keys))
         with self.engine.begin() as conn:
-            rows = [dict(row._mapping) for row in conn.execute(
-                sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp).where(where))]
+            rows = [{**row._mapping, "row_loaded_at": _aware(row.row_loaded_at)} for row in conn.execute(
+                sa.select(t.idempotency_key, t.message_id, t.event_table, t.event_timestamp, t.row_loaded_at)
+                .where(where))]
             conn.execute(self.table.update().where(where).values(
                 status=LOST, reason=reason[:MAX_REASON], last_attempt_at=self._bind_time(now),
                 dag_id=run.dag_id, run_id=run.run_id))

@@ -20,8 +20,9 @@ from typing import Protocol
 import numpy as np
 
 from usage_billing.delivery.contract import DeliveryFailed
-from usage_billing.delivery.job import DeliveryJob, Scope
-from usage_billing.delivery.runs import deliver
+from usage_billing.delivery.job import DeliveryJob
+from usage_billing.delivery.report import DeliveryReport
+from usage_billing.delivery.runs import deliver_ids
 from usage_billing.delivery.sending import dedupe_keys
 from usage_billing.frames import pd
 from usage_billing.ledger import DELIVERED, REJECTED
@@ -237,18 +238,22 @@ def _heal(job: DeliveryJob, report: ReconcileReport) -> None:
         {"kind": MISSING_IN_DESTINATION, "hour": hour, "idempotency_key": key,
          "detail": f"delivered per the ledger, not found by {name}'s search for the hour"}
         for key, hour in hour_of_key.items()], run, now)
-    by_table: dict[str, list[str]] = defaultdict(list)
+    by_table: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        by_table[row["event_table"]].append(row["message_id"])
-    for table, message_ids in sorted(by_table.items()):
-        label = f"reconciliation: re-send {len(message_ids)} events {name} does not hold"
+        by_table[row["event_table"]].append(row)
+    for table, lost in sorted(by_table.items()):
+        label = f"reconciliation: re-send {len(lost)} events {name} does not hold"
         try:
-            delivery = deliver(job, Scope(Partition(table), ids=message_ids, label=label))
+            # Read back by id, pruned on the loaded-at column only where the ledger recorded a load
+            # (events once rejected, held or queued): a delivery does not record one.
+            deliveries = deliver_ids(job, table, lost, label)
         except DeliveryFailed as error:
             report.notes.append(f"re-sending to {name} failed: {error}")
             continue
-        report.notes.append(f"{table}: re-sent {delivery.accepted} of {len(message_ids)} lost events "
+        delivery = DeliveryReport.combine(deliveries, DeliveryReport(name, table, label, mode="replay_rejected"))
+        report.notes.append(f"{table}: re-sent {delivery.accepted} of {len(lost)} lost events "
                             f"({delivery.backfills} through backfills)")
+        report.notes.extend(f"{table}: {note}" for note in delivery.notes)  # how the read was bounded, if at all
         log.info("%s", delivery.render())
     statuses = ledger.status_of(name, list(hour_of_key))
     healed = [key for key in hour_of_key if statuses.get(key) == DELIVERED]

@@ -40,6 +40,7 @@ __all__ = [
     "BQEMULATOR_VENV",
     "BQ_PROJECT",
     "BigQueryEmulator",
+    "EmulatorNotInstalled",
     "EmulatorUnavailable",
     "FakesnowServer",
     "bigquery_connection",
@@ -53,7 +54,12 @@ __all__ = [
 
 
 class EmulatorUnavailable(RuntimeError):
-    """The emulator is not installed here (the message says how to install it)."""
+    """The emulator cannot run here: not installed, or installed but broken (the message says why)."""
+
+
+class EmulatorNotInstalled(EmulatorUnavailable):
+    """The emulator is simply not installed here (the message says how to install it); the test
+    suite skips what needs it. Anything else that stops an emulator is a failure."""
 
 
 def free_port() -> int:
@@ -114,15 +120,19 @@ def fakesnow_server(timeout: float = 30.0) -> Iterator[FakesnowServer]:
     """fakesnow's app under uvicorn with TLS on a loopback port; ``REQUESTS_CA_BUNDLE`` trusts it meanwhile.
 
     Child processes inherit the variable, so a task run in a subprocess reaches the same server."""
-    try:
-        import importlib
+    import importlib
+    import importlib.util
 
+    missing = [name for name in ("fakesnow", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EmulatorNotInstalled(f"{' and '.join(missing)} not installed; run make .venv/.synced")
+    try:
         import uvicorn
 
         # fakesnow.server is both a module (the ASGI app) and a function the package exports.
         fakesnow_app = importlib.import_module("fakesnow.server")
-    except ImportError as error:
-        raise EmulatorUnavailable(f"fakesnow is not installed ({error}); run make .venv/.synced") from error
+    except ImportError as error:  # installed, but broken (e.g. a connector version it cannot drive)
+        raise EmulatorUnavailable(f"fakesnow is installed but does not import: {error}") from error
     directory = Path(tempfile.mkdtemp(prefix="fakesnow-tls-"))
     cert, key = self_signed_certificate(directory)
     port = free_port()
@@ -237,7 +247,7 @@ def bqemulator_server(project: str = BQ_PROJECT, venv: Path = BQEMULATOR_VENV,
     """bqemulator (REST and Storage Read gRPC) on loopback ports, offline, in memory; stopped afterwards."""
     executable = venv / "bin" / "bqemulator"
     if not executable.exists():
-        raise EmulatorUnavailable(f"bqemulator is not installed at {venv} (make .venv-bqemulator/.synced creates it "
+        raise EmulatorNotInstalled(f"bqemulator is not installed at {venv} (make .venv-bqemulator/.synced creates it "
                                   f"from requirements-bqemulator.lock)")
     directory = Path(tempfile.mkdtemp(prefix="bqemulator-"))
     home = bqemulator_home(venv, directory)

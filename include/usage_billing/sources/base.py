@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from usage_billing.sources.layout import Partition, Window
@@ -39,7 +40,12 @@ KnownFilter = Callable[["sa.Table"], "sa.ColumnElement[bool]"]
 @dataclass(frozen=True)
 class ReadRequest:
     """What to read: a partition's window (on ``loaded_at_column``, widened by the window's lookback)
-    or, with ``ids``, those message ids whatever their load time."""
+    or, with ``ids``, those message ids.
+
+    ``loaded_since`` bounds an id read from below on the loaded-at column (rows loaded at or after
+    it), so it prunes like a window: the caller passes the earliest load the ledger recorded for the
+    chosen events (a row loaded again later has a later loaded-at, so the bound never hides the copy
+    that matters). None reads the ids whatever their load time: every partition is scanned."""
 
     partition: Partition
     window: Window | None
@@ -49,6 +55,7 @@ class ReadRequest:
     ids: Sequence[str] | None = None
     # Only for sources whose kind declares ledger_join and that share the ledger's database.
     unknown_to_ledger: KnownFilter | None = None
+    loaded_since: datetime | None = None
 
 
 @dataclass

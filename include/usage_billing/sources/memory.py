@@ -31,6 +31,8 @@ class MemorySource:
         frame = self.tables[request.partition.table]
         if request.ids is not None:
             frame = frame[frame["id"].isin(list(request.ids))]
+            if request.loaded_since is not None:
+                frame = frame[frame[request.loaded_at_column] >= pd.Timestamp(request.loaded_since)]
         else:
             assert request.window is not None
             loaded = frame[request.loaded_at_column]

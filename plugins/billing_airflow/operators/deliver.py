@@ -34,8 +34,8 @@ from usage_billing.destinations.kind import Capabilities
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.settings import ConfigError, Settings, load_settings
 from usage_billing.sources import Partition, Source, Window, kind_for
-from usage_billing.sources.postgres import create_engine, sqlalchemy_url
-from usage_billing.sources.postgres.connection import connection_type
+from usage_billing.sources.postgres import create_engine
+from usage_billing.sources.postgres.connection import connection_type, ledger_url
 
 if TYPE_CHECKING:
     from billing_airflow.hooks.base import BillingApiHook
@@ -64,6 +64,8 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
         raise ConfigError(f"ledger.conn_id: the ledger needs a transactional database with primary keys and locks "
                           f"(PostgreSQL), which {kind.name} is not; point ledger.conn_id at a postgres connection "
                           f"other than source.conn_id {settings.source.conn_id!r}")
+    if not same_connection:
+        ledger_url(settings.ledger.conn_id)  # a ledger connection of the wrong type fails before any read
     source = kind.open(settings)
     try:
         if same_connection:
@@ -77,8 +79,9 @@ def open_warehouse(settings: Settings) -> Iterator[tuple[Source, Ledger]]:
 
 @contextlib.contextmanager
 def open_ledger(settings: Settings) -> Iterator[Ledger]:
-    """The ledger alone, on an engine of its own (closed afterwards)."""
-    engine = create_engine(sqlalchemy_url(settings.ledger.conn_id), [settings.ledger.schema_])
+    """The ledger alone, on an engine of its own (closed afterwards); ``ledger.conn_id`` must be a
+    postgres (or sqlite) connection."""
+    engine = create_engine(ledger_url(settings.ledger.conn_id), [settings.ledger.schema_])
     try:
         yield Ledger(engine, settings.ledger.schema_)
     finally:

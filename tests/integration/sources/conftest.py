@@ -156,7 +156,8 @@ class BigQueryHarness:
     conn_id = "segment_bigquery"
     extra_columns = ("loaded_at",)
 
-    def __init__(self, endpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch, maximum_bytes_billed=None):
+    def __init__(self, endpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                 maximum_bytes_billed: int = 10 * 2**30):
         self.endpoints = endpoints
         self.maximum_bytes_billed = maximum_bytes_billed
         monkeypatch.setenv(f"AIRFLOW_CONN_{self.conn_id.upper()}", json.dumps({

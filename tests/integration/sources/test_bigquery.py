@@ -57,3 +57,30 @@ def test_counts_are_byte_capped_queries_too(loaded, monkeypatch):
     assert loaded.count_rows("edge_events", window, "received_at") == 5
     assert loaded.count_events(request("edge_events", window, ["id"])) == 5
     assert [c.maximum_bytes_billed for c in queries] == [10 * 2**30] * 2
+
+
+def test_an_id_read_with_a_recorded_load_prunes_partitions_and_the_loaded_at_column(loaded, bigquery, monkeypatch):
+    """A read by id (replay, held, queued, lost events) from the earliest load the ledger recorded:
+    the query carries the loaded-at predicate and the _PARTITIONTIME one, so BigQuery scans only the
+    partitions from that day on, and a row loaded again after the bound is read with its later copy."""
+    reloaded = {**ROWS[1], "small": 100, "received_at": T0 + timedelta(hours=2)}
+    bigquery.insert(loaded.schema, "edge_events", [n for n, _ in EDGE_COLUMNS], [reloaded])
+    queries = []
+    query = loaded.client.query
+    monkeypatch.setattr(loaded.client, "query", lambda sql, job_config: queries.append((sql, job_config))
+                        or query(sql, job_config=job_config))
+    since = T0 + timedelta(minutes=3)
+    frame = combined(list(loaded.read(request("edge_events", None, ["id", "small", "received_at"],
+                                              ids=["m0", "m1", "m4"], loaded_since=since))))
+    assert list(frame["id"]) == ["m1", "m4"], "m0 was loaded only before the bound"
+    assert list(frame["small"]) == [100, 4], "m1's later load is the copy read"
+    (sql, config), = queries
+    assert "`id` IN UNNEST(@ids)" in sql
+    assert "`received_at` >= @scan_start" in sql and "_PARTITIONTIME >= TIMESTAMP_TRUNC(@scan_start_ts, DAY)" in sql
+    assert {p.name: p.value for p in config.query_parameters if p.name != "ids"} == {
+        "scan_start": since, "scan_start_ts": since}
+    assert config.maximum_bytes_billed == 10 * 2**30
+
+    queries.clear()
+    assert len(combined(list(loaded.read(request("edge_events", None, ["id"], ids=["m0", "m1", "m4"]))))) == 3
+    assert "_PARTITIONTIME" not in queries[0][0], "without a bound nothing prunes (what the summary then says)"

@@ -145,6 +145,31 @@ def test_replay_reads_ids_whatever_their_load_time(sample, reference, monkeypatc
     assert_same_frames(frame, want)
 
 
+def test_an_id_read_from_a_recorded_load_skips_older_copies_and_finds_a_row_loaded_again_later(sample, reference):
+    """``loaded_since`` (the earliest load the ledger recorded for chosen ids) prunes an id read on the
+    loaded-at column: ids loaded only before it are not read, a row loaded again after it is, with
+    its later copy. The same frames as the PostgreSQL reader."""
+    source, rows = sample
+    copies: dict[str, list] = {}
+    for row in rows["api_call"]:
+        copies.setdefault(row["id"], []).append(row["uuid_ts"])
+    since = START + timedelta(hours=5)
+    resynced = sorted(i for i, loads in copies.items() if min(loads) < since <= max(loads))[:5]
+    before = sorted(i for i, loads in copies.items() if max(loads) < since)[:5]
+    assert resynced and before, "the sample holds rows loaded again after the bound, and rows loaded only before"
+    ids = [*resynced, *before]
+    columns = ["id", "uuid_ts", "latency_ms"]
+    req = request("api_call", None, columns, loaded_at="uuid_ts", ids=ids, loaded_since=since)
+    frame = combined(read(source, req))
+    assert sorted(frame["id"]) == resynced, "nothing loaded only before the bound; every row loaded again after it"
+    assert dict(zip(frame["id"], frame["uuid_ts"], strict=True)) == {
+        i: pd.Timestamp(max(copies[i])) for i in resynced}, "the later load is the copy read"
+    assert_same_frames(frame, combined(read(reference, req)))
+    assert source.count_events(req) == len(resynced)
+    unbounded = combined(read(source, request("api_call", None, columns, loaded_at="uuid_ts", ids=ids)))
+    assert sorted(unbounded["id"]) == sorted(ids), "without the bound every id is read"
+
+
 def test_missing_table_is_none(sample):
     source, _ = sample
     assert source.table_columns("no_such_event") is None

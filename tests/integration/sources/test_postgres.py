@@ -92,6 +92,37 @@ def test_replay_reads_ids_whatever_their_load_time(source):
     assert sorted(frame["id"]) == sorted(set(ids))
 
 
+def test_an_id_read_with_a_recorded_load_carries_the_loaded_at_predicate_and_finds_a_later_load(source, monkeypatch):
+    """A read by id from the earliest load the ledger recorded (``loaded_since``): the statement sent
+    bounds the loaded-at column, an id loaded only before the bound is not read, and a row loaded
+    again after it is read with its later copy (PostgreSQL by COPY, SQLite by cursor)."""
+    from usage_billing.sources.postgres import reader
+
+    engine, schema = source
+    table = sample_data.event_table(sa.MetaData(), schema, "api_call")
+    with engine.begin() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(table.c.received_at).limit(3))]
+        again = {**rows[1], "received_at": NOW + timedelta(hours=1), "latency_ms": 123_456}
+        conn.execute(table.insert(), [again])
+    since = rows[1]["received_at"]
+    sent: list[str] = []
+    for name in ("_read_by_copy", "_read_by_cursor"):
+        def recorded(conn, statement, *args, _read=getattr(reader, name)):
+            query = statement if isinstance(statement, sa.Select) else sa.select(statement)
+            sent.append(str(query.compile(dialect=conn.dialect)))
+            return _read(conn, statement, *args)
+        monkeypatch.setattr(reader, name, recorded)
+    ids = [r["id"] for r in rows]
+    with engine.connect() as conn:
+        frame = pd.concat(read_events(conn, schema, ReadRequest(Partition("api_call"), None,
+                                                                ["id", "received_at", "latency_ms"], "received_at",
+                                                                100, ids, loaded_since=since)))
+    assert len(sent) == 1 and "received_at >=" in sent[0], sent
+    assert sorted(frame["id"]) == sorted(ids[1:]), "the id loaded only before the bound is not read"
+    latest = frame.set_index("id").loc[ids[1]]
+    assert latest["latency_ms"] == 123_456 and latest["_copies"] == 2, "the later load is the copy read"
+
+
 EDGE_ROWS = [
     # id, text, integer, big integer, float, boolean, timestamptz, naive timestamp, copies
     ("a", "plain", 1, 2**63 - 1, 1.5, True, datetime(2026, 11, 20, 6, 30, 1, 123456, tzinfo=UTC),

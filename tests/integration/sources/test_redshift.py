@@ -53,6 +53,11 @@ def test_every_statement_the_source_sends_is_redshift_sql(loaded):
     for bucket in range(2):
         list(loaded.read(request("edge_events", window, ["id"], partition=Partition("edge_events", bucket, 2))))
     list(loaded.read(request("edge_events", None, ["id"], ids=["m1", "m2"])))
+    bounded = combined(list(loaded.read(request("edge_events", None, ["id"], ids=["m1", "m2"],
+                                                loaded_since=T0 + timedelta(minutes=5)))))
+    assert list(bounded["_copies"]) == [1, 1], "only the loads since the bound (m1 at 5 min, m2 at 6)"
+    assert any(s.startswith("DECLARE ") and "\"id\" IN (" in s and "\"received_at\" >= '2026-11-20T06:05:00'" in s
+               for s in loaded.statements), "an id read from a recorded load bounds the loaded-at column"
     loaded.count_rows("edge_events", window, "received_at")
     loaded.count_events(request("edge_events", window, ["id"]))
 
@@ -63,8 +68,12 @@ def test_every_statement_the_source_sends_is_redshift_sql(loaded):
         parse_as_redshift(statement)
     functions = {f.sql_name() if not isinstance(f, exp.Anonymous) else f.name.upper()
                  for s in statements if not CURSOR.match(s) for f in parse_as_redshift(s).find_all(exp.Func)}
-    # Only functions Redshift has (CAST from the driver rendering timestamps as literals).
-    assert functions <= {"COUNT", "ROW_NUMBER", "ABS", "MOD", "FNV_HASH", "CAST", "AND"}, functions
+    # Only functions Redshift has (CAST from the driver rendering timestamps as literals; sqlglot names
+    # version() CURRENT_VERSION).
+    assert functions <= {"COUNT", "ROW_NUMBER", "ABS", "MOD", "FNV_HASH", "CAST", "AND", "CURRENT_VERSION"}, functions
+    assert "SELECT version()" in statements and not any("pg_last_query_id" in s for s in statements), \
+        "PostgreSQL is not Redshift: no query id asked for"
+    assert loaded.cost.query_ids == [] and loaded.cost.rows_scanned
 
 
 def test_the_parse_check_can_fail():
@@ -77,3 +86,46 @@ def test_a_read_stopped_early_leaves_the_connection_usable(loaded):
     assert len(next(reader)) == 1
     reader.close()  # the consumer stopped: the transaction (and the cursor) is rolled back
     assert loaded.count_rows("edge_events", Window(T0, T0 + timedelta(hours=1)), "received_at") == 9
+
+
+@pytest.fixture
+def posing_as_redshift(redshift, pg_url):
+    """A PostgreSQL session whose ``version()`` names Redshift and which has a ``pg_last_query_id()``
+    (numbered by a sequence): schema functions found before pg_catalog on the search path."""
+    import psycopg2
+
+    shim = f"as_redshift_{uuid.uuid4().hex[:8]}"
+    with redshift.connect() as conn, conn.cursor() as cursor:
+        cursor.execute(f'CREATE SCHEMA "{shim}"')
+        cursor.execute(f'CREATE SEQUENCE "{shim}".query_ids START 4201')
+        cursor.execute(f"CREATE FUNCTION \"{shim}\".version() RETURNS text LANGUAGE sql AS "
+                       f"$$ SELECT 'PostgreSQL 8.0.2 on i686-pc-linux-gnu, Redshift 1.0.77467'::text $$")
+        cursor.execute(f"CREATE FUNCTION \"{shim}\".pg_last_query_id() RETURNS integer LANGUAGE sql AS "
+                       f"$$ SELECT nextval('\"{shim}\".query_ids')::integer $$")
+    connection = psycopg2.connect(**redshift.dsn, options=f"-c search_path={shim},pg_catalog,public")
+    yield connection
+    connection.close()
+    with redshift.connect() as conn, conn.cursor() as cursor:
+        cursor.execute(f'DROP SCHEMA "{shim}" CASCADE')
+
+
+def test_on_redshift_each_query_reports_its_query_id_for_the_summary(redshift, posing_as_redshift):
+    """EMULATED: PostgreSQL posing as Redshift (see the fixture). Proves the source asks
+    PG_LAST_QUERY_ID() after each query once version() names Redshift and puts the ids in the task
+    summary's warehouse line; not what a live Redshift answers."""
+    from usage_billing.sources.redshift import KIND
+    from usage_billing.sources.redshift.reader import RedshiftSource
+
+    schema = f"prod_{uuid.uuid4().hex[:8]}"
+    redshift.create(schema, "edge_events", EDGE_COLUMNS)
+    redshift.insert(schema, "edge_events", [n for n, _ in EDGE_COLUMNS], ROWS)
+    source = RedshiftSource(posing_as_redshift, schema, KIND)
+    window = Window(T0, T0 + timedelta(hours=1))
+    assert len(combined(list(source.read(request("edge_events", window, ["id"], chunk_size=2))))) == 4
+    assert source.count_rows("edge_events", window, "received_at") == 9
+    assert source.is_redshift()
+    assert source.cost.query_ids == ["4201", "4202"], "one id per query: the read and the count"
+    assert "query ids 4201, 4202" in source.cost.render()
+    asked = [s for s in source.statements if "pg_last_query_id" in s]
+    assert len(asked) == 2 and all(isinstance(parse_as_redshift(s), exp.Select) for s in asked)
+    source.close()

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from tests.unit.delivery.conftest import NOW, PARTITION, WINDOW, events
 from usage_billing.delivery import DeliveryFailed, deliver_window, replace_window, replay_rejected, send_queued, sweep
+from usage_billing.delivery.runs import LOADED_SINCE_MARGIN, loaded_since
 from usage_billing.sources import Partition, Window
 
 
@@ -215,10 +216,10 @@ def test_replay_resends_fixed_rejections_under_their_original_keys(core):
     rejected = {k for k, s in core.statuses().items() if s == "rejected"}
     assert len(rejected) == 5
     fixed = frame.copy()
-    fixed.loc[fixed.index[:5], "user_id"] = "cus_fixed"
-    fixed.loc[fixed.index[:5], "received_at"] = NOW - timedelta(days=30)  # loaded long before any window
+    fixed.loc[fixed.index[:5], "user_id"] = "cus_fixed"  # fixed in place: same load, same loaded-at
     core.source.tables["api_call"] = fixed
-    report = replay_rejected(core.job("replay"), "api_call", "customer")
+    # A month later: the rows are far behind any window, found by id (from their recorded load on).
+    report = replay_rejected(core.job("replay", now=lambda: NOW + timedelta(days=30)), "api_call", "customer")
     assert report.accepted == 5 and rejected <= set(core.sender.held)
     assert all(core.sender.held[k]["external_customer_id"] == "cus_fixed" for k in rejected)
     assert set(core.statuses().values()) == {"delivered"}
@@ -325,3 +326,74 @@ def test_rejected_and_held_events_keep_their_customer_in_the_ledger(core):
     assert {r.idempotency_key: r.customer_id for r in rows} == {r.idempotency_key: customer[r.idempotency_key]
                                                                 for r in rows}
     assert {r.customer_id for r in rows if r.status == "held"} == {"cus_7"}
+
+
+def recording_reads(core) -> list:
+    """Every ReadRequest the core sends the source from now on."""
+    requests, read = [], core.source.read
+    core.source.read = lambda request: requests.append(request) or read(request)
+    return requests
+
+
+def test_queued_events_are_read_back_from_the_earliest_load_the_ledger_recorded_and_a_reload_is_found(core):
+    """Issue 12 cost guard: the backfill task reads its queue by id, pruned on the loaded-at column
+    from the ledger's row_loaded_at; a row loaded again since (later loaded-at) is still the one sent."""
+    old = late_rows(2)
+    old["received_at"] = [NOW - timedelta(minutes=50 - i) for i in range(len(old))]
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], old], ignore_index=True)
+    job = core.job(backfill_per_run=True)
+    deliver_window(job, PARTITION, WINDOW)
+    assert {s for k, s in core.statuses().items() if k in set(old["id"])} == {"queued"}
+    reloaded = old.iloc[[0]].copy()
+    reloaded["received_at"], reloaded["amount"] = NOW - timedelta(minutes=5), 6  # loaded again, changed upstream
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], reloaded], ignore_index=True)
+
+    requests = recording_reads(core)
+    sent = send_queued(job)
+    by_id = [r for r in requests if r.ids is not None]
+    assert len(by_id) == 2, "one read per UTC day of the queue"
+    days = old.groupby(old["timestamp"].dt.date)["received_at"].min()
+    assert sorted(r.loaded_since for r in by_id) == sorted(t - LOADED_SINCE_MARGIN for t in days), \
+        "each day's read starts at the earliest load recorded for its events"
+    assert sent.accepted == len(old) and set(core.statuses().values()) == {"delivered"}
+    assert core.sender.held[reloaded["id"].iloc[0]]["properties"]["amount"] == 6, "the later load was sent"
+    assert any("read from rows loaded since" in note for note in sent.notes)
+
+
+def test_held_events_coming_due_are_read_back_from_their_recorded_load(core):
+    future = events(3, start=NOW + timedelta(hours=2), prefix="future")
+    future["received_at"] = NOW - timedelta(minutes=10)
+    core.source.tables["api_call"] = pd.concat([core.source.tables["api_call"], future], ignore_index=True)
+    deliver_window(core.job(), PARTITION, WINDOW)
+    requests = recording_reads(core)
+    later = NOW + timedelta(hours=3)
+    deliver_window(core.job("later", now=lambda: later), PARTITION, Window(later - timedelta(hours=1), later))
+    (by_id,) = [r for r in requests if r.ids is not None]
+    assert sorted(by_id.ids) == sorted(future["id"])
+    assert by_id.loaded_since == NOW - timedelta(minutes=10) - LOADED_SINCE_MARGIN
+
+
+def test_a_replay_of_rejections_recorded_without_a_load_reads_unpruned_and_says_so(core):
+    frame = core.source.tables["api_call"].copy()
+    frame.loc[frame.index[:5], "user_id"] = pd.NA
+    core.source.tables["api_call"] = frame
+    deliver_window(core.job(), PARTITION, WINDOW)
+    t = core.ledger.table.c
+    with core.ledger.engine.begin() as conn:  # as a ledger row written before revision 0007
+        conn.execute(core.ledger.table.update().where(t.idempotency_key == frame["id"].iloc[0])
+                     .values(row_loaded_at=None))
+    requests = recording_reads(core)
+    report = replay_rejected(core.job("replay"), "api_call")
+    (by_id,) = [r for r in requests if r.ids is not None]
+    assert by_id.loaded_since is None, "one unknown load: no bound is sound"
+    assert any("1 of 5 chosen events have no loaded-at in the ledger" in note for note in report.notes)
+    assert "note: 1 of 5 chosen events" in report.render()
+
+
+@pytest.mark.parametrize(("loads", "expected"), [
+    ([NOW, NOW - timedelta(hours=1)], NOW - timedelta(hours=1) - LOADED_SINCE_MARGIN),
+    ([NOW, None], None),
+    ([], None),
+], ids=["earliest less the margin", "one unknown", "none"])
+def test_loaded_since_is_the_earliest_recorded_load_or_none(loads, expected):
+    assert loaded_since(loads) == expected

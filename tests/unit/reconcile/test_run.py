@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from tests.unit.delivery.conftest import NOW, events, settings
 from usage_billing.delivery import DeliveryJob, deliver_window
+from usage_billing.delivery.runs import LOADED_SINCE_MARGIN
 from usage_billing.destinations import get_destination
 from usage_billing.ledger import Ledger, RunRef
 from usage_billing.reconcile import Checking, reconcile
@@ -140,3 +141,36 @@ def test_a_sample_is_drawn_by_the_given_generator(ledger):
     first = run(ledger, sender, source, sample_hours=1, rng=random.Random(3))
     second = run(ledger, sender, source, run="rec-2", sample_hours=1, rng=random.Random(3))
     assert [x.hour for x in first.checked_hours] == [x.hour for x in second.checked_hours]
+
+
+def reads_of(source: MemorySource) -> list:
+    requests, read = [], source.read
+    source.read = lambda request: requests.append(request) or read(request)
+    return requests
+
+
+def test_a_lost_event_that_was_queued_is_read_back_from_its_recorded_load(ledger):
+    """Healing reads lost events by id: pruned on the loaded-at column where the ledger recorded a load
+    (an event once queued, held or rejected), unbounded otherwise, and the report says which."""
+    start = NOW - timedelta(days=2)
+    source, sender = delivered_world(ledger, start=start, count=120)  # past the grace period: queued first
+    sender.lose("m00005")
+    requests = reads_of(source)
+    report = run(ledger, sender, source, start=start, sample_hours=0)
+    assert report.healed == 1
+    by_id = [r for r in requests if r.ids is not None]
+    loaded = source.tables["api_call"].set_index("id").loc["m00005", "received_at"]
+    # Read back to heal it, then (still past the grace period, queued again) into its backfill.
+    assert [(r.ids, r.loaded_since) for r in by_id] == [(["m00005"], loaded - LOADED_SINCE_MARGIN)] * 2
+    assert any("read from rows loaded since" in note for note in report.notes)
+
+
+def test_a_lost_event_delivered_live_is_read_back_unbounded_and_the_report_says_so(ledger):
+    source, sender = delivered_world(ledger)
+    sender.lose("m00130")
+    requests = reads_of(source)
+    report = run(ledger, sender, source, sample_hours=0)
+    assert report.healed == 1
+    (by_id,) = [r for r in requests if r.ids is not None]
+    assert by_id.loaded_since is None, "a delivery records no loaded-at: nothing sound bounds the read"
+    assert "api_call: 1 of 1 chosen events have no loaded-at in the ledger" in report.render()

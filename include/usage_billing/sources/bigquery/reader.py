@@ -12,8 +12,10 @@ So the source reads the tables, not the views, with one query per read that
   in a partition older than the window's first day (``_PARTITIONTIME >= TIMESTAMP_TRUNC(scan_start)``);
 * filters the window on the loaded-at column and keeps the most recently loaded copy of each id
   (``QUALIFY ROW_NUMBER()``), counting copies (``COUNT(*) OVER``), so duplicates never leave BigQuery;
-* carries ``maximum_bytes_billed`` (``source.maximum_bytes_billed``): BigQuery refuses a query that
-  would bill more, instead of billing it;
+* reads chosen ids (a replay, held or queued events) from the earliest load the ledger recorded for
+  them (``ReadRequest.loaded_since``), pruned the same way;
+* carries ``maximum_bytes_billed`` (``source.maximum_bytes_billed``, 100 GiB unless set): BigQuery refuses
+  a query that would bill more, instead of billing it, and the task fails naming the setting;
 * writes its result to a table in the results dataset (``CREATE TABLE ... AS``, expiring after a day)
   that the Storage Read API then streams as Arrow: the REST ``tabledata.list`` path builds JSON rows
   and is tens of times slower. The table is dropped after the read.
@@ -47,11 +49,24 @@ def quote(name: str) -> str:
     return f"`{name}`"
 
 
+class BytesBilledExceeded(RuntimeError):
+    """BigQuery refused a query that would bill more than ``source.maximum_bytes_billed``."""
+
+
+def _over_the_cap(error: Exception) -> bool:
+    """Whether BigQuery refused a job for the byte cap (error reason ``bytesBilledLimitExceeded``)."""
+    reasons = {str(e.get("reason")) for e in getattr(error, "errors", None) or [] if isinstance(e, dict)}
+    return "bytesBilledLimitExceeded" in reasons or "exceeded limit for bytes billed" in str(error).lower()
+
+
 class BigQuerySource:
     """The BigQuery source over a REST client (queries) and a Storage Read client (results)."""
 
     def __init__(self, client: Any, read_client: Any, dataset: str, results_dataset: str,
-                 maximum_bytes_billed: int | None = None, kind: SourceKind | None = None):
+                 maximum_bytes_billed: int, kind: SourceKind | None = None):
+        if not isinstance(maximum_bytes_billed, int) or maximum_bytes_billed < 1:
+            raise ValueError(f"source.maximum_bytes_billed: every BigQuery query carries a byte cap; "
+                             f"got {maximum_bytes_billed!r}, expected a positive number of bytes")
         self.client = client
         self.read_client = read_client
         self.schema = check_identifier(dataset, "source dataset")
@@ -154,7 +169,17 @@ class BigQuerySource:
 
         config = bigquery.QueryJobConfig(query_parameters=params, maximum_bytes_billed=self.maximum_bytes_billed)
         job = self.client.query(sql, job_config=config)
-        rows = job.result()
+        try:
+            rows = job.result()
+        except Exception as error:
+            if _over_the_cap(error):
+                raise BytesBilledExceeded(
+                    f"BigQuery refused job {job.job_id}: it would bill more than source.maximum_bytes_billed = "
+                    f"{self.maximum_bytes_billed} bytes ({self.maximum_bytes_billed / 2**30:.1f} GiB); nothing was "
+                    f"billed. Check that the query prunes (a read by id without a recorded load, a long sweep "
+                    f"horizon or lookback reads more partitions), then raise source.maximum_bytes_billed if the "
+                    f"scan is expected. BigQuery said: {error}") from error
+            raise
         self.cost.add(bytes_processed=job.total_bytes_processed, query_id=job.job_id)
         log.debug("bigquery job %s: %s bytes processed", job.job_id, job.total_bytes_processed)
         return rows
@@ -178,14 +203,26 @@ class BigQuerySource:
             scope, params = _window_scope(table, request.window, request.loaded_at_column)
             yield scope + bucket, params + bucket_params
             return
+        since, since_params = "", []
+        if request.loaded_since is not None:
+            # Chosen ids loaded since a known time: pruned like a window (partitions and loaded-at).
+            scope, since_params = _loaded_scope(table, request.loaded_at_column, request.loaded_since)
+            since = f" AND {scope}"
         ids = list(dict.fromkeys(request.ids))
         for start in range(0, len(ids), IDS_PER_QUERY):
             batch = bigquery.ArrayQueryParameter("ids", "STRING", ids[start:start + IDS_PER_QUERY])
-            yield "`id` IN UNNEST(@ids)" + bucket, [batch, *bucket_params]
+            yield "`id` IN UNNEST(@ids)" + since + bucket, [batch, *since_params, *bucket_params]
 
 
 def _window_scope(table: Any, window: Window, loaded_at_column: str) -> tuple[str, list]:
     """The window on the loaded-at column, plus partition pruning where the table allows it."""
+    return _loaded_scope(table, loaded_at_column, window.scan_start, window.end)
+
+
+def _loaded_scope(table: Any, loaded_at_column: str, since: datetime, until: datetime | None = None
+                  ) -> tuple[str, list]:
+    """Rows loaded in ``[since, until)`` (``until`` None: no upper bound), plus partition pruning
+    where the table allows it."""
     from google.cloud import bigquery
 
     fields = {field.name.lower(): field for field in table.schema}
@@ -197,19 +234,19 @@ def _window_scope(table: Any, window: Window, loaded_at_column: str) -> tuple[st
                          f"not a timestamp")
     kind = field.field_type
     column = quote(field.name)
-    scope = f"{column} >= @scan_start AND {column} < @end"
+
+    def value(bound: datetime) -> datetime:
+        bound = bound.astimezone(UTC)
+        return bound.replace(tzinfo=None) if kind == "DATETIME" else bound  # a zone-less column holds UTC wall time
+
+    scope = f"{column} >= @scan_start"
+    params = [bigquery.ScalarQueryParameter("scan_start", kind, value(since))]
+    if until is not None:
+        scope += f" AND {column} < @end"
+        params.append(bigquery.ScalarQueryParameter("end", kind, value(until)))
     partitioning = table.time_partitioning
     if partitioning is not None and partitioning.field is None:
         # Ingestion-time partitions (Segment's): a row is ingested after it was staged or received.
         scope += " AND _PARTITIONTIME >= TIMESTAMP_TRUNC(@scan_start_ts, DAY)"
-    start, end = window.scan_start.astimezone(UTC), window.end.astimezone(UTC)
-    if kind == "DATETIME":  # a zone-less column holds UTC wall time
-        start_value: datetime = start.replace(tzinfo=None)
-        end_value: datetime = end.replace(tzinfo=None)
-    else:
-        start_value, end_value = start, end
-    params = [bigquery.ScalarQueryParameter("scan_start", kind, start_value),
-              bigquery.ScalarQueryParameter("end", kind, end_value)]
-    if "_PARTITIONTIME" in scope:
-        params.append(bigquery.ScalarQueryParameter("scan_start_ts", "TIMESTAMP", start))
+        params.append(bigquery.ScalarQueryParameter("scan_start_ts", "TIMESTAMP", since.astimezone(UTC)))
     return scope, params

@@ -13,8 +13,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from usage_billing.naming import check_identifier
+from usage_billing.settings_base import ConfigError
 
 POSTGRES_TYPES = ("postgres", "postgresql", "redshift")
+# What the ledger may live on: it needs transactions, advisory locks and enforced primary keys. A
+# redshift connection speaks PostgreSQL's protocol but Redshift enforces no keys and has no advisory
+# locks; Snowflake and BigQuery have neither. SQLite only for the embedded demo (one machine).
+LEDGER_TYPES = ("postgres", "postgresql", "sqlite")
 
 
 def sqlalchemy_url(conn_id: str) -> sa.URL:
@@ -33,6 +38,18 @@ def sqlalchemy_url(conn_id: str) -> sa.URL:
         return sa.URL.create("sqlite", database=conn.host or conn.schema)
     raise ValueError(f"connection {conn_id!r}: conn_type {conn.conn_type!r} is not a SQL database this project "
                      f"reads (use postgres, or sqlite for the embedded warehouse)")
+
+
+def ledger_url(conn_id: str) -> sa.URL:
+    """The SQLAlchemy URL of the ledger's connection (``ledger.conn_id``), refused unless it is a
+    postgres (or, for the demo, sqlite) connection."""
+    conn_type = connection_type(conn_id)
+    if conn_type not in LEDGER_TYPES:
+        raise ConfigError(f"ledger.conn_id: connection {conn_id!r} is of type {conn_type or '(none)'!r}; the ledger "
+                          f"needs a postgres connection (sqlite only for the embedded demo): it relies on "
+                          f"transactions, advisory locks and enforced primary keys, which Redshift, Snowflake and "
+                          f"BigQuery do not provide (a warehouse is only read)")
+    return sqlalchemy_url(conn_id)
 
 
 def connection_type(conn_id: str) -> str:

@@ -12,6 +12,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -49,7 +50,7 @@ def read_events(conn: Connection, schema: str, request: ReadRequest, *, copy: bo
     Duplicate rows (same ``id``, loaded twice) are collapsed to the most recently loaded copy;
     the ``_copies`` column says how many copies the window held, so duplicates can be counted.
     Timestamp columns come back as UTC-aware pandas timestamps on every dialect. With ``ids``
-    (a replay of rejected events) those rows are read whatever their load time.
+    (a replay, held or queued events) those rows are read, loaded since ``loaded_since`` when given.
     ``unknown_to_ledger`` adds the ledger filter (leave out what was delivered) to the query. On PostgreSQL, with
     ``copy`` and columns of plain types, rows are streamed by ``COPY`` (:func:`_read_by_copy`).
     """
@@ -206,13 +207,16 @@ def _converter(sql_type: sa.types.TypeEngine):
 
 
 def _scope(conn: Connection, table: sa.Table, request: ReadRequest) -> list[sa.ColumnElement[bool]]:
-    """The rows of a partition: its window on the loaded-at column (or the given ids), its bucket."""
+    """The rows of a partition: its window on the loaded-at column (or the given ids, loaded since
+    ``loaded_since`` when known), its bucket."""
     partition, window = request.partition, request.window
+    loaded_at = table.c[request.loaded_at_column]
     if request.ids is not None:
         conditions = [table.c.id.in_(list(request.ids))]
+        if request.loaded_since is not None:
+            conditions.append(loaded_at >= request.loaded_since.astimezone(UTC))
     else:
         assert window is not None
-        loaded_at = table.c[request.loaded_at_column]
         conditions = [loaded_at >= window.scan_start, loaded_at < window.end]
     if partition.buckets > 1:
         conditions.append(_bucket_expression(conn, table.c.id, partition.buckets) == partition.bucket)

@@ -16,6 +16,10 @@ this source reports (:data:`LARGE_WINDOW_ROWS`) rather than a case for a second 
 The SQL is the subset PostgreSQL and Redshift share (a ``ROW_NUMBER()`` subquery rather than
 ``QUALIFY``), plus Redshift's ``FNV_HASH`` for id buckets; every statement sent is kept in
 :attr:`RedshiftSource.statements` so the tests can parse each one with a Redshift grammar.
+
+Each query's id (``PG_LAST_QUERY_ID()``, asked only when ``version()`` names Redshift) and the rows
+its window matched go to :attr:`RedshiftSource.cost` for the task summary. Unverified against a live
+Redshift: the tests run on PostgreSQL, which has neither.
 """
 
 from __future__ import annotations
@@ -68,11 +72,33 @@ class RedshiftSource:
         self.cost = QueryCost()
         self.statements: list[str] = []
         self._tables: dict[str, dict[str, str] | None] = {}
+        self._redshift: bool | None = None
 
     def _execute(self, cursor: Any, sql: str, params: dict | None = None) -> None:
         statement = cursor.mogrify(sql, params)
         self.statements.append(statement.decode() if isinstance(statement, bytes) else statement)
         cursor.execute(sql, params)
+
+    def is_redshift(self) -> bool:
+        """Whether the server is Redshift (its ``version()`` says so), asked once: the tests run this
+        source on PostgreSQL, which has no query ids to report."""
+        if self._redshift is None:
+            with self.connection.cursor() as cursor:
+                self._execute(cursor, "SELECT version()")
+                (version,) = cursor.fetchone()
+            self.connection.rollback()
+            self._redshift = "redshift" in str(version).lower()
+        return self._redshift
+
+    def _query_id(self, cursor: Any) -> str | None:
+        """The id Redshift gave the last query that ran on the compute nodes (``PG_LAST_QUERY_ID()``;
+        -1 when none did), for the task summary: ``SYS_QUERY_HISTORY`` / ``STL_QUERY`` tell its cost.
+        None on PostgreSQL, which has no such function."""
+        if not self._redshift:
+            return None
+        self._execute(cursor, "SELECT pg_last_query_id()")
+        (query_id,) = cursor.fetchone()
+        return None if query_id is None or int(query_id) < 0 else str(query_id)
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -103,6 +129,7 @@ class RedshiftSource:
     def read(self, request: ReadRequest) -> Iterator[pd.DataFrame]:
         table = request.partition.table
         columns = self._require(table)
+        self.is_redshift()  # asked before the cursor's transaction, which the answer's rollback would end
         wanted = [name for name in dict.fromkeys(request.columns) if name in columns]
         listed = ", ".join(quote(name) for name in wanted)
         for scope, params in self._scopes(columns, request):
@@ -121,13 +148,15 @@ class RedshiftSource:
         # transaction psycopg2 opens): only chunk_size rows are in client memory at a time. psycopg2's own
         # named cursors add "WITHOUT HOLD", which Redshift's DECLARE does not document.
         name = f"usage_billing_{uuid.uuid4().hex[:12]}"
-        copies = 0
+        copies, query_id, asked = 0, None, False
         try:
             with self.connection.cursor() as cursor:
                 self._execute(cursor, f"DECLARE {name} CURSOR FOR {sql}", params)
                 while True:
                     self._execute(cursor, f"FETCH FORWARD {int(chunk_size)} FROM {name}")
                     rows = cursor.fetchall()
+                    if not asked:  # the first FETCH returns once the cursor's query has run
+                        query_id, asked = self._query_id(cursor), True
                     if not rows:
                         break
                     values = list(zip(*rows, strict=True))
@@ -139,7 +168,7 @@ class RedshiftSource:
                 self._execute(cursor, f"CLOSE {name}")
         finally:
             self.connection.rollback()  # ends the transaction, and with it the cursor if a reader stopped early
-            self.cost.add(rows_scanned=copies)
+            self.cost.add(rows_scanned=copies, query_id=query_id)
             if copies > LARGE_WINDOW_ROWS:
                 log.warning("Redshift read of %s matched %d rows: the leader node materialised them all; "
                             "split the window (shorter windows or more id buckets)", table, copies)
@@ -164,11 +193,13 @@ class RedshiftSource:
     # -- helpers --------------------------------------------------------------------------------
 
     def _scalar(self, sql: str, params: dict) -> int:
+        self.is_redshift()
         with self.connection.cursor() as cursor:
             self._execute(cursor, sql, params)
             (value,) = cursor.fetchone()
+            query_id = self._query_id(cursor)
         self.connection.rollback()
-        self.cost.add()
+        self.cost.add(query_id=query_id)
         return int(value)
 
     def _scopes(self, columns: dict[str, str], request: ReadRequest) -> Iterator[tuple[str, dict]]:
@@ -183,11 +214,22 @@ class RedshiftSource:
             scope, params = _window_scope(columns, request.window, request.loaded_at_column)
             yield scope + bucket, params | bucket_params
             return
+        since, since_params = "", {}
+        if request.loaded_since is not None:
+            # Chosen ids loaded since a known time: blocks loaded before it are skipped by zone maps.
+            scope, since_params = _loaded_scope(columns, request.loaded_at_column, request.loaded_since)
+            since = f" AND {scope}"
         for scope, params in ids_in('"id"', request.ids, IDS_PER_QUERY):
-            yield scope + bucket, params | bucket_params
+            yield scope + since + bucket, params | since_params | bucket_params
 
 
 def _window_scope(columns: dict[str, str], window: Window, loaded_at_column: str) -> tuple[str, dict]:
+    return _loaded_scope(columns, loaded_at_column, window.scan_start, window.end)
+
+
+def _loaded_scope(columns: dict[str, str], loaded_at_column: str, since: datetime, until: datetime | None = None
+                  ) -> tuple[str, dict]:
+    """Rows loaded in ``[since, until)`` (``until`` None: no upper bound)."""
     data_type = columns.get(loaded_at_column, "")
     if not data_type.startswith("timestamp"):
         raise ValueError(f"source.loaded_at_column: {loaded_at_column!r} is {data_type or 'missing'}, "
@@ -199,5 +241,8 @@ def _window_scope(columns: dict[str, str], window: Window, loaded_at_column: str
         return value if "with time zone" in data_type else value.replace(tzinfo=None)
 
     column = quote(loaded_at_column)
-    return (f"{column} >= %(scan_start)s AND {column} < %(end)s",
-            {"scan_start": bound(window.scan_start), "end": bound(window.end)})
+    scope, params = f"{column} >= %(scan_start)s", {"scan_start": bound(since)}
+    if until is not None:
+        scope += f" AND {column} < %(end)s"
+        params["end"] = bound(until)
+    return scope, params

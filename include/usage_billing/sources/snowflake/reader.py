@@ -156,7 +156,8 @@ class SnowflakeSource:
         return found
 
     def _scopes(self, table: EventTable, request: ReadRequest) -> Iterator[tuple[str, dict]]:
-        """The WHERE clauses of a request: its window, or its ids in lists of :data:`IDS_PER_QUERY`."""
+        """The WHERE clauses of a request: its window, or its ids in lists of :data:`IDS_PER_QUERY`
+        (loaded since ``loaded_since`` when given)."""
         partition = request.partition
         bucket, bucket_params = "", {}
         if partition.buckets > 1:
@@ -168,8 +169,13 @@ class SnowflakeSource:
             scope, params = _window_scope(table, request.window, request.loaded_at_column)
             yield scope + bucket, params | bucket_params
             return
+        since, since_params = "", {}
+        if request.loaded_since is not None:
+            # Chosen ids loaded since a known time: micro-partitions loaded before it are skipped.
+            scope, since_params = _loaded_scope(table, request.loaded_at_column, request.loaded_since)
+            since = f" AND {scope}"
         for scope, params in ids_in(table.column("id"), request.ids, IDS_PER_QUERY):
-            yield scope + bucket, params | bucket_params
+            yield scope + since + bucket, params | since_params | bucket_params
 
     def _scalar(self, sql: str, params: dict) -> int:
         with self.connection.cursor() as cursor:
@@ -180,12 +186,21 @@ class SnowflakeSource:
 
 
 def _window_scope(table: EventTable, window: Window, loaded_at_column: str) -> tuple[str, dict]:
+    return _loaded_scope(table, loaded_at_column, window.scan_start, window.end)
+
+
+def _loaded_scope(table: EventTable, loaded_at_column: str, since: datetime, until: datetime | None = None
+                  ) -> tuple[str, dict]:
+    """Rows loaded in ``[since, until)`` (``until`` None: no upper bound), bounds cast to the column's type."""
     column = table.column(loaded_at_column)
     sql_type = table.type_of(loaded_at_column)
     if sql_type not in _TIMESTAMP_TYPES:
         raise ValueError(f"source.loaded_at_column: {table.qualified}.{column} is {sql_type}, not a timestamp")
-    return (f"{column} >= %(scan_start)s::{sql_type} AND {column} < %(end)s::{sql_type}",
-            {"scan_start": _bound(window.scan_start), "end": _bound(window.end)})
+    scope, params = f"{column} >= %(scan_start)s::{sql_type}", {"scan_start": _bound(since)}
+    if until is not None:
+        scope += f" AND {column} < %(end)s::{sql_type}"
+        params["end"] = _bound(until)
+    return scope, params
 
 
 def _event_table(rows: Sequence[tuple], schema: str, table: str) -> EventTable | None:
