@@ -69,8 +69,8 @@ def test_make_run_on_an_emulated_warehouse_delivers_the_window_exactly_once_and_
 
     # The rows the demo loaded (same seed, same load time) and the window its one run scanned.
     first_hour = datetime.fromisoformat(sample["first_hour"])
-    rows = sample_data.generate_rows(first_hour - timedelta(hours=6), 7, 10, seed=7,
-                                     now=datetime.fromisoformat(sample["created_at"]))
+    rows = sample_data.generate_rows(sample_data.Sample(first_hour - timedelta(hours=6), 7, 10, seed=7,
+                                                        now=datetime.fromisoformat(sample["created_at"])))
     scanned = {row["id"]: row for batch in rows.values() for row in batch
                if first_hour - timedelta(hours=6) <= row[LOADED_AT[warehouse]] < first_hour + timedelta(hours=1)}
     deliverable = {i for i, row in scanned.items() if row["user_id"]}
