@@ -410,6 +410,8 @@ class LocalAirflow:
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             # LocalExecutor starts this many worker processes up front; 4 suits a 2-core laptop.
             "AIRFLOW__CORE__PARALLELISM": "4",
+            # As docker-compose.yaml: shorter waits between a run's tasks (README, Performance).
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{options.username}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.metadata_url.render_as_string(False),

@@ -328,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the DAG run goes through Airflow: a scheduler with a LocalExecutor and its "
                              "api-server and dag-processor, started once per latency (default; how a deployment "
                              "runs it), or `airflow dags test` in a child process per run")
-    parser.add_argument("--scheduler-idle-sleep", type=float, default=None,
-                        help="[scheduler] scheduler_idle_sleep_time of the scheduler runner, in seconds (default: "
-                             "Airflow's, 1 s): how long an idle scheduler loop sleeps, a wait between tasks")
+    parser.add_argument("--scheduler-idle-sleep", type=float, default=0.2,
+                        help="[scheduler] scheduler_idle_sleep_time of the scheduler runner, in seconds: how long "
+                             "an idle scheduler loop sleeps, a wait between tasks (default 0.2, as "
+                             "docker-compose.yaml and make airflow set it; Airflow's own default is 1)")
     parser.add_argument("--parallelism", type=int, default=8,
                         help="core.parallelism of the scheduler runner: task processes at once (default 8)")
     parser.add_argument("--partitions-per-table", type=int, default=1,
