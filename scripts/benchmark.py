@@ -357,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity-seconds", type=float, default=3.0,
                         help="how long to hammer the sandbox to measure its capacity (0 = skip)")
     parser.add_argument("--skip-floor", action="store_true", help="do not measure the floor")
+    parser.add_argument("--floor-concurrency", type=int, default=None,
+                        help="requests in flight for the floor (default: as many as the DAG run has in flight "
+                             "at once: --concurrency times the deliver tasks the scheduler runs side by side; "
+                             "--concurrency with --runner dags-test or --core-only)")
     parser.add_argument("--sandbox-reset", action=argparse.BooleanOptionalAction, default=True,
                         help="make the sandbox forget accepted events between partitions so its own memory "
                              "and GC stay small (default on; dedup is the ledger's job)")
@@ -827,6 +831,7 @@ class FloorResult:
     read_seconds: float = 0.0
     serialise_seconds: float = 0.0
     slot_wait_seconds: float = 0.0
+    concurrency: int = 0
 
 
 def _floor_builder(ctx: Context, columns: list[str]) -> tuple[str, Callable[[tuple], dict | None], str]:
@@ -885,7 +890,7 @@ def run_floor(ctx: Context, sandbox: SandboxProcess) -> FloorResult:
     args = ctx.args
     encode = msgspec.json.Encoder().encode  # the fastest encoder in the lock, in C
     url = sa.make_url(ctx.engine.url)
-    result = FloorResult()
+    result = FloorResult(concurrency=ctx.args.floor_concurrency)
     local = threading.local()
     endpoint = sandbox.url + sandbox.ingest_path
     sessions: list[requests.Session] = []
@@ -908,7 +913,7 @@ def run_floor(ctx: Context, sandbox: SandboxProcess) -> FloorResult:
         try:
             with conn.cursor() as cursor:
                 cursor.execute("SET TIME ZONE 'UTC'")
-            with ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="floor") as pool:
+            with ThreadPoolExecutor(max_workers=args.floor_concurrency, thread_name_prefix="floor") as pool:
                 in_flight: set[Future] = set()
 
                 def submit(batch: list[dict], wrap: str) -> None:
@@ -916,7 +921,7 @@ def run_floor(ctx: Context, sandbox: SandboxProcess) -> FloorResult:
                     body = encode({"events": batch} if wrap == "orb" else batch)
                     result.serialise_seconds += time.perf_counter() - started
                     started = time.perf_counter()
-                    while len(in_flight) >= args.concurrency:
+                    while len(in_flight) >= args.floor_concurrency:
                         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                         for future in done:
                             in_flight.discard(future)
@@ -1146,10 +1151,10 @@ def print_floor(floor: FloorResult, pipeline: PipelineResult | None) -> None:
     print(f"  floor: {u.seconds:.2f} s for {_n(floor.rows)} rows read, {_n(floor.posted)} events posted in "
           f"{_n(floor.requests)} requests ({_n(floor.accepted)} accepted, {_n(floor.skipped)} without a customer "
           f"skipped) = {_rate(floor.rows, u.seconds)} events/s")
-    print(f"    (psycopg2 server-side cursor -> plain dicts -> msgspec (C) -> keep-alive requests sessions, same "
-          f"concurrency, "
-          f"no pandas, no ledger): main thread {floor.read_seconds:.2f} s reading, {floor.serialise_seconds:.2f} s "
-          f"building and serialising, {floor.slot_wait_seconds:.2f} s waiting for a free request slot")
+    print(f"    (psycopg2 server-side cursor -> plain dicts -> msgspec (C) -> keep-alive requests sessions, "
+          f"{floor.concurrency} requests in flight, no pandas, no ledger): main thread {floor.read_seconds:.2f} s "
+          f"reading, {floor.serialise_seconds:.2f} s building and serialising, {floor.slot_wait_seconds:.2f} s "
+          f"waiting for a free request slot")
     print(f"    peak memory {u.peak_hwm_mb:,.0f} MB VmHWM; {u.cpu_line()}")
     if pipeline is not None and floor.posted != pipeline.totals["sent"]:
         print(f"  note: the floor posted {floor.posted} events, the pipeline sent {pipeline.totals['sent']}")
@@ -1319,7 +1324,7 @@ class Rounds:
                 ("  of which deliver tasks (execute)", [r.execute_of("deliver") for r in self.as_run], "s"),
                 ("  of which Airflow's fixed cost (the rest)",
                  [r.seconds - r.execute_of("deliver") for r in self.as_run], "s"),
-                ("  peak memory of the task process (dags test: the whole process)", [r.peak_mb for r in self.as_run],
+                ("  peak memory of a task process (dags test: the one process)", [r.peak_mb for r in self.as_run],
                  "MB"),
                 ("rerun through Airflow (everything delivered)", [r.seconds for r in self.as_run_rerun], "s"),
                 ("  of which deliver tasks (execute)", [r.execute_of("deliver") for r in self.as_run_rerun], "s"),
@@ -1332,7 +1337,9 @@ class Rounds:
         if self.core_rerun:
             rows.append(("core-only rerun", [r.usage.seconds for r in self.core_rerun], "s"))
         if self.floor:
-            rows += [("floor (read + build + msgspec + POST)", [r.usage.seconds for r in self.floor], "s"),
+            in_flight = self.floor[0].concurrency
+            rows += [(f"floor (read + build + msgspec + POST, {in_flight} in flight)",
+                      [r.usage.seconds for r in self.floor], "s"),
                      ("  peak memory (VmHWM)", [r.usage.peak_hwm_mb for r in self.floor], "MB")]
         floor = [r.usage.seconds for r in self.floor]
         if self.as_run and floor:
@@ -1397,6 +1404,12 @@ def main(argv: list[str] | None = None) -> int:
         args.skip_floor = True  # the floor reads PostgreSQL: no yardstick for an emulator's client path
     if args.events < 3:
         raise SystemExit("--events must be at least 3")
+    if args.floor_concurrency is None:
+        # The same requests in flight as the run it is compared with: under the scheduler each
+        # partition's deliver task has --concurrency of its own, all at once.
+        side_by_side = min(args.parallelism, len(TABLES) * args.partitions_per_table)
+        args.floor_concurrency = args.concurrency * (side_by_side if args.runner == "scheduler"
+                                                     and not args.core_only else 1)
     home = Path(tempfile.mkdtemp(prefix="usage-billing-bench-"))
     _airflow_environment(home)
     url = args.database_url or os.environ.get("TEST_DATABASE_URL") or DEFAULT_DATABASE_URL
