@@ -275,3 +275,36 @@ def test_day_counts_findings_and_backfills_of_every_destination(ledger):
     assert [f["destination"] for f in ledger.findings("kable")] == ["kable"]
     assert [b["backfill_id"] for b in ledger.backfill_records()] == ["bf_early", "bf_late"]
     assert ledger.backfill_records("kable") == []
+
+
+def test_a_mark_of_new_keys_records_every_value_as_given_whatever_characters_it_holds(ledger):
+    """Tabs, line breaks and backslashes in a value (array literals and JSON quote them), a NULL
+    against an empty string, a missing timestamp: all arrive unchanged."""
+    keys = ["plain", "tab\there", "line\nbreak", "back\\slash", "\\N", "crlf\r\n", "ünïcode ✓"]
+    customers = ["cus_1", "", None, "c\\d", "\\N", "x\ty", "cus_ü"]
+    names = [None, "api_call", "a\nb", "", "n", "\\", "é"]
+    stamps = [T0, None, T0, T0, T0, T0, T0]
+    run = RunRef("segment_to_orb", "manual__with\ttab\\and\nbreak")
+    ledger.mark_delivered("orb", run, EventRefs(keys, [f"m-{k}" for k in keys], ["api_call"] * len(keys), stamps,
+                                                customer_ids=customers, event_names=names), T0,
+                          Route("backfill", "bf_\\1"))
+    for key, customer, name, stamp in zip(keys, customers, names, stamps, strict=True):
+        stored = row(ledger, key)
+        assert (stored["idempotency_key"], stored["message_id"], stored["customer_id"], stored["event_name"]) == (
+            key, f"m-{key}", customer, name), key
+        assert (stored["status"], stored["attempts"], stored["run_id"], stored["backfill_id"], stored["mode"]) == (
+            "delivered", 1, run.run_id, "bf_\\1", "backfill"), key
+        assert (stored["event_timestamp"] is None) == (stamp is None), key
+        if stamp is not None:
+            assert stored["event_timestamp"].replace(tzinfo=UTC) == stamp, key
+        assert stored["delivered_at"].replace(tzinfo=UTC) == T0, key
+
+
+def test_a_mark_that_meets_a_key_already_in_the_ledger_upserts_the_whole_batch(ledger):
+    reject(ledger, RUN_A, "old", "no external customer ID")
+    deliver(ledger, RUN_B, ["new-1", "old", "new-2"])
+    assert ledger.status_of("orb", ["new-1", "old", "new-2"]) == {
+        "new-1": "delivered", "old": "delivered", "new-2": "delivered"}
+    assert row(ledger, "old")["attempts"] == 2 and row(ledger, "new-1")["attempts"] == 1
+    deliver(ledger, RUN_B, ["new-1"])  # the same keys again: nothing is lost, the attempt counted
+    assert row(ledger, "new-1")["attempts"] == 2
