@@ -113,7 +113,9 @@ def test_the_sweep_delivers_rows_loaded_behind_the_lookback(pg_engine, schemas, 
         with world.engine.begin() as conn:  # rows whose load is older than any hourly run's lookback
             conn.execute(sa.text(
                 f'UPDATE "{world.schema}".api_call SET received_at = received_at - interval \'2 days\' '
-                f"WHERE id IN (SELECT id FROM \"{world.schema}\".api_call WHERE user_id IS NOT NULL LIMIT 7)"))
+                # Seven distinct ids (a duplicated row is two rows of one id), the same seven every time.
+                f"WHERE id IN (SELECT DISTINCT id FROM \"{world.schema}\".api_call WHERE user_id IS NOT NULL "
+                f"ORDER BY id LIMIT 7)"))
             conn.execute(sa.text(f'DELETE FROM "{world.ledger.schema}".deliveries WHERE idempotency_key IN '
                                  f'(SELECT id FROM "{world.schema}".api_call WHERE received_at < :old)'),
                          {"old": world.now - timedelta(days=1)})
