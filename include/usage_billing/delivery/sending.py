@@ -4,10 +4,10 @@ bisection of refused batches, and marking what the destination confirmed."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from usage_billing.delivery.job import DeliveryJob, Scope
 from usage_billing.delivery.pipeline import MARK_EVERY, LedgerWriter
 from usage_billing.delivery.report import DeliveryReport
 from usage_billing.destinations.base import Mapped, Rejection
-from usage_billing.ledger import HELD, QUEUED, REJECTED, RetryRejected, Route, generic_reason
+from usage_billing.ledger import HELD, QUEUED, RetryRejected, Route, generic_reason
 from usage_billing.ledger.store import unchanged_since
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,15 @@ class Sending:
         """Record the chunk's rejections and send its events (those the ledger does not already
         have, unless the extraction query already left those out: ``filtered``)."""
         retry = self.job.retry_for(scope)
-        if retry is RetryRejected.RELOADED and rejections:
-            rejections = self.unless_rejected_before(rejections)
+        before = self.rejected_before(rejections)
+        if retry is RetryRejected.RELOADED and before:
+            # A rejection of the same load of its row is settled: skipped, not marked again (where
+            # the ledger filter runs inside the extraction query such rows are not even read).
+            news = [r for r in rejections if not unchanged_since(before.get(r.key), r.loaded_at)]
+            self.report.already_delivered += len(rejections) - len(news)
+            rejections = news
         self.report.mapping_rejected += len(rejections)
-        self.reject(rejections)
+        self.reject(rejections, before=before)
         if mapped.held:
             self.report.held += len(mapped.held)
             self.writer.rejected(mapped.held, HELD)
@@ -115,24 +120,25 @@ class Sending:
             todo = np.array([i for i, key in enumerate(mapped.keys) if key not in known], dtype=np.int64)
         self.route(mapped, self.preflight(mapped, todo), scope)
 
-    def unless_rejected_before(self, rejections: list[Rejection]) -> list[Rejection]:
-        """The rejections that are news: an event the ledger already holds as rejected, from the
-        same load of its row, is skipped (counted as settled, not marked again). Where the ledger
-        filter runs inside the extraction query such rows are not even read."""
-        self.writer.flush()
-        loads = self.job.ledger.rejected_loads(self.job.destination.name, [r.key for r in rejections])
-        news = [r for r in rejections if r.key not in loads or not unchanged_since(loads[r.key], r.loaded_at)]
-        self.report.already_delivered += len(rejections) - len(news)
-        return news
+    def rejected_before(self, rejections: Sequence[Rejection]) -> dict[str, datetime | None]:
+        """Which of these events the ledger holds as rejected already, and from which load of their
+        row. One lookup on the ledger's index of rejections (a lookup of every status by key can
+        scan the destination's whole ledger while its statistics are missing: a new ledger's first
+        run took 0.14 s per chunk that way)."""
+        if not rejections:
+            return {}
+        return self.job.ledger.rejected_loads(self.job.destination.name, [r.key for r in rejections])
 
-    def reject(self, rejections: Sequence[Rejection], reasons: Sequence[str] | None = None) -> None:
-        """Record rejections; count those the ledger already held as rejected separately.
+    def reject(self, rejections: Sequence[Rejection], reasons: Sequence[str] | None = None,
+               before: Mapping[str, datetime | None] | None = None) -> None:
+        """Record rejections; count those the ledger already held as rejected (``before``, looked up
+        when not given) separately.
 
         ``reasons`` groups them in the summary (default: each reason without its row id)."""
         if not rejections:
             return
-        statuses = self.job.ledger.status_of(self.job.destination.name, [r.key for r in rejections])
-        self.report.rejected_before += sum(1 for status in statuses.values() if status == REJECTED)
+        before = self.rejected_before(rejections) if before is None else before
+        self.report.rejected_before += sum(1 for r in rejections if r.key in before)
         self.writer.rejected(list(rejections))
         self.report.reasons.update(reasons if reasons is not None else (generic_reason(r.reason) for r in rejections))
 
