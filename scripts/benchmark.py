@@ -1257,7 +1257,7 @@ def print_airflow(run: Any, ctx: Context, title: str) -> None:
     """One DAG run: the total, where the time went, the deliver tasks' stages, memory."""
     t = run.totals
     print(f"\n== {title}: {run.label}")
-    scheduled = hasattr(run, "requested_at")
+    scheduled = run.scheduled
     timed = ("from the request to the last task's end" if scheduled else
              f"from process start to the last task's end (process exited after {run.exit_seconds:.2f} s)")
     print(f"  {run.command}: {run.seconds:.2f} s {timed}; dag run {run.state or '?'}; {_n(t['unique_events'])} "

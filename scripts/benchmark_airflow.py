@@ -101,6 +101,9 @@ class AirflowRun:
     log: str = ""
     sandbox: tuple[int, int] = (0, 0)  # (requests, events) the sandbox answered 2xx during the run
 
+    #: Timed from an API request to a running scheduler (SchedulerRun), not from a process start.
+    scheduled = False
+
     @property
     def totals(self) -> Counter:
         total: Counter = Counter()
@@ -301,13 +304,21 @@ def _read_xcoms(database: Path, destination: str, result: AirflowRun) -> None:
             return
         values = conn.execute("SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = 'deliver' "
                               "AND key = 'return_value' ORDER BY map_index", (f"segment_to_{destination}", row[0]))
-        for (value,) in values:
-            report: Any = json.loads(value) if isinstance(value, str | bytes) else value
-            if isinstance(report, str):  # stored as a JSON string of JSON
-                report = json.loads(report)
-            if isinstance(report, dict):
-                result.reports.append(report)
+        result.reports.extend(_deliver_reports(value for (value,) in values))
 
+
+
+def _deliver_reports(values: Any) -> list[dict]:
+    """The deliver tasks' summaries from their XCom values, as either metadata database returns them
+    (a JSON column, JSON text, or a JSON string of JSON)."""
+    reports = []
+    for value in values:
+        report: Any = json.loads(value) if isinstance(value, str | bytes) else value
+        if isinstance(report, str):  # stored as a JSON string of JSON
+            report = json.loads(report)
+        if isinstance(report, dict):
+            reports.append(report)
+    return reports
 
 # ------------------------------------------------------------------------------------------------
 # The same DAG run under a scheduler: api-server, scheduler (LocalExecutor) and dag-processor
@@ -322,6 +333,7 @@ class SchedulerRun(AirflowRun):
 
     requested_at: float = 0.0
     intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    scheduled = True
 
     def execute_of(self, task_id: str) -> float:
         return _union(self.intervals.get(task_id, []))
@@ -443,22 +455,16 @@ class SchedulerStack:
         import signal
 
         import sqlalchemy as sa
-        from airflow_local import LocalAirflow
+        from airflow_local import LocalAirflow, _signal_group
 
         for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal_group(process.pid, signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_group(process.pid, signal.SIGKILL)  # what the group's leader left running
         self.processes.clear()
         for log in self.logs:
             log.close()
@@ -560,10 +566,5 @@ class SchedulerStack:
             last = max(last, finish)
         result.seconds = last - result.requested_at
         result.exit_seconds = result.seconds
-        for value in values:
-            report: Any = json.loads(value) if isinstance(value, str | bytes) else value
-            if isinstance(report, str):
-                report = json.loads(report)
-            if isinstance(report, dict):
-                result.reports.append(report)
+        result.reports.extend(_deliver_reports(values))
         result.peak_mb = max((float(r.get("peak_mb") or 0.0) for r in result.reports), default=0.0)
